@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine:
+#   make train   set up, make the digits shards, train the default experiment (2 processes)
+#   make test    set up, make the digits shards, run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+# The torch to install when the venv has none. Clusters: create $(VENV) with your
+# own CUDA build first (or set TORCH=...); it is kept.
+TORCH ?= torch==2.13.0
+NPROC ?= 2
+ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ddp-installed
+
+.PHONY: setup data train test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e '.[test,slurm]'
+	touch $@
+
+data: setup
+	test -f data/digits/train/manifest.json || $(BIN)/ddp-shards prepare digits --out data/digits
+
+train: data
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) \
+		-m ddp.train experiment=digits $(ARGS)
+
+test: data
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(ARGS)
+
+lint: setup
+	$(BIN)/ruff check ddp tests bench && $(BIN)/ruff format --check ddp tests bench
+
+clean:
+	rm -rf $(VENV) runs outputs multirun

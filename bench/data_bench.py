@@ -1,0 +1,117 @@
+"""Loader throughput on the same shards: ours vs webdataset's pipeline vs the floor.
+
+    python bench/data_bench.py [--num-samples 50000] [--data /tmp/ddp-data-bench]
+
+Cases: small 32x32x3 uint8 samples stored as npy and as png. Rows:
+- floor: read every shard file front to back into memory (no decode, no order);
+- ddp full shuffle: TrainLoader, one process (num_workers=0), exact epoch order;
+- webdataset: shard shuffle + 1,000-sample shuffle buffer + decode + batched,
+  one process, same float CHW conversion;
+- resume ratio: time to the first batch at 90% of an epoch over at its start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from ddp.data import LoaderOptions, build_train_loader, num_samples
+from ddp.plan import make_plan
+from ddp.shards import read_manifest
+from ddp.shards.prepare import prepare_synthetic
+
+SHAPE = (32, 32, 3)
+MICRO = 256
+
+
+def prepare(root: Path, fmt: str, count: int) -> Path:
+    split = root / f"{fmt}-{count}" / "train"
+    if not (split / "manifest.json").exists():
+        prepare_synthetic(split.parent, count, SHAPE, 10, seed=0, fmt=fmt, shard_size=2000,
+                          val_fraction=0.0)
+    return split
+
+
+def shard_paths(split: Path) -> list[str]:
+    return [str(split / s.name) for s in read_manifest(split).shards]
+
+
+def floor(split: Path) -> float:
+    start = time.perf_counter()
+    total = sum(len(Path(p).read_bytes()) for p in shard_paths(split))
+    assert total > 0
+    return num_samples(split) / (time.perf_counter() - start)
+
+
+def ours(split: Path, fmt: str) -> float:
+    n = num_samples(split)
+    plan = make_plan(n, MICRO, MICRO, 1)
+    loader = build_train_loader(split, plan, 0, 0, LoaderOptions(input_key=fmt))
+    start = time.perf_counter()
+    seen = sum(len(batch) for batch in loader.epoch(1))
+    return seen / (time.perf_counter() - start)
+
+
+def to_batch(images: list | np.ndarray) -> torch.Tensor:
+    array = torch.from_numpy(np.stack(images))
+    return array.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def webdataset(split: Path, fmt: str) -> float:
+    pipeline = (
+        wds.WebDataset(shard_paths(split), shardshuffle=100, seed=0, empty_check=False)
+        .shuffle(1000)
+        .decode("rgb8")
+        .to_tuple(fmt, "cls")
+        .batched(MICRO, collation_fn=None)
+    )
+    start = time.perf_counter()
+    seen = 0
+    for batch in pipeline:
+        images = [image for image, _ in batch]
+        inputs, targets = to_batch(images), torch.tensor([label for _, label in batch])
+        seen += len(inputs) + 0 * len(targets)
+    return seen / (time.perf_counter() - start)
+
+
+def first_batch_seconds(split: Path, fmt: str, fraction: float) -> float:
+    n = num_samples(split)
+    plan = make_plan(n, MICRO, MICRO, 1)
+    step = int(fraction * plan.iterations_per_epoch)
+    start = time.perf_counter()
+    loader = build_train_loader(split, plan, 0, 0, LoaderOptions(input_key=fmt))
+    next(iter(loader.epoch(1, start_step=step)))
+    return time.perf_counter() - start
+
+
+def resume_ratio(split: Path, fmt: str, repeats: int = 5) -> float:
+    at_start = min(first_batch_seconds(split, fmt, 0.0) for _ in range(repeats))
+    at_90 = min(first_batch_seconds(split, fmt, 0.9) for _ in range(repeats))
+    return at_90 / at_start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-samples", type=int, default=50_000)
+    parser.add_argument("--data", type=Path, default=Path("/tmp/ddp-data-bench"))
+    parser.add_argument("--formats", default="npy,png")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(f"{'case':<6} {'floor (read)':>14} {'ddp shuffle':>14} {'webdataset':>14} "
+          f"{'ddp/wds':>8} {'resume@90%':>11}")
+    for fmt in args.formats.split(","):
+        split = prepare(args.data, fmt, args.num_samples)
+        ours(split, fmt)  # warm the page cache and the code paths
+        row = [floor(split), ours(split, fmt), webdataset(split, fmt)]
+        print(f"{fmt:<6} {row[0]:>14,.0f} {row[1]:>14,.0f} {row[2]:>14,.0f} "
+              f"{row[1] / row[2]:>7.1f}x {resume_ratio(split, fmt):>10.2f}x")
+    print("samples/s, one process, 32x32x3 uint8, micro-batch 256")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Repeated 2-process torchrun trials: does a finished job exit 0, does a crash recover?
+
+    python bench/exit_trials.py --trials 50 --mode both --jobs 2
+    python bench/exit_trials.py --trials 50 --mode both --naive   # textbook teardown
+
+Each trial is `torchrun --standalone --nproc_per_node=2 bench/_trial_worker.py`
+(gloo, OMP_NUM_THREADS=1, a free rendezvous port chosen by --standalone).
+  clean:   train a few steps, tear down; success = torchrun exits 0.
+  restart: rank 1 dies in attempt 0; `--max-restarts=1`; success = exit 0 and
+           both ranks report "done" from the restarted attempt.
+Prints successes/N per mode and the failure signatures (exit code, telling
+stderr line) so that causes are visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "bench" / "_trial_worker.py"
+LOGS = ROOT / "bench" / "results" / "exit_trials"
+TELLING = re.compile(
+    r"terminate called|Signal \d+|SIG[A-Z]+|Connection refused|Error|error:|exitcode|Timeout"
+)
+
+
+@dataclass(frozen=True)
+class Trial:
+    ok: bool
+    returncode: int
+    signature: str
+    seconds: float
+
+
+def torchrun_cmd(mode: str, naive: bool, steps: int) -> list[str]:
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [*torchrun, "--standalone", "--nproc_per_node=2", "--monitor-interval=0.1"]
+    if mode == "restart":
+        cmd.append("--max-restarts=1")
+    cmd += [str(WORKER), "--steps", str(steps)]
+    if mode == "restart":
+        cmd += ["--crash-rank", "1", "--crash-step", "2"]
+    if naive:
+        cmd.append("--naive")
+    return cmd
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def run_job(cmd: list[str], timeout_s: float) -> tuple[int, str, str]:
+    """Run in its own process group so a timeout kills torchrun and its workers."""
+    proc = subprocess.Popen(
+        cmd,
+        env=child_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_group(proc.pid)
+        out, err = proc.communicate()
+        return -999, out, err + "\nTimeout: killed by exit_trials"
+    finally:
+        kill_group(proc.pid)  # workers orphaned by a dying agent
+    return proc.returncode, out, err
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def signature(returncode: int, err: str) -> str:
+    """Exit code and the first telling stderr line of the last torchrun attempt."""
+    err = err.rsplit("Restarting worker group", 1)[-1]
+    lines = [ln.strip() for ln in err.splitlines() if TELLING.search(ln)]
+    telling = lines[0] if lines else (err.strip().splitlines() or [""])[-1]
+    return f"rc={returncode} | {telling[:160]}"
+
+
+def one_trial(mode: str, naive: bool, steps: int, timeout_s: float) -> Trial:
+    start = time.monotonic()
+    cmd = torchrun_cmd(mode, naive, steps)
+    rc, out, err = run_job(cmd, timeout_s)
+    done = len(re.findall(r"^rank \d+: done", out, flags=re.M))
+    ok = rc == 0 and done == 2
+    sig = "" if ok else signature(rc, err) + ("" if done == 2 else f" | done={done}")
+    if not ok:
+        keep_log(mode, cmd, rc, out, err)
+    return Trial(ok, rc, sig, time.monotonic() - start)
+
+
+def keep_log(mode: str, cmd: list[str], rc: int, out: str, err: str) -> None:
+    """Full output of a failed trial, for reading the cause (bench/results/ is ignored)."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    path = LOGS / f"{mode}-{time.strftime('%H%M%S')}-{os.getpid()}-{time.monotonic_ns()}.log"
+    path.write_text(f"$ {' '.join(cmd)}\nrc={rc}\n--- stdout\n{out}\n--- stderr\n{err}")
+
+
+def run_mode(mode: str, args: argparse.Namespace) -> list[Trial]:
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [
+            pool.submit(one_trial, mode, args.naive, args.steps, args.timeout)
+            for _ in range(args.trials)
+        ]
+        trials = []
+        for i, fut in enumerate(futures):
+            t = fut.result()
+            trials.append(t)
+            if args.verbose or not t.ok:
+                print(f"  [{mode} {i:3d}] {'ok  ' if t.ok else 'FAIL'} {t.seconds:5.1f}s {t.signature}")
+    return trials
+
+
+def report(mode: str, trials: list[Trial], naive: bool) -> None:
+    ok = sum(t.ok for t in trials)
+    label = "naive" if naive else "ddp.dist"
+    print(f"{mode:8s} ({label}): {ok}/{len(trials)} successes")
+    for sig, n in collections.Counter(t.signature for t in trials if not t.ok).most_common():
+        print(f"    {n:3d} x {sig}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--trials", type=int, default=50)
+    p.add_argument("--mode", choices=["clean", "restart", "both"], default="both")
+    p.add_argument("--jobs", type=int, default=2, help="trials run at once")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per trial")
+    p.add_argument("--naive", action="store_true", help="textbook init/teardown")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args()
+    modes = ["clean", "restart"] if args.mode == "both" else [args.mode]
+    results = {m: run_mode(m, args) for m in modes}
+    for mode, trials in results.items():
+        report(mode, trials, args.naive)
+    return 0 if all(t.ok for ts in results.values() for t in ts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,545 @@
+"""The loader: micro-batches of samples read by manifest offsets from tar shards.
+
+The order comes from `ddp.order` and is decided in the main process: a batch
+sampler yields whole `MicroBatch`es, DataLoader workers only fetch them by index.
+So the samples a rank sees depend on (plan, seed, epoch, rank, start_step) and on
+nothing else: not on num_workers, not on persistent workers, not on timing.
+
+Reading is random access: each worker maps every shard it touches once (mmap),
+and a micro-batch of same-header npy members is decoded with one header parse
+and a gather of payload slices, not one `np.load` per sample.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import mmap
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ddp.order import MicroBatch, eval_micro_batches, rank_micro_batches
+from ddp.plan import BatchPlan
+from ddp.shards.decode import LABEL_EXTS, decode_member
+from ddp.shards.manifest import DataError, SplitIndex, read_manifest
+
+__all__ = [
+    "Batch",
+    "DataError",
+    "EvalLoader",
+    "LoaderOptions",
+    "ShardDataset",
+    "TrainLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "num_samples",
+]
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Batch:
+    """One micro-batch, ready for the model."""
+
+    inputs: torch.Tensor
+    """float32, (B, ...): images as CHW in [0, 1], arrays as stored."""
+    targets: torch.Tensor
+    """int64 class labels, (B,)."""
+    valid: torch.Tensor
+    """bool (B,): False for padding repeats and skipped bad samples; metrics drop these."""
+    indices: torch.Tensor
+    """int64 (B,): the samples' indices in the split (manifest order)."""
+    num_skipped: int = 0
+    """Bad samples replaced in this batch (on_error="skip")."""
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Batch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self, device: Any = None) -> Batch:
+        """Called by DataLoader's pin-memory thread (pin_memory=True)."""
+        return self._map(lambda t: t.pin_memory())
+
+
+@dataclass
+class LoaderOptions:
+    """How to load; the trainer maps its config onto these fields."""
+
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = True
+    """Keep workers (and their open shards) between epochs; ignored with 0 workers."""
+    prefetch_factor: int = 2
+    on_error: Literal["raise", "skip"] = "raise"
+    """raise: stop with a DataError. skip: mark the sample valid=False and count it."""
+    input_key: str = "npy"
+    """Member extension holding the input (npy, png, jpg, ...)."""
+    target_key: str = "cls"
+    """Member extension holding the integer label."""
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error={self.on_error!r} must be 'raise' or 'skip'")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers={self.num_workers} must be >= 0")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"prefetch_factor={self.prefetch_factor} must be >= 1")
+
+
+def num_samples(split_dir: str | os.PathLike) -> int:
+    """N of a split, from its manifest: what the plan needs before any data is read."""
+    return read_manifest(split_dir).num_samples
+
+
+class ShardDataset(Dataset):
+    """Map-style dataset over one split directory, read by manifest offsets.
+
+    `__getitems__` takes a whole `MicroBatch` (or a list of indices) and returns
+    a `Batch`. Shards are checked at construction (present, size as in the
+    manifest) and mapped lazily, once per process.
+    """
+
+    def __init__(
+        self,
+        split_dir: str | os.PathLike,
+        input_key: str = "npy",
+        target_key: str = "cls",
+        transform: Transform | None = None,
+        on_error: Literal["raise", "skip"] = "raise",
+    ):
+        self.split_dir = Path(split_dir)
+        self.index = SplitIndex.from_manifest(read_manifest(self.split_dir))
+        self.input_key, self.target_key = input_key, target_key
+        self.transform = transform
+        self.on_error = on_error
+        self.num_errors = 0
+        """Bad samples met in this process (workers keep their own; see Batch.num_skipped)."""
+        self._buffers: dict[int, memoryview] = {}
+        self._pid = os.getpid()
+        self._template: np.ndarray | None = None
+        self._check_columns()
+        for shard_id in range(len(self.index.shard_names)):
+            self._check_size(shard_id, self._shard_path(shard_id))
+            self._check_headers(shard_id, self._shard_path(shard_id))
+
+    # -- shards ---------------------------------------------------------------
+
+    def _shard_path(self, shard_id: int) -> Path:
+        return self.split_dir / self.index.shard_names[shard_id]
+
+    def _check_columns(self) -> None:
+        for key in (self.input_key, self.target_key):
+            if key not in self.index.offsets:
+                found = ", ".join(self.index.offsets) or "none"
+                raise DataError(
+                    f"{self.split_dir}: no sample has a .{key} member (extensions: {found})"
+                )
+
+    def _check_size(self, shard_id: int, path: Path, size: int | None = None) -> None:
+        expected = self.index.shard_sizes[shard_id]
+        if size is None:
+            if not path.is_file():
+                raise DataError(f"{path}: shard missing (listed in {self.split_dir}/manifest.json)")
+            size = path.stat().st_size
+        if size != expected:
+            raise DataError(
+                f"{path}: {size:,} bytes but the manifest says {expected:,} (truncated, or "
+                f"rewritten without `ddp-shards index {self.split_dir}`)"
+            )
+
+    def _buffer(self, shard_id: int) -> memoryview:
+        """The shard's bytes, mapped once per process (a forked worker maps its own)."""
+        if self._pid != os.getpid():
+            self._buffers, self._pid = {}, os.getpid()
+        buffer = self._buffers.get(shard_id)
+        if buffer is None:
+            path = self._shard_path(shard_id)
+            try:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    self._check_size(shard_id, path, size)
+                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            except FileNotFoundError as err:
+                raise DataError(f"{path}: shard missing") from err
+            buffer = self._buffers[shard_id] = memoryview(mapped)
+        return buffer
+
+    def _check_headers(self, shard_id: int, path: Path) -> None:
+        """The tar headers of the shard's first and last samples name the keys the
+        manifest says: catches a shard replaced by another of the same size."""
+        samples = np.flatnonzero(self.index.shard_of == shard_id)
+        offsets = self.index.offsets[self.input_key]
+        checked = [int(i) for i in samples[[0, -1]] if offsets[i] >= 512] if len(samples) else []
+        if not checked:
+            return
+        with open(path, "rb") as f:
+            for index in checked:
+                offset = int(offsets[index])
+                found = _tar_member_name(os.pread(f.fileno(), 512, offset - 512))
+                expected = f"{self.index.keys[index]}.{self.input_key}"
+                if found != expected and not (len(found) >= 99 and expected.startswith(found)):
+                    raise DataError(
+                        f"{path}: the member at byte {offset:,} is {found!r} but the manifest "
+                        f"says {expected!r} (re-run `ddp-shards index {self.split_dir}`)"
+                    )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_buffers"] = {}
+        return state
+
+    def raw(self, index: int, ext: str) -> memoryview:
+        """The bytes of one member (a view into the mapped shard), or DataError if absent."""
+        offset = int(self.index.offsets[ext][index])
+        if offset < 0:
+            raise self._error(index, f"has no .{ext} member")
+        size = int(self.index.sizes[ext][index])
+        return self._buffer(int(self.index.shard_of[index]))[offset : offset + size]
+
+    def _members(self, indices: np.ndarray, ext: str) -> list[memoryview] | None:
+        """Views of one member per sample (None if some sample lacks it): slicing
+        memoryviews of the maps is the cheapest per-sample step there is."""
+        offsets = self.index.offsets[ext][indices]
+        if len(indices) == 0 or offsets.min() < 0:
+            return None
+        ends = offsets + self.index.sizes[ext][indices]
+        shards = self.index.shard_of[indices].tolist()
+        buffer = self._buffer
+        return [
+            buffer(s)[o:e] for s, o, e in zip(shards, offsets.tolist(), ends.tolist(), strict=True)
+        ]
+
+    def _error(self, index: int, message: str) -> DataError:
+        path = self._shard_path(int(self.index.shard_of[index]))
+        return DataError(f"{path}: key {self.index.keys[index]}: {message}")
+
+    # -- samples ----------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.index.num_samples
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        batch = self.__getitems__([index])
+        return batch.inputs[0], int(batch.targets[0])
+
+    def __getitems__(self, refs: MicroBatch | Sequence[int]) -> Batch:
+        if isinstance(refs, MicroBatch):
+            indices, padded = refs.indices, refs.padded
+        else:
+            indices = np.asarray(refs, dtype=np.int64)
+            padded = np.zeros(len(indices), dtype=bool)
+        inputs, input_ok = self._decode_inputs(indices)
+        targets, target_ok = self._decode_targets(indices)
+        ok = input_ok & target_ok
+        skipped = int((~ok).sum())
+        if skipped:
+            self.num_errors += skipped
+            inputs, targets = self._replace_bad(inputs, targets, ok)
+        tensor = _as_input_tensor(inputs)
+        if self.transform is not None:
+            tensor = torch.stack([self.transform(x) for x in tensor])
+        return Batch(
+            inputs=tensor,
+            targets=torch.from_numpy(targets),
+            valid=torch.from_numpy(ok & ~padded),
+            indices=torch.from_numpy(np.array(indices, dtype=np.int64)),
+            num_skipped=skipped,
+        )
+
+    def _fail(self, index: int, message: str) -> None:
+        """Raise, or (on_error="skip") let the caller mark the sample invalid."""
+        if self.on_error == "raise":
+            raise self._error(index, message)
+
+    def _decode_targets(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ok = np.ones(len(indices), dtype=bool)
+        if self.target_key in LABEL_EXTS:
+            fast = _parse_labels(self._members(indices, self.target_key), len(indices))
+            if fast is not None:
+                return fast, ok
+        targets = np.zeros(len(indices), dtype=np.int64)
+        for i, index in enumerate(indices):
+            try:
+                targets[i] = int(
+                    decode_member(self.target_key, bytes(self.raw(index, self.target_key)))
+                )
+            except Exception as err:  # noqa: BLE001 - any decode failure is bad data
+                self._fail(int(index), f"undecodable .{self.target_key}: {_reason(err)}")
+                ok[i] = False
+        return targets, ok
+
+    def _decode_inputs(self, indices: np.ndarray) -> tuple[np.ndarray | list, np.ndarray]:
+        if self.input_key == "npy":
+            fast = self._gather_npy(indices)
+            if fast is not None:
+                return fast, np.ones(len(indices), dtype=bool)
+        arrays: list[np.ndarray | None] = []
+        ok = np.ones(len(indices), dtype=bool)
+        for i, index in enumerate(indices):
+            try:
+                array = decode_member(self.input_key, bytes(self.raw(index, self.input_key)))
+                arrays.append(_check_shape(np.asarray(array), arrays))
+            except Exception as err:  # noqa: BLE001 - any decode failure is bad data
+                self._fail(int(index), f"undecodable .{self.input_key}: {_reason(err)}")
+                arrays.append(None)
+                ok[i] = False
+        return arrays, ok
+
+    def _gather_npy(self, indices: np.ndarray) -> np.ndarray | None:
+        """All members share the first one's npy header: parse it once and join the
+        members in one C-level copy. None sends the batch to the per-sample path."""
+        members = self._members(indices, "npy")
+        if members is None or len({len(m) for m in members}) != 1:
+            return None
+        header = _parse_npy_header(bytes(members[0][:_NPY_HEADER_MAX]))
+        if header is None:
+            return None
+        head, dtype, shape = header
+        size = len(members[0])
+        if len(head) + dtype.itemsize * int(np.prod(shape)) != size:
+            return None
+        joined = np.frombuffer(b"".join(members), dtype=np.uint8).reshape(len(members), size)
+        if not (joined[:, : len(head)] == np.frombuffer(head, dtype=np.uint8)).all():
+            return None
+        payload = np.empty((len(members), size - len(head)), dtype=np.uint8)
+        payload[:] = joined[:, len(head) :]
+        return payload.view(dtype).reshape(len(members), *shape)
+
+    def _replace_bad(
+        self, inputs: np.ndarray | list, targets: np.ndarray, ok: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Fill skipped samples with zeros shaped like a good one, so shapes and batch
+        counts stay the same on every rank."""
+        template = next(
+            (a for a, good in zip(inputs, ok, strict=True) if good and a is not None), None
+        )
+        if template is None:
+            template = self._find_template()
+        zeros = np.zeros_like(template)
+        filled = [
+            a if good and a is not None else zeros for a, good in zip(inputs, ok, strict=True)
+        ]
+        targets = np.where(ok, targets, 0)
+        return np.stack(filled), targets
+
+    def _find_template(self) -> np.ndarray:
+        if self._template is None:
+            for index in range(len(self)):
+                try:
+                    raw = bytes(self.raw(index, self.input_key))
+                    self._template = np.asarray(decode_member(self.input_key, raw))
+                    break
+                except Exception:  # noqa: BLE001, S112 - looking for any decodable sample
+                    continue
+            else:
+                raise DataError(f"{self.split_dir}: no decodable .{self.input_key} sample at all")
+        return self._template
+
+
+def _tar_member_name(header: bytes) -> str:
+    """Member name from a 512-byte ustar header (prefix + name fields)."""
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", "replace")
+
+
+def _reason(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}"
+
+
+def _check_shape(array: np.ndarray, previous: list[np.ndarray | None]) -> np.ndarray:
+    first = next((a for a in previous if a is not None), None)
+    if first is not None and (first.shape != array.shape):
+        raise ValueError(f"shape {array.shape} differs from the batch's {first.shape}")
+    return array
+
+
+_NPY_HEADER_MAX = 4096
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_npy_header(data: bytes) -> tuple[bytes, np.dtype, tuple[int, ...]] | None:
+    """(header bytes, dtype, shape) of a plain C-order npy member, from its first
+    bytes; cached, since a split usually has one header for all its samples."""
+    if not data.startswith(b"\x93NUMPY") or len(data) < 12:
+        return None
+    major = data[6]
+    if major == 1:
+        start, length = 10, 10 + int.from_bytes(data[8:10], "little")
+    elif major in (2, 3):
+        start, length = 12, 12 + int.from_bytes(data[8:12], "little")
+    else:
+        return None
+    try:
+        info = ast.literal_eval(data[start:length].decode("latin1"))
+        dtype = np.dtype(info["descr"])
+        shape = tuple(int(d) for d in info["shape"])
+    except (ValueError, SyntaxError, TypeError, KeyError):
+        return None
+    if length > len(data) or info.get("fortran_order") or dtype.hasobject:
+        return None
+    return data[:length], dtype, shape
+
+
+def _parse_labels(members: list[memoryview] | None, count: int) -> np.ndarray | None:
+    """Integer labels of a whole batch from one join and split; None (then the
+    per-sample path names the culprit) unless every member is exactly one int."""
+    if members is None:
+        return None
+    tokens = b" ".join(members).split()
+    if len(tokens) != count:
+        return None
+    try:
+        return np.array([int(t) for t in tokens], dtype=np.int64)
+    except ValueError:
+        return None
+
+
+def _as_input_tensor(inputs: np.ndarray | list) -> torch.Tensor:
+    """uint8 images (B,H,W,C) or (B,H,W) -> float32 (B,C,H,W) in [0,1]; others as float32."""
+    array = inputs if isinstance(inputs, np.ndarray) else np.stack(inputs)
+    if not array.flags.writeable:
+        array = array.copy()
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor.dtype != torch.uint8:
+        return tensor.to(torch.float32)
+    if tensor.dim() == 3:
+        tensor = tensor.unsqueeze(-1)
+    if tensor.dim() != 4:
+        return tensor.to(torch.float32)
+    out = torch.empty(tensor.shape[0], tensor.shape[3], tensor.shape[1], tensor.shape[2])
+    out.copy_(tensor.permute(0, 3, 1, 2))
+    return out.mul_(1.0 / 255.0)
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+class EpochBatchSampler:
+    """Yields this rank's MicroBatches for the epoch set last; lives in the main
+    process, so `set_epoch` is seen even by persistent workers."""
+
+    def __init__(self, plan: BatchPlan, seed: int, rank: int):
+        self.plan, self.seed, self.rank = plan, seed, rank
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        return rank_micro_batches(self.plan, self.seed, self.epoch, self.rank, self.start_step)
+
+    def __len__(self) -> int:
+        return (self.plan.iterations_per_epoch - self.start_step) * self.plan.accumulate
+
+
+def _data_loader(dataset: ShardDataset, batch_sampler: Any, options: LoaderOptions) -> DataLoader:
+    workers = options.num_workers
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=_identity,
+        num_workers=workers,
+        pin_memory=options.pin_memory,
+        persistent_workers=options.persistent_workers and workers > 0,
+        prefetch_factor=options.prefetch_factor if workers > 0 else None,
+    )
+
+
+class TrainLoader:
+    """One rank's training micro-batches, epoch by epoch, resumable at any step."""
+
+    def __init__(
+        self, dataset: ShardDataset, plan: BatchPlan, rank: int, seed: int, options: LoaderOptions
+    ):
+        if plan.num_samples != len(dataset):
+            raise DataError(
+                f"{dataset.split_dir}: the plan is for {plan.num_samples:,} samples but the "
+                f"manifest lists {len(dataset):,}"
+            )
+        self.dataset, self.plan = dataset, plan
+        self.sampler = EpochBatchSampler(plan, seed, rank)
+        self.num_skipped = 0
+        """Bad samples replaced so far (on_error="skip"), summed over workers."""
+        self._loader = _data_loader(dataset, self.sampler, options)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """Exactly (iterations_per_epoch - start_step) * accumulate micro-batches."""
+        if not 0 <= start_step <= self.plan.iterations_per_epoch:
+            raise ValueError(
+                f"start_step={start_step} is outside the epoch's "
+                f"{self.plan.iterations_per_epoch} iterations"
+            )
+        self.sampler.set_epoch(epoch, start_step)
+        for batch in self._loader:
+            self.num_skipped += batch.num_skipped
+            yield batch
+
+
+class EvalLoader:
+    """One rank's share of the validation set: same micro-batch count on all ranks."""
+
+    def __init__(
+        self, dataset: ShardDataset, micro_batches: list[MicroBatch], options: LoaderOptions
+    ):
+        self.dataset = dataset
+        self.micro_batches = micro_batches
+        self.num_skipped = 0
+        self._loader = _data_loader(dataset, micro_batches, options)
+
+    def __len__(self) -> int:
+        return len(self.micro_batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self._loader:
+            self.num_skipped += batch.num_skipped
+            yield batch
+
+
+def _dataset(
+    split_dir: str | os.PathLike, options: LoaderOptions, transform: Transform | None
+) -> ShardDataset:
+    return ShardDataset(
+        split_dir, options.input_key, options.target_key, transform, options.on_error
+    )
+
+
+def build_train_loader(
+    split_dir: str | os.PathLike,
+    plan: BatchPlan,
+    rank: int,
+    seed: int,
+    options: LoaderOptions | None = None,
+    transform: Transform | None = None,
+) -> TrainLoader:
+    options = options or LoaderOptions()
+    return TrainLoader(_dataset(split_dir, options, transform), plan, rank, seed, options)
+
+
+def build_eval_loader(
+    split_dir: str | os.PathLike,
+    micro_size: int,
+    rank: int,
+    world_size: int,
+    options: LoaderOptions | None = None,
+    transform: Transform | None = None,
+) -> EvalLoader:
+    options = options or LoaderOptions()
+    dataset = _dataset(split_dir, options, transform)
+    micro_batches = eval_micro_batches(len(dataset), micro_size, rank, world_size)
+    return EvalLoader(dataset, micro_batches, options)

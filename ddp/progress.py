@@ -1,0 +1,53 @@
+"""Rank-0 console output: the progress bar and one-line messages."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm import tqdm
+
+
+class Progress:
+    """A tqdm bar per epoch on the main rank; silent elsewhere."""
+
+    def __init__(self, enabled: bool, iterations_per_epoch: int, global_size: int) -> None:
+        self.enabled = enabled
+        self.iterations = iterations_per_epoch
+        self.global_size = global_size
+        self._bar: tqdm | None = None
+        self._t0 = 0.0
+        self._steps = 0
+
+    def start_epoch(self, epoch: int, first_step: int) -> None:
+        if not self.enabled:
+            return
+        self._bar = tqdm(
+            total=self.iterations,
+            initial=first_step,
+            desc=f"epoch {epoch}",
+            unit="it",
+            dynamic_ncols=True,
+            leave=False,
+            file=sys.stderr,
+            disable=None,  # no bar when stderr is not a terminal (logs, CI)
+        )
+        self._t0 = time.perf_counter()
+        self._steps = 0
+
+    def step(self, loss: float) -> None:
+        if self._bar is None:
+            return
+        self._steps += 1
+        rate = self._steps * self.global_size / max(time.perf_counter() - self._t0, 1e-9)
+        self._bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate:,.0f}", refresh=False)
+        self._bar.update()
+
+    def end_epoch(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            print(message, flush=True)

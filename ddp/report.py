@@ -1,0 +1,221 @@
+"""`ddp-report DIR...`: compare finished runs (a sweep) from their metrics.jsonl files.
+
+No network and no W&B: the metrics file of each run directory holds everything. A run
+directory is any directory whose metrics.jsonl starts with a {"kind": "plan"} record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from matplotlib.ticker import MaxNLocator
+
+from ddp.curves import epoch_records, plt
+from ddp.tracking import METRICS_FILE
+
+SWEEP_PLOT = "sweep.png"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One row of the report table."""
+
+    name: str
+    global_batch: int | None
+    iterations_per_epoch: int | None
+    epochs_to_plateau: int | None
+    """Epochs run when the first plateau event fired (None: no plateau)."""
+    best: float | None
+    best_epoch: int | None
+    wall_time_s: float | None
+    samples_per_s: float | None
+    monitor: str
+    path: Path
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of one metrics.jsonl; a torn last line (killed writer) is skipped."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def find_run_dirs(roots: list[Path]) -> list[Path]:
+    """Run directories under the roots (a root may itself be one), sorted by path."""
+    found = set()
+    for root in roots:
+        candidates = [root / METRICS_FILE] if (root / METRICS_FILE).is_file() else []
+        candidates += root.rglob(METRICS_FILE) if root.is_dir() else []
+        found.update(p.parent for p in candidates if _starts_with_plan(p))
+    return sorted(found)
+
+
+def _starts_with_plan(path: Path) -> bool:
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.loads(f.readline()).get("kind") == "plan"
+        except (json.JSONDecodeError, AttributeError):
+            return False
+
+
+def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
+    records = read_records(run_dir / METRICS_FILE)
+    plan = records[0]
+    monitor, mode = plan.get("monitor", "val/accuracy"), plan.get("monitor_mode", "max")
+    best, best_epoch = _best(records, monitor, mode)
+    return RunSummary(
+        name=name or run_dir.name,
+        global_batch=plan.get("global_size"),
+        iterations_per_epoch=plan.get("iterations_per_epoch"),
+        epochs_to_plateau=_epochs_to_plateau(records),
+        best=best,
+        best_epoch=best_epoch,
+        wall_time_s=max((r.get("elapsed_s", 0.0) for r in records), default=None),
+        samples_per_s=_throughput(records, plan.get("global_size")),
+        monitor=monitor,
+        path=run_dir,
+    )
+
+
+def _best(records, monitor: str, mode: str) -> tuple[float | None, int | None]:
+    vals = [
+        (r[monitor], r["epoch"])
+        for r in records
+        if r.get("kind") == "val" and isinstance(r.get(monitor), (int, float))
+    ]
+    if not vals:
+        return None, None
+    return (max if mode == "max" else min)(vals, key=lambda v: v[0])
+
+
+def _epochs_to_plateau(records) -> int | None:
+    events = [r for r in records if r.get("kind") == "event"]
+    return events[0]["epoch"] + 1 if events else None  # epochs are counted from 0
+
+
+def _throughput(records, global_batch: int | None) -> float | None:
+    """Training samples per second: the trainer's per-epoch figure (median) when it logged one,
+    else samples trained over wall time up to the last train record (validation included)."""
+    per_epoch = sorted(
+        r["train/samples_per_s"]
+        for r in records
+        if r.get("kind") == "val" and isinstance(r.get("train/samples_per_s"), (int, float))
+    )
+    if per_epoch:
+        return per_epoch[len(per_epoch) // 2]
+    train = [r for r in records if r.get("kind") == "train"]
+    if not train or not global_batch or not train[-1].get("elapsed_s"):
+        return None
+    return train[-1]["step"] * global_batch / train[-1]["elapsed_s"]
+
+
+COLUMNS = (
+    ("run", "name", "{}"),
+    ("global batch", "global_batch", "{:d}"),
+    ("iters/epoch", "iterations_per_epoch", "{:d}"),
+    ("epochs to plateau", "epochs_to_plateau", "{:d}"),
+    ("best val", "best", "{:.4f}"),
+    ("best epoch", "best_epoch", "{:d}"),
+    ("wall time (s)", "wall_time_s", "{:.1f}"),
+    ("samples/s", "samples_per_s", "{:.1f}"),
+)
+
+
+def format_table(rows: list[RunSummary]) -> str:
+    """A plain fixed-width table, one line per run ("-" where a value is unknown)."""
+    cells = [[h for h, _, _ in COLUMNS]]
+    for row in rows:
+        cells.append([_cell(getattr(row, attr), fmt) for _, attr, fmt in COLUMNS])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    lines = [
+        "  ".join(_align(cell, w, i) for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
+        for r in cells
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _align(cell: str, width: int, column: int) -> str:
+    # Names read best left-aligned, numbers right-aligned.
+    return cell.ljust(width) if column == 0 else cell.rjust(width)
+
+
+def _cell(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return fmt.format(value)
+
+
+def plot_sweep(rows: list[RunSummary], out_path: Path) -> Path:
+    """Validation metric vs epoch and vs global step, one line per run, labelled by batch."""
+    fig, (by_epoch, by_step) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for row in sorted(rows, key=lambda r: (r.global_batch or 0, r.name)):
+        epochs = epoch_records(read_records(row.path / METRICS_FILE))
+        points = [(e["epoch"], e["step"], e[row.monitor]) for e in epochs if row.monitor in e]
+        if not points:
+            continue
+        label = f"G={row.global_batch} ({row.name})"
+        by_epoch.plot(
+            [p[0] for p in points], [p[2] for p in points], "-o", markersize=3, label=label
+        )
+        by_step.plot(
+            [p[1] for p in points], [p[2] for p in points], "-o", markersize=3, label=label
+        )
+    monitor = rows[0].monitor if rows else "val"
+    by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax, xlabel in ((by_epoch, "epoch"), (by_step, "global step")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(monitor)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path
+
+
+def _display_name(run_dir: Path, roots: list[Path]) -> str:
+    for root in roots:
+        if run_dir != root and root in run_dir.parents:
+            return str(run_dir.relative_to(root))
+    return run_dir.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ddp-report", description="Compare runs of a sweep from their metrics.jsonl files."
+    )
+    parser.add_argument("dirs", nargs="+", type=Path, help="a sweep (multirun) dir or run dirs")
+    parser.add_argument("--out", type=Path, help=f"comparison plot (default DIR/{SWEEP_PLOT})")
+    args = parser.parse_args(argv)
+    missing = [d for d in args.dirs if not d.exists()]
+    if missing:
+        print(f"ddp-report: no such directory: {', '.join(map(str, missing))}", file=sys.stderr)
+        return 2
+    run_dirs = find_run_dirs(args.dirs)
+    if not run_dirs:
+        print(
+            f"ddp-report: no {METRICS_FILE} with a plan record under the given dirs",
+            file=sys.stderr,
+        )
+        return 1
+    rows = [summarize(d, _display_name(d, args.dirs)) for d in run_dirs]
+    print(format_table(rows))
+    out = args.out or args.dirs[0] / SWEEP_PLOT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"\nplot: {plot_sweep(rows, out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

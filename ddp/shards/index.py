@@ -1,0 +1,126 @@
+"""Index tar shards from their headers: keys, member offsets and sizes.
+
+Works on any WebDataset-style tar (ours, GNU `tar`, webdataset's ShardWriter)
+without rewriting or decoding it: only the 512-byte headers are read, and the
+tarfile module seeks over member data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from ddp.shards.manifest import DataError, Manifest, ShardInfo, write_manifest
+
+# webdataset's own key/extension split: the key ends at the first dot of the file name.
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+SHARD_GLOB = "*.tar"
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """(key, ext) as webdataset groups members, or None for members it ignores."""
+    match = _KEY_EXT.match(name)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def scan_members(path: Path) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of every regular member, in tar order.
+
+    Raises DataError naming the shard when the tar is unreadable or truncated.
+    """
+    file_size = path.stat().st_size
+    members = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if info.isreg():
+                    members.append((info.name, info.offset_data, info.size))
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise DataError(f"{path}: not a readable tar: {err}") from err
+    for name, offset, size in members:
+        if offset + size > file_size:
+            raise DataError(
+                f"{path}: truncated tar: member {name} ends at byte {offset + size:,}, "
+                f"file has {file_size:,}"
+            )
+    return members
+
+
+def index_shard(path: Path, name: str | None = None, checksum: bool = True) -> ShardInfo:
+    """The ShardInfo of one tar: consecutive members with one key form a sample."""
+    keys: list[str] = []
+    columns: dict[str, dict[str, list[int]]] = {}
+    seen: set[str] = set()
+    for member, offset, size in scan_members(path):
+        parts = split_member_name(member)
+        if parts is None:
+            continue
+        key, ext = parts
+        if not keys or keys[-1] != key:
+            if key in seen:
+                raise DataError(f"{path}: key {key} appears twice (members are not grouped)")
+            seen.add(key)
+            keys.append(key)
+            for col in columns.values():
+                col["offsets"].append(-1)
+                col["sizes"].append(-1)
+        col = columns.setdefault(ext, {"offsets": [-1] * len(keys), "sizes": [-1] * len(keys)})
+        if col["offsets"][-1] != -1:
+            raise DataError(f"{path}: key {key} has two .{ext} members")
+        col["offsets"][-1] = offset
+        col["sizes"][-1] = size
+    return ShardInfo(
+        name=name or path.name,
+        size=path.stat().st_size,
+        sha256=sha256_file(path) if checksum else "",
+        keys=keys,
+        members=dict(sorted(columns.items())),
+    )
+
+
+def find_shards(split_dir: Path) -> list[Path]:
+    """The split's tar files, sorted by name (the order that numbers samples)."""
+    return sorted(p for p in split_dir.glob(SHARD_GLOB) if p.is_file())
+
+
+def index_split(
+    split_dir: str | os.PathLike,
+    shards: Iterable[Path] | None = None,
+    meta: dict | None = None,
+    write: bool = True,
+) -> Manifest:
+    """Build (and by default write) the manifest of a split directory's tars."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir}: no such directory")
+    paths = list(shards) if shards is not None else find_shards(split_dir)
+    if not paths:
+        raise DataError(f"{split_dir}: no *.tar shards to index")
+    manifest = Manifest(
+        [index_shard(p, name=str(p.relative_to(split_dir))) for p in paths], meta=dict(meta or {})
+    )
+    _check_unique_keys(split_dir, manifest)
+    if write:
+        write_manifest(split_dir, manifest)
+    return manifest
+
+
+def _check_unique_keys(split_dir: Path, manifest: Manifest) -> None:
+    owner: dict[str, str] = {}
+    for shard in manifest.shards:
+        for key in shard.keys:
+            if key in owner:
+                raise DataError(f"{split_dir}: key {key} is in both {owner[key]} and {shard.name}")
+            owner[key] = shard.name

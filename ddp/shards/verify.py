@@ -1,0 +1,68 @@
+"""Check a split directory end to end: the deep counterpart of the loader's cheap
+open-time checks (presence and size)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from ddp.shards.decode import decode_member
+from ddp.shards.index import find_shards, index_shard, sha256_file
+from ddp.shards.manifest import DataError, ShardInfo, read_manifest
+
+
+def verify_split(split_dir: str | os.PathLike, decode: bool = True) -> list[str]:
+    """Every problem found, one line each naming the shard (and key): checksums,
+    sample counts, offsets against the tar headers, decodability of every member.
+    An empty list means the split is sound."""
+    split_dir = Path(split_dir)
+    manifest = read_manifest(split_dir)
+    problems: list[str] = []
+    listed = {split_dir / shard.name for shard in manifest.shards}
+    for path in find_shards(split_dir):
+        if path not in listed:
+            problems.append(f"{path}: shard not in the manifest (re-run `ddp-shards index`)")
+    for shard in manifest.shards:
+        problems.extend(_verify_shard(split_dir / shard.name, shard, decode))
+    return problems
+
+
+def _verify_shard(path: Path, shard: ShardInfo, decode: bool) -> list[str]:
+    if not path.is_file():
+        return [f"{path}: shard missing"]
+    size = path.stat().st_size
+    if size != shard.size:
+        return [f"{path}: {size:,} bytes but the manifest says {shard.size:,}"]
+    problems = []
+    if sha256_file(path) != shard.sha256:
+        problems.append(f"{path}: sha256 does not match the manifest (shard changed)")
+    try:
+        actual = index_shard(path, name=shard.name, checksum=False)
+    except DataError as err:
+        return [*problems, str(err)]
+    if actual.keys != shard.keys:
+        problems.append(
+            f"{path}: holds {actual.num_samples} samples, manifest lists {shard.num_samples}"
+            if actual.num_samples != shard.num_samples
+            else f"{path}: keys differ from the manifest"
+        )
+    elif actual.members != shard.members:
+        problems.append(f"{path}: member offsets differ from the manifest (re-run index)")
+    if decode and not problems:
+        problems.extend(_decode_errors(path, shard))
+    return problems
+
+
+def _decode_errors(path: Path, shard: ShardInfo) -> Iterator[str]:
+    with open(path, "rb") as f:
+        data = f.read()
+    for i, key in enumerate(shard.keys):
+        for ext, column in shard.members.items():
+            offset, size = column["offsets"][i], column["sizes"][i]
+            if offset < 0:
+                continue
+            try:
+                decode_member(ext, data[offset : offset + size])
+            except Exception as err:  # noqa: BLE001 - any failure means undecodable
+                yield f"{path}: key {key}: .{ext} does not decode: {type(err).__name__}: {err}"

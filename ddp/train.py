@@ -1,0 +1,491 @@
+"""The training job: config -> plan -> process group -> data -> model -> loop -> teardown.
+
+torchrun --standalone --nproc_per_node=2 -m ddp.train experiment=digits
+python -m ddp.train trainer.max_epochs=3          # one process
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ddp import checkpoint, data, dist
+from ddp.config import Config, ConfigError, register, to_config
+from ddp.plan import BatchPlan, PlanError, plan_for
+from ddp.plateau import PlateauConfig, PlateauTracker
+from ddp.progress import Progress
+from ddp.schedule import LRSchedule, scaled_lr
+from ddp.tracking import Tracker, WandbConfig
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint written, run again (requeue) to continue
+
+register()
+
+
+@dataclass
+class Position:
+    """Where the run is: what a checkpoint must restore to continue exactly."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    """Optimizer updates already done in `epoch`."""
+    global_step: int = 0
+    skipped_steps: int = 0
+    micro_batches: int = 0
+    """Micro-batches this rank has run: equal on all ranks, or DDP would have hung."""
+    epoch_sums: dict[str, float] = field(default_factory=dict)
+    """Train loss/accuracy sums of the unfinished epoch (so a mid-epoch resume reports exactly)."""
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM preemption, torchrun shutdown) set a flag; the loop agrees on it."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def split_dir(config: Config, split: str) -> Path:
+    return Path(config.data.root) / split
+
+
+def build_model(config: Config, env: dist.DistEnv) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The user's module (for eval and checkpoints) and its DDP wrapper (for training)."""
+    return wrap_model(instantiate(config.model), env)
+
+
+def wrap_model(model: torch.nn.Module, env: dist.DistEnv) -> tuple[torch.nn.Module, torch.nn.Module]:
+    model = model.to(env.device)
+    if not env.distributed:
+        return model, model
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return model, DDP(model, device_ids=device_ids)
+
+
+def build_optimizer(config: Config, model: torch.nn.Module, plan: BatchPlan):
+    s = config.schedule
+    peak = scaled_lr(config.optim["lr"], plan.global_size, s.base_global_size, s.lr_scaling)
+    optimizer = instantiate(config.optim, params=model.parameters(), lr=peak)
+    total = (
+        config.trainer.max_epochs * plan.iterations_per_epoch if config.trainer.max_epochs else None
+    )
+    schedule = LRSchedule(peak, s.name, s.warmup_iterations, total, s.min_lr_ratio)
+    return optimizer, schedule
+
+
+def loader_options(config: Config, env: dist.DistEnv) -> data.LoaderOptions:
+    d = config.data
+    return data.LoaderOptions(
+        num_workers=d.num_workers,
+        pin_memory=d.pin_memory and env.device.type == "cuda",
+        prefetch_factor=d.prefetch_factor,
+        on_error=d.on_error,
+        input_key=d.input_key,
+        target_key=d.target_key,
+    )
+
+
+def autocast_for(config: Config, env: dist.DistEnv):
+    precision = config.trainer.precision
+    if precision == "fp32":
+        return nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=env.device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def train_step(micro_batches, ddp_model, scaler, autocast, accumulate: int):
+    """One optimizer update over `accumulate` micro-batches; DDP syncs only on the last.
+
+    Returns this rank's (loss sum, correct, samples) and whether the loss was finite.
+    """
+    loss_sum, correct, count = 0.0, 0, 0
+    for micro, batch in enumerate(micro_batches):
+        last = micro == accumulate - 1
+        sync = nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
+        with sync:
+            with autocast():
+                logits = ddp_model(batch.inputs)
+                loss = F.cross_entropy(logits.float(), batch.targets)
+            # Each micro-batch is 1/accumulate of this rank's share; DDP averages the ranks.
+            scaler.scale(loss / accumulate).backward()
+        n = batch.targets.numel()
+        loss_sum += loss.detach().item() * n
+        correct += int((logits.argmax(dim=1) == batch.targets).sum())
+        count += n
+    return loss_sum, correct, count, math.isfinite(loss_sum)
+
+
+def apply_update(optimizer, scaler, model, grad_clip: float | None) -> None:
+    if grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+@torch.no_grad()
+def evaluate(model, loader, env: dist.DistEnv, autocast) -> dict[str, float]:
+    """Loss and accuracy over the whole validation set, reduced exactly across ranks."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, samples
+    for batch in loader:
+        batch = batch.to(env.device)
+        with autocast():
+            logits = model(batch.inputs)
+        valid = batch.valid
+        losses = F.cross_entropy(logits.float(), batch.targets, reduction="none")
+        sums[0] += losses[valid].sum().double()
+        sums[1] += (logits.argmax(dim=1) == batch.targets)[valid].sum().double()
+        sums[2] += valid.sum().double()
+    model.train()
+    dist.all_reduce_sum(sums, env)
+    loss, correct, count = sums.tolist()
+    return {"val/loss": loss / count, "val/accuracy": correct / count, "val/samples": count}
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_state(
+    config: Config,
+    plan: BatchPlan,
+    model,
+    optimizer,
+    scaler,
+    plateau,
+    pos: Position,
+    tracker: Tracker,
+    env: dist.DistEnv,
+) -> dict[str, Any]:
+    rng = dist.all_gather_object(checkpoint.rng_state(), env)  # every rank's generators
+    return {
+        "format": checkpoint.FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "position": asdict(pos),
+        "plateau": plateau.state_dict(),
+        "rng": rng,
+        "plan": plan.as_dict(),
+        "config": config_dict(config),
+        "wandb_run_id": tracker.run_id,
+    }
+
+
+def config_dict(config: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def check_resumable(state: dict[str, Any], plan: BatchPlan, path: Path) -> None:
+    """A resume must keep the global batch and the data set; the world size may change."""
+    saved = state["plan"]
+    for key in ("global_size", "num_samples", "drop_last"):
+        if saved[key] != getattr(plan, key):
+            raise ConfigError(
+                f"cannot resume {path}: batch plan {key} was {saved[key]}, now "
+                f"{getattr(plan, key)}; use a new run.name (or restore the old value)"
+            )
+
+
+def restore(state, model, optimizer, scaler, plateau, plan: BatchPlan, env) -> Position:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    plateau.load_state_dict(state["plateau"])
+    rngs = state["rng"]
+    if len(rngs) == env.world_size:  # elastic resume: same data order, fresh dropout streams
+        checkpoint.set_rng_state(rngs[env.rank])
+    return Position(**state["position"])
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def train(cfg: DictConfig) -> int:
+    config = to_config(cfg)
+    # The plan is checked before any process group exists: a bad batch fails fast, alone.
+    num_samples = data.num_samples(split_dir(config, config.data.train_split))
+    plan = plan_for(config.batch, dist.world_size_from_env(), num_samples)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    ckpt_dir = run_dir / "checkpoints"
+
+    env = dist.init_distributed(config.trainer.device, config.trainer.timeout_s)
+    torch.manual_seed(config.trainer.seed + env.rank)
+
+    model, ddp_model = build_model(config, env)
+    optimizer, schedule = build_optimizer(config, model, plan)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=config.trainer.precision == "fp16")
+    plateau = PlateauTracker(PlateauConfig(**asdict(config.plateau)))
+    autocast = autocast_for(config, env)
+
+    pos, resumed = Position(), None
+    if config.trainer.resume and (ckpt_dir / "last.pt").exists():
+        resumed = checkpoint.load(ckpt_dir / "last.pt")
+        check_resumable(resumed, plan, ckpt_dir / "last.pt")
+        pos = restore(resumed, model, optimizer, scaler, plateau, plan, env)
+
+    options = loader_options(config, env)
+    seed = config.trainer.seed
+    train_loader = data.build_train_loader(
+        split_dir(config, config.data.train_split), plan, env.rank, seed, options
+    )
+    val_loader = data.build_eval_loader(
+        split_dir(config, config.data.val_split), plan.micro_size, env.rank, env.world_size, options
+    )
+
+    progress = Progress(env.is_main, plan.iterations_per_epoch, plan.global_size)
+    progress.print(f"batch plan ({env.world_size} process(es), {env.device.type}):\n{plan.table()}")
+    progress.print(f"run directory: {run_dir}")
+    if resumed:
+        progress.print(
+            f"resumed from {ckpt_dir / 'last.pt'} at epoch {pos.epoch} step {pos.step_in_epoch}"
+        )
+    tracker = Tracker(
+        run_dir=run_dir,
+        config=config_dict(config),
+        plan=plan.as_dict(),
+        wandb=wandb_config(config),
+        resume_run_id=resumed["wandb_run_id"] if resumed else None,
+        resume_from_step=pos.global_step if resumed else None,
+        monitor=config.plateau.monitor,
+        monitor_mode=config.plateau.mode,
+        enabled=env.is_main,
+    )
+
+    def save(name: str) -> None:
+        state = checkpoint_state(config, plan, model, optimizer, scaler, plateau, pos, tracker, env)
+        if env.is_main:
+            if checkpoint.has_nonfinite(state["model"]):
+                progress.print(f"not saving {name}.pt: the weights are not finite")
+            else:
+                checkpoint.atomic_save(state, ckpt_dir / f"{name}.pt")
+        dist.barrier(env)  # nobody exits (or is killed by torchrun) while rank 0 writes
+
+    audit = SampleAudit(plan.num_samples if config.trainer.audit_samples else 0)
+    stop = StopRequest()
+    exit_code, stop_reason = EXIT_OK, "max_epochs"
+    last_save = time.monotonic()
+    max_epochs = config.trainer.max_epochs or math.inf
+    ddp_model.train()
+    epoch = pos.epoch
+    while epoch < max_epochs and stop_reason != "plateau":
+        progress.start_epoch(epoch, pos.step_in_epoch)
+        t0 = time.perf_counter()
+        micro_batches = iter(train_loader.epoch(epoch, pos.step_in_epoch))
+        for step in range(pos.step_in_epoch, plan.iterations_per_epoch):
+            lr = schedule.lr_at(pos.global_step, plateau.lr_scale)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = [next(micro_batches).to(env.device) for _ in range(plan.accumulate)]
+            pos.micro_batches += len(batches)
+            audit.record(batches)
+            loss_sum, correct, count, finite = train_step(
+                batches, ddp_model, scaler, autocast, plan.accumulate
+            )
+            # One collective per step decides everything that changes control flow.
+            due = checkpoint_due(config, pos.global_step + 1, last_save)
+            flags = dist.any_rank_flags(env, nonfinite=not finite, preempt=stop.requested, save=due)
+            if flags["nonfinite"]:
+                optimizer.zero_grad(set_to_none=True)
+                pos.skipped_steps += 1
+                if (
+                    config.trainer.nonfinite == "stop"
+                    or pos.skipped_steps > config.trainer.max_skipped_steps
+                ):
+                    progress.print(
+                        f"error: non-finite loss at epoch {epoch} step {step} (global step {pos.global_step}); stopping"
+                    )
+                    exit_code, stop_reason = EXIT_NONFINITE, "nonfinite_loss"
+                    break
+                progress.print(
+                    f"warning: non-finite loss at epoch {epoch} step {step}; update skipped"
+                )
+            else:
+                apply_update(optimizer, scaler, model, config.trainer.grad_clip)
+                optimizer.zero_grad(set_to_none=True)
+            pos.global_step += 1
+            pos.step_in_epoch = step + 1
+            for key, value in (("loss", loss_sum), ("correct", correct), ("count", count)):
+                pos.epoch_sums[key] = pos.epoch_sums.get(key, 0.0) + value
+            loss = loss_sum / max(count, 1)
+            progress.step(loss)
+            if pos.global_step % config.trainer.log_every_steps == 0:
+                tracker.log_train(
+                    pos.global_step, {"train/loss": loss, "train/lr": lr, "epoch": epoch}
+                )
+            if flags["preempt"]:
+                save("last")
+                progress.print(
+                    f"preempted (signal on some rank): checkpoint at epoch {epoch} step {step + 1}; exiting {EXIT_PREEMPTED}"
+                )
+                exit_code, stop_reason = EXIT_PREEMPTED, "preempted"
+                break
+            if flags["save"]:
+                save("last")
+                last_save = time.monotonic()
+            if config.trainer.max_steps and pos.global_step >= config.trainer.max_steps:
+                stop_reason = "max_steps"
+                break
+        progress.end_epoch()
+        if stop_reason in ("preempted", "nonfinite_loss", "max_steps"):
+            break
+
+        epoch_metrics = finish_epoch(pos, env, time.perf_counter() - t0, plan)
+        epoch_metrics.update(audit.finish_epoch(env))
+        epoch_metrics.update(evaluate(model, val_loader, env, autocast))
+        event = plateau.update(epoch, epoch_metrics[config.plateau.monitor])
+        tracker.log_val(epoch, pos.global_step, epoch_metrics)
+        if event is not None:
+            tracker.log_event(epoch, event)
+        progress.print(epoch_line(epoch, epoch_metrics, plateau))
+        epoch, pos.epoch, pos.step_in_epoch, pos.epoch_sums = epoch + 1, epoch + 1, 0, {}
+        save("last")
+        last_save = time.monotonic()
+        if plateau.best_epoch == epoch - 1:
+            save("best")
+        if dist.any_rank(plateau.stopped, env):
+            stop_reason = "plateau"
+
+    tracker.summary(
+        best_value=plateau.best,
+        best_epoch=plateau.best_epoch,
+        stop_reason=stop_reason,
+        epochs=pos.epoch,
+        global_step=pos.global_step,
+        micro_batches_per_rank=dist.all_gather_object(pos.micro_batches, env),
+    )
+    if stop_reason not in ("preempted",):
+        tracker.save_curves()
+    tracker.finish(exit_code)
+    progress.print(
+        f"done: {stop_reason}; best {config.plateau.monitor}={plateau.best} at epoch {plateau.best_epoch}"
+    )
+    dist.shutdown(env)
+    return exit_code
+
+
+class SampleAudit:
+    """Counts how often each training sample was used this epoch, over all ranks.
+
+    Opt-in (trainer.audit_samples): one all_reduce of N counters per epoch proves
+    the epoch guarantee on the real run: every sample once, plus the padding.
+    """
+
+    def __init__(self, num_samples: int) -> None:
+        self.counts = torch.zeros(num_samples, dtype=torch.int64)
+
+    def record(self, batches) -> None:
+        if len(self.counts):
+            for batch in batches:
+                self.counts.index_add_(0, batch.indices.cpu(), torch.ones_like(batch.indices.cpu()))
+
+    def finish_epoch(self, env: dist.DistEnv) -> dict[str, float]:
+        if not len(self.counts):
+            return {}
+        counts = dist.all_reduce_sum(self.counts.to(env.device, copy=True), env).cpu()
+        self.counts.zero_()
+        used = int((counts > 0).sum())
+        return {
+            "audit/unique_samples": used,
+            "audit/missing_samples": len(counts) - used,
+            "audit/repeated_samples": int(counts.sum()) - used,
+        }
+
+
+def checkpoint_due(config: Config, next_step: int, last_save: float) -> bool:
+    t = config.trainer
+    by_steps = t.checkpoint_every_steps is not None and next_step % t.checkpoint_every_steps == 0
+    by_time = (
+        t.checkpoint_every_minutes is not None
+        and time.monotonic() - last_save >= 60 * t.checkpoint_every_minutes
+    )
+    return by_steps or by_time
+
+
+def finish_epoch(
+    pos: Position, env: dist.DistEnv, seconds: float, plan: BatchPlan
+) -> dict[str, float]:
+    """Train loss and accuracy of the epoch over all ranks, and its throughput."""
+    keys = ("loss", "correct", "count")
+    sums = torch.tensor([pos.epoch_sums.get(k, 0.0) for k in keys], dtype=torch.float64)
+    loss, correct, count = dist.all_reduce_sum(sums.to(env.device), env).tolist()
+    return {
+        "train/epoch_loss": loss / max(count, 1),
+        "train/epoch_accuracy": correct / max(count, 1),
+        "train/samples_per_s": plan.samples_per_epoch / max(seconds, 1e-9),
+    }
+
+
+def epoch_line(epoch: int, m: dict[str, float], plateau: PlateauTracker) -> str:
+    best = "-" if plateau.best is None else f"{plateau.best:.4f} @ epoch {plateau.best_epoch}"
+    return (
+        f"epoch {epoch}: train loss {m['train/epoch_loss']:.4f} acc {m['train/epoch_accuracy']:.4f}"
+        f" | val loss {m['val/loss']:.4f} acc {m['val/accuracy']:.4f}"
+        f" | {m['train/samples_per_s']:,.0f} samples/s | best {best}"
+    )
+
+
+def wandb_config(config: Config) -> WandbConfig:
+    w = asdict(config.logger.wandb)
+    hc = HydraConfig.get()
+    if w["group"] is None and hc.mode.name == "MULTIRUN":
+        w["group"] = Path(hc.sweep.dir).name
+    if w["name"] is None:
+        overrides = hc.job.override_dirname
+        w["name"] = config.experiment_name + (f"-{overrides}" if overrides else "")
+    return WandbConfig(**w)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def _hydra_entry(cfg: DictConfig) -> None:
+    try:
+        code = train(cfg)
+    except (ConfigError, PlanError, data.DataError, checkpoint.CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        code = EXIT_BAD_INPUT
+    if code != EXIT_OK:
+        sys.exit(code)  # Hydra returns nothing: the exit code travels as SystemExit
+
+
+def main() -> None:
+    try:
+        _hydra_entry()
+        code = EXIT_OK
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    dist.exit_process(code)
+
+
+if __name__ == "__main__":
+    main()

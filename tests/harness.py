@@ -1,0 +1,57 @@
+"""Run the trainer as a user would: real processes, torchrun, gloo, nothing mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = dict(os.environ)
+    out.update(OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    out.update(extra)
+    return out
+
+
+def run(cmd: list[str], timeout: float = 240, **extra: str) -> subprocess.CompletedProcess:
+    """Run `cmd` in its own session; on timeout kill the whole group so nothing is left behind."""
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out}\n{err}") from None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def torchrun(nproc: int = 2, *extra_torchrun: str) -> list[str]:
+    return [str(BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", *extra_torchrun]
+
+
+def train(overrides: list[str], nproc: int = 2, timeout: float = 240, torchrun_args=(), **extra):
+    cmd = [*torchrun(nproc, *torchrun_args), "-m", "ddp.train", *overrides]
+    if nproc == 0:  # plain python, one process
+        cmd = [sys.executable, "-m", "ddp.train", *overrides]
+    return run(cmd, timeout=timeout, **extra)
+
+
+def records(run_dir: Path, kind: str | None = None) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in rows if kind is None or r.get("kind") == kind]

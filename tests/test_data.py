@@ -1,0 +1,215 @@
+"""Guarantees of the loader (ddp.data): exact epochs, resumable, worker-independent,
+and clear errors on bad data."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddp.data import (
+    Batch,
+    DataError,
+    LoaderOptions,
+    ShardDataset,
+    build_eval_loader,
+    build_train_loader,
+    num_samples,
+)
+from ddp.plan import make_plan
+from ddp.shards import index_split, read_manifest
+from ddp.shards.prepare import prepare_digits, prepare_synthetic
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    prepare_digits(out, shard_size=256)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pngs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("png")
+    prepare_synthetic(out, 90, (5, 4, 3), num_classes=3, fmt="png", shard_size=32)
+    return out
+
+
+def copy_split(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        (dst / path.name).write_bytes(path.read_bytes())
+    return dst
+
+
+def epoch_batches(
+    split: Path, plan, rank: int = 0, epoch: int = 0, start_step: int = 0, **options
+) -> list[Batch]:
+    loader = build_train_loader(split, plan, rank, seed=0, options=LoaderOptions(**options))
+    return list(loader.epoch(epoch, start_step))
+
+
+def same(a: list[Batch], b: list[Batch]) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x.indices, y.indices)
+        and torch.equal(x.inputs, y.inputs)
+        and torch.equal(x.targets, y.targets)
+        and torch.equal(x.valid, y.valid)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_num_samples_comes_from_the_manifest(digits: Path) -> None:
+    assert num_samples(digits / "train") == 1438
+    assert num_samples(digits / "val") == 359
+
+
+def test_every_sample_once_per_epoch_across_ranks(digits: Path) -> None:
+    plan = make_plan(1438, 96, 16, 3)
+    seen: Counter = Counter()
+    for rank in range(3):
+        batches = epoch_batches(digits / "train", plan, rank)
+        assert len(batches) == plan.micro_batches_per_epoch
+        for b in batches:
+            seen.update(b.indices[b.valid].tolist())
+            assert b.inputs.shape == (16, 1, 8, 8) and b.inputs.dtype == torch.float32
+            assert b.targets.dtype == torch.int64 and b.valid.dtype == torch.bool
+    assert sorted(seen) == list(range(1438)) and set(seen.values()) == {1}
+
+
+def test_loader_returns_the_stored_samples(digits: Path) -> None:
+    dataset = ShardDataset(digits / "val")
+    manifest = read_manifest(digits / "val")
+    shard = manifest.shards[0]
+    import tarfile
+
+    with tarfile.open(digits / "val" / shard.name) as tar:
+        raw = tar.extractfile(f"{shard.keys[2]}.npy").read()
+        label = int(tar.extractfile(f"{shard.keys[2]}.cls").read())
+    expected = np.frombuffer(raw[-64 * 4 :], dtype=np.float32).reshape(1, 8, 8)
+    image, target = dataset[2]
+    assert torch.equal(image, torch.from_numpy(expected.copy())) and target == label
+
+
+def test_loader_is_identical_for_0_and_2_workers(digits: Path) -> None:
+    plan = make_plan(1438, 64, 16, 2)
+    serial = build_train_loader(digits / "train", plan, 1, 0, LoaderOptions(num_workers=0))
+    workers = build_train_loader(digits / "train", plan, 1, 0, LoaderOptions(num_workers=2))
+    for epoch in (0, 1):  # persistent workers must see the new epoch
+        assert same(list(serial.epoch(epoch)), list(workers.epoch(epoch)))
+    assert same(list(serial.epoch(2, 5)), list(workers.epoch(2, 5)))
+    assert not same(list(serial.epoch(0)), list(serial.epoch(1)))
+
+
+def test_resume_gives_exactly_the_rest_of_the_epoch(digits: Path) -> None:
+    plan = make_plan(1438, 32, 8, 2)
+    full = epoch_batches(digits / "train", plan, rank=1, epoch=4)
+    rest = epoch_batches(digits / "train", plan, rank=1, epoch=4, start_step=30)
+    assert len(rest) == (plan.iterations_per_epoch - 30) * plan.accumulate
+    assert same(rest, full[30 * plan.accumulate :])
+
+
+def test_padded_samples_are_invalid(digits: Path) -> None:
+    plan = make_plan(1438, 100, 25, 2)  # 15 iterations, 62 padded samples
+    batches = [b for r in range(2) for b in epoch_batches(digits / "train", plan, r)]
+    assert sum(int((~b.valid).sum()) for b in batches) == plan.padded_samples == 62
+
+
+def test_eval_loader_covers_the_val_set_once_with_equal_counts(digits: Path) -> None:
+    loaders = [build_eval_loader(digits / "val", 32, r, 4) for r in range(4)]
+    assert len({len(loader) for loader in loaders}) == 1
+    seen = [i for loader in loaders for b in loader for i in b.indices[b.valid].tolist()]
+    assert sorted(seen) == list(range(359))
+
+
+def test_png_images_become_float_chw_in_unit_range(pngs: Path) -> None:
+    options = LoaderOptions(input_key="png")
+    (batch,) = list(build_eval_loader(pngs / "val", 16, 0, 1, options))
+    assert batch.inputs.shape == (16, 3, 5, 4) and batch.inputs.dtype == torch.float32
+    assert 0.0 <= batch.inputs.min() and batch.inputs.max() <= 1.0
+    assert int(batch.valid.sum()) == 9
+
+
+def test_transform_is_applied_per_sample(digits: Path) -> None:
+    loader = build_eval_loader(digits / "val", 8, 0, 1, transform=lambda x: x.flatten())
+    assert next(iter(loader)).inputs.shape == (8, 64)
+
+
+def test_batch_moves_to_a_device(digits: Path) -> None:
+    batch = next(iter(build_eval_loader(digits / "val", 8, 0, 1)))
+    moved = batch.to("cpu")
+    assert torch.equal(moved.inputs, batch.inputs) and moved.num_skipped == batch.num_skipped
+    if torch.cuda.is_available():
+        assert batch.pin_memory().inputs.is_pinned()
+
+
+def test_missing_manifest_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="manifest.json: manifest missing"):
+        num_samples(tmp_path)
+
+
+def test_missing_shard_is_named(digits: Path, tmp_path: Path) -> None:
+    split = copy_split(digits / "val", tmp_path / "val")
+    (split / "shard-000001.tar").unlink()
+    with pytest.raises(DataError, match=r"shard-000001.tar: shard missing"):
+        build_eval_loader(split, 8, 0, 1)
+
+
+def test_truncated_shard_is_named(digits: Path, tmp_path: Path) -> None:
+    split = copy_split(digits / "val", tmp_path / "val")
+    shard = split / "shard-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:-5000])
+    with pytest.raises(DataError, match=r"shard-000000.tar: .* bytes but the manifest says"):
+        build_eval_loader(split, 8, 0, 1)
+
+
+def test_manifest_not_matching_its_shards_is_named(digits: Path, tmp_path: Path) -> None:
+    split = copy_split(digits / "val", tmp_path / "val")
+    other = copy_split(digits / "train", tmp_path / "train")
+    (split / "shard-000000.tar").write_bytes((other / "shard-000000.tar").read_bytes())
+    with pytest.raises(DataError, match="shard-000000.tar"):
+        build_eval_loader(split, 8, 0, 1)
+    plan = make_plan(1000, 10, 5, 2)
+    with pytest.raises(DataError, match="plan is for 1,000 samples but the manifest lists 359"):
+        build_train_loader(digits / "val", plan, 0, 0)
+
+
+def corrupt_npy(split: Path, shard_pos: int, sample: int) -> str:
+    """Overwrite a member's npy magic in place (size unchanged); return its key."""
+    shard = read_manifest(split).shards[shard_pos]
+    path = split / shard.name
+    data = bytearray(path.read_bytes())
+    offset = shard.members["npy"]["offsets"][sample]
+    data[offset : offset + 6] = b"garbag"
+    path.write_bytes(bytes(data))
+    return shard.keys[sample]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_undecodable_sample_names_shard_and_key(digits: Path, tmp_path: Path, workers) -> None:
+    split = copy_split(digits / "val", tmp_path / "val")
+    key = corrupt_npy(split, 1, 7)
+    loader = build_eval_loader(split, 16, 0, 1, LoaderOptions(num_workers=workers))
+    with pytest.raises(DataError, match=f"shard-000001.tar: key {key}: undecodable .npy"):
+        list(loader)
+
+
+def test_skip_marks_bad_samples_invalid_and_counts_them(digits: Path, tmp_path: Path) -> None:
+    split = copy_split(digits / "train", tmp_path / "train")
+    keys = {corrupt_npy(split, 0, 3), corrupt_npy(split, 4, 10)}
+    index_split(split)  # checksums refreshed; the loader only checks sizes anyway
+    plan = make_plan(1438, 64, 16, 2)
+    loader = build_train_loader(split, plan, 0, 0, LoaderOptions(on_error="skip"))
+    other = build_train_loader(split, plan, 1, 0, LoaderOptions(on_error="skip"))
+    batches = list(loader.epoch(0)) + list(other.epoch(0))
+    assert len(batches) == 2 * plan.micro_batches_per_epoch
+    assert loader.num_skipped + other.num_skipped == 2
+    dataset = ShardDataset(split)
+    bad = {i for i, k in enumerate(dataset.index.keys) if k in keys}
+    for b in batches:
+        for i, ok in zip(b.indices.tolist(), b.valid.tolist(), strict=True):
+            if i in bad:
+                assert not ok

@@ -1,0 +1,256 @@
+"""Guarantees of the shard layer: manifests, index, verify, the ddp-shards CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from ddp.order import rank_micro_batches
+from ddp.plan import make_plan
+from ddp.shards import DataError, Manifest, index_split, read_manifest, write_manifest
+from ddp.shards.cli import main
+from ddp.shards.prepare import prepare_digits, prepare_imagefolder, prepare_synthetic
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    prepare_digits(out, shard_size=256, seed=0, val_fraction=0.2)
+    return out
+
+
+def copy_split(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        (dst / path.name).write_bytes(path.read_bytes())
+    return dst
+
+
+def extract(split: Path, dst: Path) -> list[str]:
+    """Unpack every shard's members into dst; return member names in tar order."""
+    names = []
+    for shard in sorted(split.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for info in tar:
+                (dst / info.name).write_bytes(tar.extractfile(info).read())
+                names.append(info.name)
+    return names
+
+
+def offsets_of(manifest: Manifest) -> list:
+    return [(s.keys, s.members) for s in manifest.shards]
+
+
+def test_prepare_digits_writes_sharded_train_and_val(digits: Path) -> None:
+    train, val = read_manifest(digits / "train"), read_manifest(digits / "val")
+    assert train.num_samples + val.num_samples == 1797
+    assert val.num_samples == round(1797 * 0.2)
+    assert len(train.shards) == 6 and all(s.num_samples <= 256 for s in train.shards)
+    keys = [k for m in (train, val) for s in m.shards for k in s.keys]
+    assert len(set(keys)) == len(keys)
+    with tarfile.open(digits / "train" / "shard-000000.tar") as tar:
+        names = tar.getnames()[:2]
+        image = np.load(io.BytesIO(tar.extractfile(names[1]).read()))
+        label = int(tar.extractfile(names[0]).read())
+    assert names[0].endswith(".cls") and names[1].endswith(".npy")
+    assert image.shape == (1, 8, 8) and image.dtype == np.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0 and 0 <= label <= 9
+
+
+def test_prepare_is_reproducible(tmp_path: Path) -> None:
+    a = prepare_synthetic(tmp_path / "a", 120, (4, 4, 3), 3, seed=1, shard_size=50)
+    b = prepare_synthetic(tmp_path / "b", 120, (4, 4, 3), 3, seed=1, shard_size=50)
+    assert [s.sha256 for s in a["train"].shards] == [s.sha256 for s in b["train"].shards]
+
+
+def test_manifest_round_trip(digits: Path, tmp_path: Path) -> None:
+    manifest = read_manifest(digits / "train")
+    write_manifest(tmp_path, manifest)
+    again = read_manifest(tmp_path)
+    assert again.to_json() == manifest.to_json()
+    assert json.loads((tmp_path / "manifest.json").read_text())["num_samples"] == 1438
+
+
+def test_index_of_a_plain_tar_matches_prepare(digits: Path, tmp_path: Path) -> None:
+    members = tmp_path / "members"
+    members.mkdir()
+    names = extract(digits / "train", members)
+    split = tmp_path / "split"
+    split.mkdir()
+    subprocess.run(
+        ["tar", "--format=ustar", "-cf", str(split / "all-000000.tar"), "-C", str(members), *names],
+        check=True,
+    )
+    manifest = index_split(split)
+    ours = read_manifest(digits / "train")
+    assert [k for s in manifest.shards for k in s.keys] == [k for s in ours.shards for k in s.keys]
+    first = ours.shards[0]
+    assert (
+        manifest.shards[0].members["npy"]["offsets"][: first.num_samples]
+        == (first.members["npy"]["offsets"])
+    )
+    assert manifest.shards[0].members["npy"]["sizes"][:5] == first.members["npy"]["sizes"][:5]
+
+
+def write_with_webdataset(src: Path, dst: Path, **writer_options) -> Path:
+    dst.mkdir()
+    urls = [str(src / s.name) for s in read_manifest(src).shards]
+    with wds.ShardWriter(
+        str(dst / "shard-%06d.tar"), maxcount=256, verbose=0, **writer_options
+    ) as sink:
+        for sample in wds.WebDataset(urls, shardshuffle=False):
+            sink.write({"__key__": sample["__key__"], "npy": sample["npy"], "cls": sample["cls"]})
+    return dst
+
+
+def member_bytes(split: Path, manifest: Manifest, ext: str) -> list[bytes]:
+    out = []
+    for shard in manifest.shards:
+        data = (split / shard.name).read_bytes()
+        column = shard.members[ext]
+        out += [data[o : o + n] for o, n in zip(column["offsets"], column["sizes"], strict=True)]
+    return out
+
+
+def test_index_of_webdataset_shardwriter_output_matches_prepare(
+    digits: Path, tmp_path: Path
+) -> None:
+    ours = read_manifest(digits / "train")
+    same_headers = write_with_webdataset(digits / "train", tmp_path / "fixed", mtime=0)
+    assert offsets_of(index_split(same_headers)) == offsets_of(ours)
+    # By default ShardWriter stamps float mtimes, hence extra pax headers: offsets
+    # move, but the index still finds the same members.
+    pax = write_with_webdataset(digits / "train", tmp_path / "pax")
+    theirs = index_split(pax)
+    assert [s.keys for s in theirs.shards] == [s.keys for s in ours.shards]
+    for ext in ("npy", "cls"):
+        assert member_bytes(pax, theirs, ext) == member_bytes(digits / "train", ours, ext)
+
+
+def test_webdataset_reads_our_shards(digits: Path) -> None:
+    manifest = read_manifest(digits / "val")
+    urls = [str(digits / "val" / s.name) for s in manifest.shards]
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode().to_tuple("__key__", "npy", "cls")
+    samples = list(dataset)
+    assert [key for key, _, _ in samples] == [k for s in manifest.shards for k in s.keys]
+    assert samples[0][1].shape == (1, 8, 8) and isinstance(samples[0][2], int)
+
+
+def test_index_names_a_truncated_shard(digits: Path, tmp_path: Path) -> None:
+    split = copy_split(digits / "val", tmp_path / "val")
+    shard = split / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:10_000])
+    with pytest.raises(DataError, match="shard-000001.tar"):
+        index_split(split)
+
+
+def test_verify_passes_a_clean_split(digits: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["verify", str(digits / "val")]) == 0
+    assert "ok" in capsys.readouterr().out
+
+
+def test_verify_names_the_shard_and_key_of_a_corrupt_member(
+    digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    split = copy_split(digits / "val", tmp_path / "val")
+    manifest = read_manifest(split)
+    shard = manifest.shards[1]
+    offset = shard.members["npy"]["offsets"][3]
+    data = bytearray((split / shard.name).read_bytes())
+    data[offset : offset + 6] = b"garbag"
+    (split / shard.name).write_bytes(bytes(data))
+    assert main(["verify", str(split)]) == 1
+    out = capsys.readouterr().out
+    assert "sha256" in out and shard.name in out
+    index_split(split)  # fresh checksums: only the undecodable member is left
+    assert main(["verify", str(split)]) == 1
+    out = capsys.readouterr().out
+    assert f"{shard.name}: key {shard.keys[3]}: .npy does not decode" in out
+
+
+def test_verify_names_a_missing_shard(digits: Path, tmp_path: Path, capsys) -> None:
+    split = copy_split(digits / "val", tmp_path / "val")
+    (split / "shard-000000.tar").unlink()
+    assert main(["verify", str(split)]) == 1
+    assert "shard-000000.tar: shard missing" in capsys.readouterr().out
+
+
+def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys) -> None:
+    assert main(["index", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "nope" in err and "\n" not in err
+    assert main(["verify", str(tmp_path)]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+
+
+def test_cli_order_prints_the_rank_s_keys_in_consumption_order(digits: Path, capsys) -> None:
+    split = digits / "train"
+    argv = [
+        "order",
+        str(split),
+        "--epoch",
+        "3",
+        "--rank",
+        "1",
+        "--world-size",
+        "2",
+        "--micro-size",
+        "8",
+        "--accumulate",
+        "3",
+        "--steps",
+        "28:",
+    ]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    keys = [k for s in read_manifest(split).shards for k in s.keys]
+    plan = make_plan(len(keys), 48, 8, 2)
+    expected = [
+        keys[i] + ("\tpadded" if p else "")
+        for m in rank_micro_batches(plan, 0, 3, 1, start_step=28)
+        for i, p in zip(m.indices.tolist(), m.padded.tolist(), strict=True)
+    ]
+    assert lines == expected and lines[-1].endswith("\tpadded")
+    assert main([*argv[:-2], "--world-size", "100"]) == 2
+    assert "exceeds the 1,438 training samples" in capsys.readouterr().err
+
+
+def test_prepare_imagefolder_keeps_the_image_bytes(tmp_path: Path) -> None:
+    from PIL import Image
+
+    src = tmp_path / "src"
+    for label, name in enumerate(["cat", "dog"]):
+        (src / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (5, 4), (label * 200, i * 20, 0)).save(src / name / f"{i}.png")
+    manifests = prepare_imagefolder(src, tmp_path / "out", shard_size=4, val_fraction=0.25)
+    assert manifests["train"].num_samples == 9 and manifests["val"].num_samples == 3
+    assert manifests["train"].meta["classes"] == ["cat", "dog"]
+    assert main(["verify", str(tmp_path / "out" / "train")]) == 0
+
+
+def test_cli_prepare_synthetic_png(tmp_path: Path, capsys) -> None:
+    argv = [
+        "prepare",
+        "synthetic",
+        "--num-samples",
+        "50",
+        "--shape",
+        "6,6,3",
+        "--format",
+        "png",
+        "--shard-size",
+        "16",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    assert read_manifest(tmp_path / "train").extensions == ["cls", "png"]
+    assert main(["verify", str(tmp_path / "train")]) == 0

@@ -1,0 +1,39 @@
+"""torchrun worker: one update with no_sync accumulation, parameters saved by rank 0.
+
+    torchrun --nproc_per_node=2 tests/workers/accumulate.py OUT.pt MICRO ACCUMULATE
+"""
+
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from ddp import dist
+from ddp.data import Batch
+from ddp.models import MLP
+from ddp.train import apply_update, wrap_model, train_step
+
+
+def main(out: str, micro: int, accumulate: int) -> None:
+    env = dist.init_distributed("cpu", timeout_s=60)
+    torch.manual_seed(0)  # the same initial weights and data on every rank
+    model, ddp_model = wrap_model(MLP(64, 10, hidden=(32,)), env)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    inputs = torch.randn(env.world_size * accumulate * micro, 64)
+    targets = torch.randint(0, 10, (len(inputs),))
+    share = len(inputs) // env.world_size
+    mine = slice(env.rank * share, (env.rank + 1) * share)
+    batches = [
+        Batch(x, y, torch.ones(len(y), dtype=torch.bool), torch.arange(len(y)))
+        for x, y in zip(inputs[mine].split(micro), targets[mine].split(micro), strict=True)
+    ]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    train_step(batches, ddp_model, scaler, nullcontext, accumulate)
+    apply_update(optimizer, scaler, model, grad_clip=None)
+    if env.is_main:
+        torch.save({"params": model.state_dict(), "inputs": inputs, "targets": targets}, out)
+    dist.shutdown(env)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

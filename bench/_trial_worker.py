@@ -1,15 +1,23 @@
 """One trial job for bench/exit_trials.py and tests/test_dist.py (run under torchrun).
 
-A tiny DDP training of a few steps on gloo. `--naive` uses the textbook calls
-(init_process_group from env://, destroy_process_group, return from main);
-otherwise the job goes through `ddp.dist`. `--crash-rank R --crash-step S`
-makes rank R die at step S in the first torchrun attempt only, so that
-`--max-restarts=1` must bring the job back and finish it.
+A tiny DDP training of a few steps on gloo, in one of three variants:
+  naive    the textbook calls: init_process_group from env://, barrier,
+           destroy_process_group, return from main;
+  no-exit  `ddp.dist` (per-attempt store, named collectives, shutdown) but the
+           process ends by returning from main, through interpreter finalization;
+  fixed    the same, ending with `ddp.dist.exit_process(0)`, as the trainer does.
+`--crash-rank R --crash-step S` makes rank R die at step S in the first torchrun
+attempt only, so that `--max-restarts=1` must bring the job back and finish it.
+
+Each rank prints one line `rank R: done {json}` when it has finished, with what
+it saw (launcher ranks, attempt, the answers of all_agree/any_rank to a flag
+that only the last rank holds), for the tests to check.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -17,64 +25,72 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp import dist as ddist
-
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument("--naive", action="store_true")
+    p.add_argument("--variant", choices=["naive", "no-exit", "fixed"], default="fixed")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--crash-rank", type=int, default=-1)
     p.add_argument("--crash-step", type=int, default=2)
     return p.parse_args()
 
 
-def train(steps: int, crash_rank: int, crash_step: int, rank: int) -> float:
-    torch.manual_seed(0)
-    model = DDP(torch.nn.Linear(8, 1))
+def attempt() -> int:
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def train(model: DDP, steps: int, crash_rank: int, crash_step: int, rank: int) -> float:
+    """A few SGD steps; the model stays referenced by the caller, as in a real trainer."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     loss = torch.zeros(())
     for step in range(steps):
-        if attempt == 0 and rank == crash_rank and step == crash_step:
+        if attempt() == 0 and rank == crash_rank and step == crash_step:
             print(f"rank {rank}: simulated crash at step {step}", file=sys.stderr, flush=True)
             os._exit(1)
-        x = torch.randn(4, 8)
-        loss = model(x).pow(2).mean()
+        loss = model(torch.randn(4, 8)).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return float(loss)
+    return loss.item()
 
 
 def main_naive(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    train(args.steps, args.crash_rank, args.crash_step, rank)
-    t = torch.ones(1)
-    dist.all_reduce(t)
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Linear(8, 1))
+    train(model, args.steps, args.crash_rank, args.crash_step, rank)
     dist.barrier()
     dist.destroy_process_group()
     print(f"rank {rank}: done (naive)", flush=True)
 
 
-def main_fixed(args: argparse.Namespace) -> None:
+def main_ddp(args: argparse.Namespace) -> None:
+    from ddp import dist as ddist  # not imported by the naive variant: it owes nothing to it
+
     env = ddist.init_distributed("cpu", timeout_s=60)
-    train(args.steps, args.crash_rank, args.crash_step, env.rank)
-    total = ddist.all_reduce_sum(torch.ones(1), env)
-    assert int(total.item()) == env.world_size
-    stop = ddist.any_rank(env.rank == env.world_size - 1, env)
-    assert stop
-    print(f"rank {env.rank}: done", flush=True)
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Linear(8, 1))
+    loss = train(model, args.steps, args.crash_rank, args.crash_step, env.rank)
+    last = env.rank == env.world_size - 1
+    seen = {
+        "detect": ddist.detect(),
+        "attempt": ddist.restart_count(),
+        "all_agree": ddist.all_agree(last, env),
+        "any_rank": ddist.any_rank(last, env),
+        "world_from_sum": int(ddist.all_reduce_sum(torch.ones(1), env).item()),
+        "from_rank0": ddist.broadcast_object(f"hello from {env.rank}", env),
+        "loss": loss,
+    }
     ddist.shutdown(env)
+    print(f"rank {env.rank}: done {json.dumps(seen)}", flush=True)
+    if args.variant == "fixed":
+        ddist.exit_process(0)
 
 
 if __name__ == "__main__":
     args = parse()
-    if args.naive:
+    if args.variant == "naive":
         main_naive(args)
     else:
-        main_fixed(args)
-        exit_process = getattr(ddist, "exit_process", None)
-        if exit_process is not None:
-            exit_process(0)
+        main_ddp(args)

@@ -1,13 +1,16 @@
 """Repeated 2-process torchrun trials: does a finished job exit 0, does a crash recover?
 
-    python bench/exit_trials.py --trials 50 --mode both --jobs 2
-    python bench/exit_trials.py --trials 50 --mode both --naive   # textbook teardown
+    python bench/exit_trials.py --trials 50 --mode both --jobs 2      # ddp.dist, as shipped
+    python bench/exit_trials.py --trials 50 --mode both --variant naive
+    python bench/exit_trials.py --trials 50 --mode both --variant no-exit
 
 Each trial is `torchrun --standalone --nproc_per_node=2 bench/_trial_worker.py`
 (gloo, OMP_NUM_THREADS=1, a free rendezvous port chosen by --standalone).
   clean:   train a few steps, tear down; success = torchrun exits 0.
   restart: rank 1 dies in attempt 0; `--max-restarts=1`; success = exit 0 and
            both ranks report "done" from the restarted attempt.
+Variants (see _trial_worker.py): naive = textbook init/teardown; no-exit =
+ddp.dist without exit_process; fixed = ddp.dist as the trainer uses it.
 Prints successes/N per mode and the failure signatures (exit code, telling
 stderr line) so that causes are visible.
 """
@@ -42,7 +45,7 @@ class Trial:
     seconds: float
 
 
-def torchrun_cmd(mode: str, naive: bool, steps: int) -> list[str]:
+def torchrun_cmd(mode: str, variant: str, steps: int) -> list[str]:
     torchrun = [sys.executable, "-m", "torch.distributed.run"]
     cmd = [*torchrun, "--standalone", "--nproc_per_node=2", "--monitor-interval=0.1"]
     if mode == "restart":
@@ -50,15 +53,23 @@ def torchrun_cmd(mode: str, naive: bool, steps: int) -> list[str]:
     cmd += [str(WORKER), "--steps", str(steps)]
     if mode == "restart":
         cmd += ["--crash-rank", "1", "--crash-step", "2"]
-    if naive:
-        cmd.append("--naive")
-    return cmd
+    return [*cmd, "--variant", variant]
 
 
 def child_env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
+
+
+LIVE: set[int] = set()
+"""Process groups of the trials in flight, killed if we are interrupted."""
+
+
+def kill_live_and_exit(signum: int, _frame: object) -> None:
+    for pgid in list(LIVE):
+        kill_group(pgid)
+    os._exit(128 + signum)
 
 
 def run_job(cmd: list[str], timeout_s: float) -> tuple[int, str, str]:
@@ -72,6 +83,7 @@ def run_job(cmd: list[str], timeout_s: float) -> tuple[int, str, str]:
         text=True,
         start_new_session=True,
     )
+    LIVE.add(proc.pid)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -80,6 +92,7 @@ def run_job(cmd: list[str], timeout_s: float) -> tuple[int, str, str]:
         return -999, out, err + "\nTimeout: killed by exit_trials"
     finally:
         kill_group(proc.pid)  # workers orphaned by a dying agent
+        LIVE.discard(proc.pid)
     return proc.returncode, out, err
 
 
@@ -92,17 +105,17 @@ def kill_group(pgid: int) -> None:
 
 def signature(returncode: int, err: str) -> str:
     """Exit code and the first telling stderr line of the last torchrun attempt."""
-    err = err.rsplit("Restarting worker group", 1)[-1]
+    err = err.split("failed (exitcode", 1)[-1] if "simulated crash" in err else err
     lines = [ln.strip() for ln in err.splitlines() if TELLING.search(ln)]
     telling = lines[0] if lines else (err.strip().splitlines() or [""])[-1]
     return f"rc={returncode} | {telling[:160]}"
 
 
-def one_trial(mode: str, naive: bool, steps: int, timeout_s: float) -> Trial:
+def one_trial(mode: str, variant: str, steps: int, timeout_s: float) -> Trial:
     start = time.monotonic()
-    cmd = torchrun_cmd(mode, naive, steps)
+    cmd = torchrun_cmd(mode, variant, steps)
     rc, out, err = run_job(cmd, timeout_s)
-    done = len(re.findall(r"^rank \d+: done", out, flags=re.M))
+    done = len(re.findall(r"rank \d+: done", out))
     ok = rc == 0 and done == 2
     sig = "" if ok else signature(rc, err) + ("" if done == 2 else f" | done={done}")
     if not ok:
@@ -120,7 +133,7 @@ def keep_log(mode: str, cmd: list[str], rc: int, out: str, err: str) -> None:
 def run_mode(mode: str, args: argparse.Namespace) -> list[Trial]:
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [
-            pool.submit(one_trial, mode, args.naive, args.steps, args.timeout)
+            pool.submit(one_trial, mode, args.variant, args.steps, args.timeout)
             for _ in range(args.trials)
         ]
         trials = []
@@ -128,14 +141,14 @@ def run_mode(mode: str, args: argparse.Namespace) -> list[Trial]:
             t = fut.result()
             trials.append(t)
             if args.verbose or not t.ok:
-                print(f"  [{mode} {i:3d}] {'ok  ' if t.ok else 'FAIL'} {t.seconds:5.1f}s {t.signature}")
+                status = "ok  " if t.ok else "FAIL"
+                print(f"  [{mode} {i:3d}] {status} {t.seconds:5.1f}s {t.signature}", flush=True)
     return trials
 
 
-def report(mode: str, trials: list[Trial], naive: bool) -> None:
+def report(mode: str, trials: list[Trial], variant: str) -> None:
     ok = sum(t.ok for t in trials)
-    label = "naive" if naive else "ddp.dist"
-    print(f"{mode:8s} ({label}): {ok}/{len(trials)} successes")
+    print(f"{mode:8s} ({variant}): {ok}/{len(trials)} successes", flush=True)
     for sig, n in collections.Counter(t.signature for t in trials if not t.ok).most_common():
         print(f"    {n:3d} x {sig}")
 
@@ -147,13 +160,15 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="trials run at once")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per trial")
-    p.add_argument("--naive", action="store_true", help="textbook init/teardown")
+    p.add_argument("--variant", choices=["naive", "no-exit", "fixed"], default="fixed")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, kill_live_and_exit)
     modes = ["clean", "restart"] if args.mode == "both" else [args.mode]
     results = {m: run_mode(m, args) for m in modes}
     for mode, trials in results.items():
-        report(mode, trials, args.naive)
+        report(mode, trials, args.variant)
     return 0 if all(t.ok for ts in results.values() for t in ts) else 1
 
 

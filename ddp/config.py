@@ -107,6 +107,8 @@ class TrainerConfig:
     """Continue from the run directory's last checkpoint when there is one."""
     max_steps: int | None = None
     """Stop after this many optimizer updates (for smoke tests and benchmarks)."""
+    restart_epoch_on_plan_change: bool = False
+    """Resume a checkpoint whose global batch or data set differs, from the start of its epoch."""
     audit_samples: bool = False
     """Count every sample's uses per epoch over all ranks and log coverage (one all_reduce of N)."""
 

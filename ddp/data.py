@@ -109,8 +109,9 @@ class ShardDataset(Dataset):
     """Map-style dataset over one split directory, read by manifest offsets.
 
     `__getitems__` takes a whole `MicroBatch` (or a list of indices) and returns
-    a `Batch`. Shards are checked at construction (present, size as in the
-    manifest) and mapped lazily, once per process.
+    a `Batch`. Shards are checked cheaply at construction (present, size as in
+    the manifest, first and last member headers naming the manifest's keys) and
+    mapped lazily, once per process; checksums are `ddp-shards verify`'s job.
     """
 
     def __init__(
@@ -203,10 +204,10 @@ class ShardDataset(Dataset):
         return state
 
     def raw(self, index: int, ext: str) -> memoryview:
-        """The bytes of one member (a view into the mapped shard), or DataError if absent."""
+        """The bytes of one member (a view into the mapped shard); LookupError if absent."""
         offset = int(self.index.offsets[ext][index])
         if offset < 0:
-            raise self._error(index, f"has no .{ext} member")
+            raise LookupError(f"the sample has no .{ext} member")
         size = int(self.index.sizes[ext][index])
         return self._buffer(int(self.index.shard_of[index]))[offset : offset + size]
 
@@ -238,10 +239,12 @@ class ShardDataset(Dataset):
 
     def __getitems__(self, refs: MicroBatch | Sequence[int]) -> Batch:
         if isinstance(refs, MicroBatch):
-            indices, padded = refs.indices, refs.padded
-        else:
-            indices = np.asarray(refs, dtype=np.int64)
-            padded = np.zeros(len(indices), dtype=bool)
+            return self.fetch(refs.indices, refs.padded)
+        indices = np.asarray(refs, dtype=np.int64)
+        return self.fetch(indices, np.zeros(len(indices), dtype=bool))
+
+    def fetch(self, indices: np.ndarray, padded: np.ndarray) -> Batch:
+        """Read and decode one micro-batch (padded samples come out valid=False)."""
         inputs, input_ok = self._decode_inputs(indices)
         targets, target_ok = self._decode_targets(indices)
         ok = input_ok & target_ok
@@ -305,7 +308,7 @@ class ShardDataset(Dataset):
         members = self._members(indices, "npy")
         if members is None or len({len(m) for m in members}) != 1:
             return None
-        header = _parse_npy_header(bytes(members[0][:_NPY_HEADER_MAX]))
+        header = _npy_header(members[0])
         if header is None:
             return None
         head, dtype, shape = header
@@ -358,7 +361,7 @@ def _tar_member_name(header: bytes) -> str:
 
 
 def _reason(err: Exception) -> str:
-    return f"{type(err).__name__}: {err}"
+    return str(err) if type(err) is LookupError else f"{type(err).__name__}: {err}"
 
 
 def _check_shape(array: np.ndarray, previous: list[np.ndarray | None]) -> np.ndarray:
@@ -368,31 +371,32 @@ def _check_shape(array: np.ndarray, previous: list[np.ndarray | None]) -> np.nda
     return array
 
 
-_NPY_HEADER_MAX = 4096
+def _npy_header(member: memoryview) -> tuple[bytes, np.dtype, tuple[int, ...]] | None:
+    """(header bytes, dtype, shape) of a plain C-order npy member, else None."""
+    start = bytes(member[:12])
+    if not start.startswith(b"\x93NUMPY") or len(start) < 12:
+        return None
+    if start[6] == 1:
+        length = 10 + int.from_bytes(start[8:10], "little")
+    elif start[6] in (2, 3):
+        length = 12 + int.from_bytes(start[8:12], "little")
+    else:
+        return None
+    return _parse_npy_header(bytes(member[:length])) if length <= len(member) else None
 
 
 @functools.lru_cache(maxsize=64)
-def _parse_npy_header(data: bytes) -> tuple[bytes, np.dtype, tuple[int, ...]] | None:
-    """(header bytes, dtype, shape) of a plain C-order npy member, from its first
-    bytes; cached, since a split usually has one header for all its samples."""
-    if not data.startswith(b"\x93NUMPY") or len(data) < 12:
-        return None
-    major = data[6]
-    if major == 1:
-        start, length = 10, 10 + int.from_bytes(data[8:10], "little")
-    elif major in (2, 3):
-        start, length = 12, 12 + int.from_bytes(data[8:12], "little")
-    else:
-        return None
+def _parse_npy_header(header: bytes) -> tuple[bytes, np.dtype, tuple[int, ...]] | None:
+    """Cached: a split usually has one header for all its samples."""
     try:
-        info = ast.literal_eval(data[start:length].decode("latin1"))
+        info = ast.literal_eval(header[10 if header[6] == 1 else 12 :].decode("latin1"))
         dtype = np.dtype(info["descr"])
         shape = tuple(int(d) for d in info["shape"])
     except (ValueError, SyntaxError, TypeError, KeyError):
         return None
-    if length > len(data) or info.get("fortran_order") or dtype.hasobject:
+    if info.get("fortran_order") or dtype.hasobject:
         return None
-    return data[:length], dtype, shape
+    return header, dtype, shape
 
 
 def _parse_labels(members: list[memoryview] | None, count: int) -> np.ndarray | None:
@@ -426,8 +430,52 @@ def _as_input_tensor(inputs: np.ndarray | list) -> torch.Tensor:
     return out.mul_(1.0 / 255.0)
 
 
-def _identity(batch: Batch) -> Batch:
+@dataclass(frozen=True)
+class _Failure:
+    """A DataError carried from a worker to the main process as data, so it is
+    raised there as one clean line instead of a worker traceback."""
+
+    message: str
+
+
+class _MicroBatchFetcher(Dataset):
+    """What DataLoader workers see: fetch a whole MicroBatch, report bad data as a
+    value."""
+
+    def __init__(self, dataset: ShardDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, micro: MicroBatch) -> Batch | _Failure:
+        try:
+            return self.dataset.fetch(micro.indices, micro.padded)
+        except DataError as err:
+            return _Failure(str(err))
+
+
+def _identity(batch: Batch | _Failure) -> Batch | _Failure:
     return batch
+
+
+def _checked(loader: DataLoader) -> Iterator[Batch]:
+    """Raise a worker's DataError in the main process, after stopping the workers
+    (left to the garbage collector, their shutdown can stall for seconds)."""
+    for batch in loader:
+        if isinstance(batch, _Failure):
+            _shutdown_workers(loader)
+            raise DataError(batch.message)
+        yield batch
+
+
+def _shutdown_workers(loader: DataLoader) -> None:
+    """Stop a DataLoader's (persistent) workers now; the next epoch starts new ones.
+    DataLoader has no public call for this; Lightning resets `_iterator` the same way."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None
 
 
 class EpochBatchSampler:
@@ -451,7 +499,7 @@ class EpochBatchSampler:
 def _data_loader(dataset: ShardDataset, batch_sampler: Any, options: LoaderOptions) -> DataLoader:
     workers = options.num_workers
     return DataLoader(
-        dataset,
+        _MicroBatchFetcher(dataset),
         batch_sampler=batch_sampler,
         collate_fn=_identity,
         num_workers=workers,
@@ -478,6 +526,10 @@ class TrainLoader:
         """Bad samples replaced so far (on_error="skip"), summed over workers."""
         self._loader = _data_loader(dataset, self.sampler, options)
 
+    def close(self) -> None:
+        """Stop the DataLoader workers (persistent ones otherwise live with the loader)."""
+        _shutdown_workers(self._loader)
+
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Exactly (iterations_per_epoch - start_step) * accumulate micro-batches."""
         if not 0 <= start_step <= self.plan.iterations_per_epoch:
@@ -486,7 +538,7 @@ class TrainLoader:
                 f"{self.plan.iterations_per_epoch} iterations"
             )
         self.sampler.set_epoch(epoch, start_step)
-        for batch in self._loader:
+        for batch in _checked(self._loader):
             self.num_skipped += batch.num_skipped
             yield batch
 
@@ -505,8 +557,12 @@ class EvalLoader:
     def __len__(self) -> int:
         return len(self.micro_batches)
 
+    def close(self) -> None:
+        """Stop the DataLoader workers (persistent ones otherwise live with the loader)."""
+        _shutdown_workers(self._loader)
+
     def __iter__(self) -> Iterator[Batch]:
-        for batch in self._loader:
+        for batch in _checked(self._loader):
             self.num_skipped += batch.num_skipped
             yield batch
 

@@ -3,17 +3,40 @@
 `init_distributed` returns a frozen `DistEnv` that is passed explicitly; nothing
 here is a module global. Control-flow decisions go through the named
 collectives `all_agree` and `any_rank` so every rank takes the same branch.
+
+Two torch/gloo pitfalls are handled here (measured with bench/exit_trials.py):
+
+* Restarts under torchrun. The c10d rendezvous shares one TCPStore server, owned
+  by the elastic agent, across every attempt of the job (the agent keeps
+  `_shared_tcp_store_server`; the "new TCPStore for every retry" comment in
+  torch.distributed.rendezvous no longer holds). `init_process_group` writes
+  gloo's listening addresses under fixed keys ("default_pg/0//cpu/rank_N"), so a
+  restarted rank reads its peer's address from the dead attempt and fails in
+  gloo's connectFullMesh with "Connection refused". `_attempt_store` prefixes all
+  keys with TORCHELASTIC_RESTART_COUNT so each attempt has its own namespace.
+* Exit. After `destroy_process_group`, objects still holding the gloo process
+  group (DDP's reducer, the model, autograd hooks) are destroyed during
+  interpreter finalization, concurrently with C++ static destructors; a gloo
+  thread still joinable then ends in std::terminate ("terminate called without
+  an active exception", SIGABRT, exit code -6) in a few percent of runs, which
+  is what SLURM and CI see. `exit_process` runs the Python exit handlers and
+  then leaves with os._exit, skipping that finalization.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
+import logging
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,6 +94,11 @@ def world_size_from_env() -> int:
     return detect()["world_size"]
 
 
+def restart_count() -> int:
+    """How many times torchrun has restarted the worker group (0 on the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,27 +110,82 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device(requested)
 
 
+def _attempt_store(rank: int, world_size: int, timeout: dt.timedelta) -> dist.Store:
+    """The rendezvous store, with keys private to this torchrun attempt.
+
+    Under torchrun the agent hosts the TCPStore and it outlives a restart: without
+    the prefix, attempt N would read gloo addresses written by attempt N-1.
+    Elsewhere (srun + MASTER_ADDR, or TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) rank 0
+    hosts it, as torch's env:// does.
+    """
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise RuntimeError("MASTER_ADDR/MASTER_PORT are not set: launch with torchrun")
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=world_size,
+        is_master=rank == 0 and not agent_hosts_store,
+        timeout=timeout,
+        multi_tenant=True,
+    )
+    return dist.PrefixStore(f"ddp/attempt_{restart_count()}", store)
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+    """Start the process group (world_size > 1) with a timeout on every collective."""
     ranks = detect()
     dev = pick_device(device, ranks["local_rank"])
     backend = None
     if ranks["world_size"] > 1:
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        if "MASTER_ADDR" not in os.environ:  # srun without torchrun
-            raise RuntimeError("MASTER_ADDR/MASTER_PORT are not set: launch with torchrun")
+        timeout = dt.timedelta(seconds=timeout_s)
         dist.init_process_group(
             backend=backend,
+            store=_attempt_store(ranks["rank"], ranks["world_size"], timeout),
             rank=ranks["rank"],
             world_size=ranks["world_size"],
-            timeout=dt.timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
         )
     return DistEnv(device=dev, backend=backend, **ranks)
 
 
-def shutdown(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
+def shutdown(env: DistEnv, timeout_s: float = 60.0) -> None:
+    """Leave together, then tear the process group down.
+
+    The barrier keeps a fast rank from closing its sockets while a peer is still
+    in its last collective ("Connection closed by peer" there). Its timeout
+    bounds the wait when a peer is already gone; teardown happens regardless.
+    """
+    if not (env.distributed and dist.is_initialized()):
+        return
+    try:
+        dist.barrier(timeout=dt.timedelta(seconds=timeout_s))
+    finally:
         dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """End the process with `code`, skipping interpreter finalization.
+
+    Call it last in the trainer's entry point, after `shutdown`. Python's atexit
+    handlers still run (W&B, multiprocessing/DataLoader worker cleanup, logging),
+    and stdio is flushed; what is skipped is the module/GC teardown and the C++
+    static destructors, where the gloo process group (still referenced by DDP)
+    was being destroyed and aborted the process now and then (see module doc).
+    Exit codes then mean what the trainer says: 0 for a finished job.
+    """
+    try:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a closed or broken pipe must not change the exit code
+                pass
+        os._exit(code)
 
 
 def _reduce_flag(flag: bool, env: DistEnv, op: dist.ReduceOp) -> bool:
@@ -123,11 +206,11 @@ def any_rank(flag: bool, env: DistEnv) -> bool:
     return _reduce_flag(flag, env, dist.ReduceOp.MAX)
 
 
-def broadcast_object(obj, env: DistEnv):
+def broadcast_object(obj: T, env: DistEnv) -> T:
     """Rank 0's `obj` on every rank."""
     if not env.distributed:
         return obj
-    box = [obj]
+    box: list[Any] = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -147,11 +230,11 @@ def any_rank_flags(env: DistEnv, **flags: bool) -> dict[str, bool]:
     return {name: bool(v) for name, v in zip(flags, t.tolist(), strict=True)}
 
 
-def all_gather_object(obj, env: DistEnv) -> list:
+def all_gather_object(obj: T, env: DistEnv) -> list[T]:
     """Every rank's `obj`, indexed by rank, on every rank."""
     if not env.distributed:
         return [obj]
-    out = [None] * env.world_size
+    out: list = [None] * env.world_size
     dist.all_gather_object(out, obj)
     return out
 
@@ -159,8 +242,3 @@ def all_gather_object(obj, env: DistEnv) -> list:
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
-
-
-def exit_process(code: int) -> None:
-    """End the process with `code` (placeholder until the gloo teardown fix lands)."""
-    sys.exit(code)

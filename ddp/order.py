@@ -117,15 +117,8 @@ def eval_micro_batches(
     filler = np.arange(total - (hi - lo), dtype=np.int64) % num_samples
     indices = np.concatenate([np.arange(lo, hi, dtype=np.int64), filler])
     padded = np.arange(total) >= hi - lo
-    return [
-        MicroBatch(
-            0,
-            j,
-            indices[j * micro_size : (j + 1) * micro_size],
-            padded[j * micro_size : (j + 1) * micro_size],
-        )
-        for j in range(num_micro)
-    ]
+    cuts = [slice(k, k + micro_size) for k in range(0, total, micro_size)]
+    return [MicroBatch(0, j, indices[cut], padded[cut]) for j, cut in enumerate(cuts)]
 
 
 def _check_rank(rank: int, world_size: int) -> None:

@@ -35,6 +35,14 @@ class RunSummary:
     best_epoch: int | None
     wall_time_s: float | None
     samples_per_s: float | None
+    stop_reason: str | None
+    """From the run's summary record (None: unfinished or killed)."""
+    verdict: str | None
+    """The diagnosis: underfit, overfit, converged or improving."""
+    run_name: str | None
+    """The W&B run name: experiment name and the sweep point's overrides."""
+    group: str | None
+    """The W&B group: the sweep directory's name for the runs of one sweep."""
     monitor: str
     path: Path
 
@@ -73,6 +81,8 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
     plan = records[0]
     monitor, mode = plan.get("monitor", "val/accuracy"), plan.get("monitor_mode", "max")
     best, best_epoch = _best(records, monitor, mode)
+    summaries = [r for r in records if r.get("kind") == "summary"]
+    final = summaries[-1] if summaries else {}
     return RunSummary(
         name=name or run_dir.name,
         global_batch=plan.get("global_size"),
@@ -82,6 +92,10 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
         best_epoch=best_epoch,
         wall_time_s=max((r.get("elapsed_s", 0.0) for r in records), default=None),
         samples_per_s=_throughput(records, plan.get("global_size")),
+        stop_reason=final.get("stop_reason"),
+        verdict=(final.get("diagnosis") or {}).get("verdict"),
+        run_name=plan.get("run_name"),
+        group=plan.get("group"),
         monitor=monitor,
         path=run_dir,
     )
@@ -128,6 +142,9 @@ COLUMNS = (
     ("best epoch", "best_epoch", "{:d}"),
     ("wall time (s)", "wall_time_s", "{:.1f}"),
     ("samples/s", "samples_per_s", "{:.1f}"),
+    ("stop", "stop_reason", "{}"),
+    ("diagnosis", "verdict", "{}"),
+    ("W&B name", "run_name", "{}"),
 )
 
 
@@ -138,7 +155,9 @@ def format_table(rows: list[RunSummary]) -> str:
         cells.append([_cell(getattr(row, attr), fmt) for _, attr, fmt in COLUMNS])
     widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
     lines = [
-        "  ".join(_align(cell, w, i) for i, (cell, w) in enumerate(zip(r, widths, strict=True)))
+        "  ".join(
+            _align(cell, w, i) for i, (cell, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
         for r in cells
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -146,8 +165,8 @@ def format_table(rows: list[RunSummary]) -> str:
 
 
 def _align(cell: str, width: int, column: int) -> str:
-    # Names read best left-aligned, numbers right-aligned.
-    return cell.ljust(width) if column == 0 else cell.rjust(width)
+    # Names and words read best left-aligned, numbers right-aligned.
+    return cell.ljust(width) if COLUMNS[column][2] == "{}" else cell.rjust(width)
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -157,7 +176,11 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def plot_sweep(rows: list[RunSummary], out_path: Path) -> Path:
-    """Validation metric vs epoch and vs global step, one line per run, labelled by batch."""
+    """Validation metric vs epoch and vs global step, one line per run, labelled by batch.
+
+    A star marks each run's best epoch: the left panel compares epochs (samples seen), the
+    right one optimizer updates, which is where a larger global batch saves time.
+    """
     fig, (by_epoch, by_step) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for row in sorted(rows, key=lambda r: (r.global_batch or 0, r.name)):
         epochs = epoch_records(read_records(row.path / METRICS_FILE))
@@ -165,13 +188,17 @@ def plot_sweep(rows: list[RunSummary], out_path: Path) -> Path:
         if not points:
             continue
         label = f"G={row.global_batch} ({row.name})"
-        by_epoch.plot(
-            [p[0] for p in points], [p[2] for p in points], "-o", markersize=3, label=label
-        )
-        by_step.plot(
-            [p[1] for p in points], [p[2] for p in points], "-o", markersize=3, label=label
-        )
+        for ax, x in ((by_epoch, 0), (by_step, 1)):
+            (line,) = ax.plot(
+                [p[x] for p in points], [p[2] for p in points], "-o", markersize=3, label=label
+            )
+            best = [p for p in points if p[0] == row.best_epoch]
+            if best:
+                ax.plot(best[0][x], best[0][2], "*", markersize=12, color=line.get_color())
     monitor = rows[0].monitor if rows else "val"
+    groups = {r.group for r in rows}
+    title = f"{groups.pop()}: " if len(groups) == 1 and None not in groups else ""
+    fig.suptitle(f"{title}{monitor} by global batch (star: best epoch)")
     by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax, xlabel in ((by_epoch, "epoch"), (by_step, "global step")):
         ax.set_xlabel(xlabel)

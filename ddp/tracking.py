@@ -4,7 +4,8 @@ Every rank builds a Tracker with `enabled=env.is_main`; on the other ranks every
 nothing, so the training loop never branches on the rank. metrics.jsonl in the run directory
 holds the same numbers as W&B, one JSON object per line:
 
-    {"kind": "plan", ...plan fields..., "config": {...}, "monitor": ..., "wandb_run_id": ...}
+    {"kind": "plan", ...plan fields..., "config": {...}, "monitor": ..., "run_name": ...,
+     "group": ..., "wandb_run_id": ...}
     {"kind": "train", "step": ..., "epoch": ..., "train/loss": ...}
     {"kind": "val", "step": ..., "epoch": ..., "val/accuracy": ...}
     {"kind": "event", "step": ..., "epoch": ..., "event": "stop", ...}
@@ -88,13 +89,17 @@ class Tracker:
         kept = self._load_kept_records(resume_from_step or 0)
         self._elapsed_offset = max((r.get("elapsed_s", 0.0) for r in kept), default=0.0)
         self._t0 = time.monotonic()
-        self._run = self._init_wandb(wandb or WandbConfig(), config, plan, resume_run_id)
+        wandb = wandb or WandbConfig()
+        self._run = self._init_wandb(wandb, config, plan, resume_run_id)
         plan_record = {
             "kind": "plan",
             **plan,
             "config": config,
             "monitor": monitor,
             "monitor_mode": monitor_mode,
+            # The W&B name and group, also without W&B: ddp-report labels runs with them.
+            "run_name": wandb.name or self.run_dir.name,
+            "group": wandb.group,
             "wandb_run_id": self.run_id,
             **self._stamp(),
         }

@@ -7,6 +7,8 @@ python -m ddp.train trainer.max_epochs=3          # one process
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import signal
 import sys
 import time
@@ -53,6 +55,16 @@ class Position:
     epoch_sums: dict[str, float] = field(default_factory=dict)
     """Train loss/accuracy sums of the unfinished epoch (so a mid-epoch resume reports exactly)."""
 
+    def advance(self, step: int, micro_batches: int, loss_sum: float, correct: int, count: int):
+        self.global_step += 1
+        self.step_in_epoch = step + 1
+        self.micro_batches += micro_batches
+        for key, value in (("loss", loss_sum), ("correct", correct), ("count", count)):
+            self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + value
+
+    def next_epoch(self) -> None:
+        self.epoch, self.step_in_epoch, self.epoch_sums = self.epoch + 1, 0, {}
+
 
 class StopRequest:
     """SIGTERM / SIGUSR1 (SLURM preemption, torchrun shutdown) set a flag; the loop agrees on it."""
@@ -82,7 +94,9 @@ def build_model(config: Config, env: dist.DistEnv) -> tuple[torch.nn.Module, tor
     return wrap_model(instantiate(config.model), env)
 
 
-def wrap_model(model: torch.nn.Module, env: dist.DistEnv) -> tuple[torch.nn.Module, torch.nn.Module]:
+def wrap_model(
+    model: torch.nn.Module, env: dist.DistEnv
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     model = model.to(env.device)
     if not env.distributed:
         return model, model
@@ -101,18 +115,6 @@ def build_optimizer(config: Config, model: torch.nn.Module, plan: BatchPlan):
     return optimizer, schedule
 
 
-def loader_options(config: Config, env: dist.DistEnv) -> data.LoaderOptions:
-    d = config.data
-    return data.LoaderOptions(
-        num_workers=d.num_workers,
-        pin_memory=d.pin_memory and env.device.type == "cuda",
-        prefetch_factor=d.prefetch_factor,
-        on_error=d.on_error,
-        input_key=d.input_key,
-        target_key=d.target_key,
-    )
-
-
 def autocast_for(config: Config, env: dist.DistEnv):
     precision = config.trainer.precision
     if precision == "fp32":
@@ -124,12 +126,13 @@ def autocast_for(config: Config, env: dist.DistEnv):
 # --------------------------------------------------------------------------- steps
 
 
-def train_step(micro_batches, ddp_model, scaler, autocast, accumulate: int):
-    """One optimizer update over `accumulate` micro-batches; DDP syncs only on the last.
+def train_step(micro_batches, ddp_model, scaler, autocast) -> tuple[float, int, int]:
+    """Forward/backward over this rank's micro-batches; DDP syncs gradients only on the last.
 
-    Returns this rank's (loss sum, correct, samples) and whether the loss was finite.
+    Returns this rank's loss sum, correct predictions and samples (the loss may be non-finite).
     """
     loss_sum, correct, count = 0.0, 0, 0
+    accumulate = len(micro_batches)
     for micro, batch in enumerate(micro_batches):
         last = micro == accumulate - 1
         sync = nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
@@ -140,10 +143,10 @@ def train_step(micro_batches, ddp_model, scaler, autocast, accumulate: int):
             # Each micro-batch is 1/accumulate of this rank's share; DDP averages the ranks.
             scaler.scale(loss / accumulate).backward()
         n = batch.targets.numel()
-        loss_sum += loss.detach().item() * n
+        loss_sum += loss.item() * n
         correct += int((logits.argmax(dim=1) == batch.targets).sum())
         count += n
-    return loss_sum, correct, count, math.isfinite(loss_sum)
+    return loss_sum, correct, count
 
 
 def apply_update(optimizer, scaler, model, grad_clip: float | None) -> None:
@@ -152,6 +155,7 @@ def apply_update(optimizer, scaler, model, grad_clip: float | None) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
+    optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -207,17 +211,6 @@ def config_dict(config: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
 
 
-def check_resumable(state: dict[str, Any], plan: BatchPlan, path: Path) -> None:
-    """A resume must keep the global batch and the data set; the world size may change."""
-    saved = state["plan"]
-    for key in ("global_size", "num_samples", "drop_last"):
-        if saved[key] != getattr(plan, key):
-            raise ConfigError(
-                f"cannot resume {path}: batch plan {key} was {saved[key]}, now "
-                f"{getattr(plan, key)}; use a new run.name (or restore the old value)"
-            )
-
-
 def restore(state, model, optimizer, scaler, plateau, plan: BatchPlan, env) -> Position:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -234,42 +227,34 @@ def restore(state, model, optimizer, scaler, plateau, plan: BatchPlan, env) -> P
 
 def train(cfg: DictConfig) -> int:
     config = to_config(cfg)
-    # The plan is checked before any process group exists: a bad batch fails fast, alone.
-    num_samples = data.num_samples(split_dir(config, config.data.train_split))
-    plan = plan_for(config.batch, dist.world_size_from_env(), num_samples)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     ckpt_dir = run_dir / "checkpoints"
 
-    env = dist.init_distributed(config.trainer.device, config.trainer.timeout_s)
-    torch.manual_seed(config.trainer.seed + env.rank)
+    # Everything a process can check alone is checked before any process group exists,
+    # so bad input fails fast with one message instead of a hang or a timeout.
+    ranks = dist.detect()
+    num_samples = data.num_samples(split_dir(config, config.data.train_split))
+    plan = plan_for(config.batch, ranks["world_size"], num_samples)
+    train_loader, val_loader = build_loaders(config, plan, ranks["rank"])
+    check_run_dir(run_dir)
+    resumed = load_resume_point(config, plan, ckpt_dir)
+    stop = StopRequest()
 
+    env = start_process_group(config)
+    torch.manual_seed(config.trainer.seed + env.rank)
     model, ddp_model = build_model(config, env)
     optimizer, schedule = build_optimizer(config, model, plan)
     scaler = torch.amp.GradScaler(env.device.type, enabled=config.trainer.precision == "fp16")
     plateau = PlateauTracker(PlateauConfig(**asdict(config.plateau)))
     autocast = autocast_for(config, env)
-
-    pos, resumed = Position(), None
-    if config.trainer.resume and (ckpt_dir / "last.pt").exists():
-        resumed = checkpoint.load(ckpt_dir / "last.pt")
-        check_resumable(resumed, plan, ckpt_dir / "last.pt")
-        pos = restore(resumed, model, optimizer, scaler, plateau, plan, env)
-
-    options = loader_options(config, env)
-    seed = config.trainer.seed
-    train_loader = data.build_train_loader(
-        split_dir(config, config.data.train_split), plan, env.rank, seed, options
-    )
-    val_loader = data.build_eval_loader(
-        split_dir(config, config.data.val_split), plan.micro_size, env.rank, env.world_size, options
-    )
+    pos = restore(resumed, model, optimizer, scaler, plateau, plan, env) if resumed else Position()
 
     progress = Progress(env.is_main, plan.iterations_per_epoch, plan.global_size)
     progress.print(f"batch plan ({env.world_size} process(es), {env.device.type}):\n{plan.table()}")
     progress.print(f"run directory: {run_dir}")
     if resumed:
         progress.print(
-            f"resumed from {ckpt_dir / 'last.pt'} at epoch {pos.epoch} step {pos.step_in_epoch}"
+            f"resumed at epoch {pos.epoch} step {pos.step_in_epoch} ({ckpt_dir}/last.pt)"
         )
     tracker = Tracker(
         run_dir=run_dir,
@@ -287,112 +272,181 @@ def train(cfg: DictConfig) -> int:
         state = checkpoint_state(config, plan, model, optimizer, scaler, plateau, pos, tracker, env)
         if env.is_main:
             if checkpoint.has_nonfinite(state["model"]):
-                progress.print(f"not saving {name}.pt: the weights are not finite")
+                progress.print(f"warning: not saving {name}.pt: the weights are not finite")
             else:
                 checkpoint.atomic_save(state, ckpt_dir / f"{name}.pt")
         dist.barrier(env)  # nobody exits (or is killed by torchrun) while rank 0 writes
 
     audit = SampleAudit(plan.num_samples if config.trainer.audit_samples else 0)
-    stop = StopRequest()
-    exit_code, stop_reason = EXIT_OK, "max_epochs"
+    stop_reason = None
     last_save = time.monotonic()
     max_epochs = config.trainer.max_epochs or math.inf
     ddp_model.train()
-    epoch = pos.epoch
-    while epoch < max_epochs and stop_reason != "plateau":
+    while pos.epoch < max_epochs and stop_reason is None:
+        epoch = pos.epoch
         progress.start_epoch(epoch, pos.step_in_epoch)
         t0 = time.perf_counter()
         micro_batches = iter(train_loader.epoch(epoch, pos.step_in_epoch))
         for step in range(pos.step_in_epoch, plan.iterations_per_epoch):
-            lr = schedule.lr_at(pos.global_step, plateau.lr_scale)
+            lr = plateau.scaled_lr(schedule.lr_at(pos.global_step))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = [next(micro_batches).to(env.device) for _ in range(plan.accumulate)]
-            pos.micro_batches += len(batches)
             audit.record(batches)
-            loss_sum, correct, count, finite = train_step(
-                batches, ddp_model, scaler, autocast, plan.accumulate
-            )
+            loss_sum, correct, count = train_step(batches, ddp_model, scaler, autocast)
             # One collective per step decides everything that changes control flow.
-            due = checkpoint_due(config, pos.global_step + 1, last_save)
-            flags = dist.any_rank_flags(env, nonfinite=not finite, preempt=stop.requested, save=due)
+            flags = dist.any_rank_flags(
+                env,
+                nonfinite=not math.isfinite(loss_sum),
+                preempt=stop.requested,
+                save=checkpoint_due(config, pos.global_step + 1, last_save),
+            )
             if flags["nonfinite"]:
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)  # no rank applies a poisoned update
                 pos.skipped_steps += 1
-                if (
-                    config.trainer.nonfinite == "stop"
-                    or pos.skipped_steps > config.trainer.max_skipped_steps
-                ):
-                    progress.print(
-                        f"error: non-finite loss at epoch {epoch} step {step} (global step {pos.global_step}); stopping"
-                    )
-                    exit_code, stop_reason = EXIT_NONFINITE, "nonfinite_loss"
-                    break
-                progress.print(
-                    f"warning: non-finite loss at epoch {epoch} step {step}; update skipped"
-                )
+                stop_reason = nonfinite_verdict(config, pos, epoch, step, progress)
             else:
                 apply_update(optimizer, scaler, model, config.trainer.grad_clip)
-                optimizer.zero_grad(set_to_none=True)
-            pos.global_step += 1
-            pos.step_in_epoch = step + 1
-            for key, value in (("loss", loss_sum), ("correct", correct), ("count", count)):
-                pos.epoch_sums[key] = pos.epoch_sums.get(key, 0.0) + value
-            loss = loss_sum / max(count, 1)
-            progress.step(loss)
+            pos.advance(step, len(batches), loss_sum, correct, count)
+            progress.step(loss_sum / max(count, 1))
             if pos.global_step % config.trainer.log_every_steps == 0:
-                tracker.log_train(
-                    pos.global_step, {"train/loss": loss, "train/lr": lr, "epoch": epoch}
-                )
+                train_metrics = {"train/loss": loss_sum / max(count, 1), "train/lr": lr}
+                tracker.log_train(pos.global_step, train_metrics, epoch=epoch)
             if flags["preempt"]:
-                save("last")
-                progress.print(
-                    f"preempted (signal on some rank): checkpoint at epoch {epoch} step {step + 1}; exiting {EXIT_PREEMPTED}"
-                )
-                exit_code, stop_reason = EXIT_PREEMPTED, "preempted"
-                break
-            if flags["save"]:
+                stop_reason = "preempted"
+            elif config.trainer.max_steps and pos.global_step >= config.trainer.max_steps:
+                stop_reason = "max_steps"
+            if stop_reason in ("preempted", "max_steps") or flags["save"]:
                 save("last")
                 last_save = time.monotonic()
-            if config.trainer.max_steps and pos.global_step >= config.trainer.max_steps:
-                stop_reason = "max_steps"
+            if stop_reason:
                 break
         progress.end_epoch()
-        if stop_reason in ("preempted", "nonfinite_loss", "max_steps"):
+        if stop_reason:
             break
 
-        epoch_metrics = finish_epoch(pos, env, time.perf_counter() - t0, plan)
-        epoch_metrics.update(audit.finish_epoch(env))
-        epoch_metrics.update(evaluate(model, val_loader, env, autocast))
-        event = plateau.update(epoch, epoch_metrics[config.plateau.monitor])
-        tracker.log_val(epoch, pos.global_step, epoch_metrics)
+        metrics = finish_epoch(pos, env, time.perf_counter() - t0, plan)
+        metrics.update(audit.finish_epoch(env))
+        metrics.update(evaluate(model, val_loader, env, autocast))
+        event = plateau.update(epoch, metrics[config.plateau.monitor])
+        tracker.log_val(epoch, pos.global_step, metrics)
         if event is not None:
             tracker.log_event(epoch, event)
-        progress.print(epoch_line(epoch, epoch_metrics, plateau))
-        epoch, pos.epoch, pos.step_in_epoch, pos.epoch_sums = epoch + 1, epoch + 1, 0, {}
+        progress.print(epoch_line(epoch, metrics, plateau))
+        pos.next_epoch()
         save("last")
         last_save = time.monotonic()
-        if plateau.best_epoch == epoch - 1:
+        if plateau.best_epoch == epoch:
             save("best")
-        if dist.any_rank(plateau.stopped, env):
+        if dist.any_rank(plateau.stopped, env):  # every rank leaves the loop together
             stop_reason = "plateau"
 
+    stop_reason = stop_reason or "max_epochs"
+    exit_code = EXIT_CODES.get(stop_reason, EXIT_OK)
     tracker.summary(
         best_value=plateau.best,
         best_epoch=plateau.best_epoch,
         stop_reason=stop_reason,
         epochs=pos.epoch,
         global_step=pos.global_step,
+        skipped_steps=pos.skipped_steps,
         micro_batches_per_rank=dist.all_gather_object(pos.micro_batches, env),
     )
-    if stop_reason not in ("preempted",):
+    if stop_reason != "preempted":
         tracker.save_curves()
     tracker.finish(exit_code)
-    progress.print(
-        f"done: {stop_reason}; best {config.plateau.monitor}={plateau.best} at epoch {plateau.best_epoch}"
-    )
+    progress.print(final_line(config, stop_reason, plateau, pos))
     dist.shutdown(env)
     return exit_code
+
+
+EXIT_CODES = {"preempted": EXIT_PREEMPTED, "nonfinite_loss": EXIT_NONFINITE}
+
+
+def nonfinite_verdict(config: Config, pos: Position, epoch: int, step: int, progress) -> str | None:
+    """Skip the update (up to a limit) or stop; the same answer on every rank."""
+    where = f"epoch {epoch} step {step} (global step {pos.global_step})"
+    t = config.trainer
+    if t.nonfinite == "stop" or pos.skipped_steps > t.max_skipped_steps:
+        progress.print(
+            f"error: non-finite loss at {where}; stopping (trainer.nonfinite={t.nonfinite})"
+        )
+        return "nonfinite_loss"
+    progress.print(f"warning: non-finite loss at {where}; update skipped ({pos.skipped_steps})")
+    return None
+
+
+def final_line(config: Config, stop_reason: str, plateau: PlateauTracker, pos: Position) -> str:
+    best = plateau.best if plateau.best is None else f"{plateau.best:.4f}"
+    return (
+        f"done ({stop_reason}) after {pos.global_step} iterations; "
+        f"best {config.plateau.monitor}={best} at epoch {plateau.best_epoch}"
+    )
+
+
+def build_loaders(config: Config, plan: BatchPlan, rank: int):
+    """Open the shards (a missing or mismatched one fails here, before any collective)."""
+    d = config.data
+    options = data.LoaderOptions(
+        num_workers=d.num_workers,
+        pin_memory=d.pin_memory and torch.cuda.is_available() and config.trainer.device != "cpu",
+        prefetch_factor=d.prefetch_factor,
+        on_error=d.on_error,
+        input_key=d.input_key,
+        target_key=d.target_key,
+    )
+    seed = config.trainer.seed
+    train = data.build_train_loader(split_dir(config, d.train_split), plan, rank, seed, options)
+    val_dir = split_dir(config, d.val_split)
+    val = data.build_eval_loader(val_dir, plan.micro_size, rank, plan.world_size, options)
+    return train, val
+
+
+def check_run_dir(run_dir: Path, min_free_bytes: int = 64 << 20) -> None:
+    """An unwritable or full run directory is reported now, not at the first checkpoint."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"run directory {run_dir} is not writable: {exc.strerror}") from exc
+    free = shutil.disk_usage(run_dir).free
+    if free < min_free_bytes:
+        raise ConfigError(f"run directory {run_dir} has only {free >> 20} MiB free")
+
+
+def load_resume_point(config: Config, plan: BatchPlan, ckpt_dir: Path) -> dict[str, Any] | None:
+    path = ckpt_dir / "last.pt"
+    if not config.trainer.resume or not path.exists():
+        return None
+    state = checkpoint.load(path)
+    saved = state["plan"]
+    changed = [
+        k for k in ("global_size", "num_samples", "drop_last") if saved[k] != getattr(plan, k)
+    ]
+    if changed and not config.trainer.restart_epoch_on_plan_change:
+        key = changed[0]
+        raise ConfigError(
+            f"cannot resume {path}: {key} was {saved[key]}, now {getattr(plan, key)} "
+            "(keep it, use a new run.name, or set trainer.restart_epoch_on_plan_change=true)"
+        )
+    if changed:  # the saved position means nothing in the new plan: restart the epoch
+        state["position"].update(step_in_epoch=0, epoch_sums={})
+    return state
+
+
+def start_process_group(config: Config) -> dist.DistEnv:
+    try:
+        return dist.init_distributed(config.trainer.device, config.trainer.timeout_s)
+    except RuntimeError as exc:  # DistNetworkError & co. carry the store's message
+        text = str(exc)
+        if "address already in use" in text.lower() or "EADDRINUSE" in text:
+            addr = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise ConfigError(
+                f"MASTER_ADDR:MASTER_PORT={addr} is already in use; pick a free port"
+            ) from exc
+        raise
 
 
 class SampleAudit:
@@ -424,6 +478,7 @@ class SampleAudit:
 
 
 def checkpoint_due(config: Config, next_step: int, last_save: float) -> bool:
+    """By steps or by minutes; reduced with any_rank so all ranks save together."""
     t = config.trainer
     by_steps = t.checkpoint_every_steps is not None and next_step % t.checkpoint_every_steps == 0
     by_time = (

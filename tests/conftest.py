@@ -15,7 +15,8 @@ def digits_root(tmp_path_factory) -> Path:
         out = tmp_path_factory.mktemp("data") / "digits"
         subprocess.run(
             [sys.executable, "-m", "ddp.shards.cli", "prepare", "digits", "--out", str(out)],
-            check=True, cwd=ROOT,
+            check=True,
+            cwd=ROOT,
         )
     return out
 

@@ -23,8 +23,13 @@ def env(**extra: str) -> dict[str, str]:
 def run(cmd: list[str], timeout: float = 240, **extra: str) -> subprocess.CompletedProcess:
     """Run `cmd` in its own session; on timeout kill the whole group so nothing is left behind."""
     proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env(**extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
+        cmd,
+        cwd=ROOT,
+        env=env(**extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         out, err = proc.communicate(timeout=timeout)

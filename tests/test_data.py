@@ -193,8 +193,9 @@ def test_undecodable_sample_names_shard_and_key(digits: Path, tmp_path: Path, wo
     split = copy_split(digits / "val", tmp_path / "val")
     key = corrupt_npy(split, 1, 7)
     loader = build_eval_loader(split, 16, 0, 1, LoaderOptions(num_workers=workers))
-    with pytest.raises(DataError, match=f"shard-000001.tar: key {key}: undecodable .npy"):
+    with pytest.raises(DataError, match=f"shard-000001.tar: key {key}: undecodable .npy") as err:
         list(loader)
+    assert str(err.value).startswith(str(split)) and "\n" not in str(err.value)
 
 
 def test_skip_marks_bad_samples_invalid_and_counts_them(digits: Path, tmp_path: Path) -> None:
@@ -213,3 +214,33 @@ def test_skip_marks_bad_samples_invalid_and_counts_them(digits: Path, tmp_path: 
         for i, ok in zip(b.indices.tolist(), b.valid.tolist(), strict=True):
             if i in bad:
                 assert not ok
+
+
+def test_npy_images_arrive_exactly_as_stored(tmp_path: Path) -> None:
+    from ddp.shards.prepare import synthetic_arrays
+
+    prepare_synthetic(tmp_path, 200, (6, 5, 3), num_classes=4, seed=3, shard_size=64)
+    images, labels = synthetic_arrays(200, (6, 5, 3), 4, seed=3)
+    keys = ShardDataset(tmp_path / "val").index.keys
+    (batch,) = list(build_eval_loader(tmp_path / "val", 20, 0, 1))
+    stored = [int(k.split("-")[1]) for k in keys]
+    expected = torch.from_numpy(images[stored]).permute(0, 3, 1, 2).float() / 255.0
+    assert (
+        torch.allclose(batch.inputs, expected) and batch.targets.tolist() == labels[stored].tolist()
+    )
+
+
+def test_reads_shards_written_by_webdataset(digits: Path, tmp_path: Path) -> None:
+    import webdataset as wds
+
+    split = tmp_path / "wds"
+    split.mkdir()
+    manifest = read_manifest(digits / "val")
+    with wds.ShardWriter(str(split / "part-%04d.tar"), maxcount=100, verbose=0) as sink:
+        for shard in manifest.shards:
+            for sample in wds.WebDataset(str(digits / "val" / shard.name), shardshuffle=False):
+                sink.write({k: sample[k] for k in ("__key__", "npy", "cls")})
+    index_split(split)
+    ours = [b for b in build_eval_loader(digits / "val", 359, 0, 1)]
+    theirs = [b for b in build_eval_loader(split, 359, 0, 1)]
+    assert same(ours, theirs)

@@ -49,8 +49,14 @@ def test_accumulation_is_derived_from_the_world_size(n, micro, world, accumulate
     [
         (200, 0, 1, 1, r"batch.global_size=0 must be >= 1"),
         (200, 300, 10, 1, r"batch.global_size=300 exceeds the 200 training samples"),
-        (200, 30, 4, 2, r"not a multiple of batch.micro_size=4 x world_size=2 = 8; nearest valid: "
-         r"batch.global_size=24 or 32, or batch.micro_size=3"),
+        (
+            200,
+            30,
+            4,
+            2,
+            r"not a multiple of batch.micro_size=4 x world_size=2 = 8; nearest valid: "
+            r"batch.global_size=24 or 32, or batch.micro_size=3",
+        ),
         (200, 10, 0, 1, r"batch.micro_size=0 must be >= 1"),
     ],
 )

@@ -170,6 +170,7 @@ def test_verify_names_the_shard_and_key_of_a_corrupt_member(
     out = capsys.readouterr().out
     assert "sha256" in out and shard.name in out
     index_split(split)  # fresh checksums: only the undecodable member is left
+    assert read_manifest(split).meta["source"] == "sklearn.datasets.load_digits"
     assert main(["verify", str(split)]) == 1
     out = capsys.readouterr().out
     assert f"{shard.name}: key {shard.keys[3]}: .npy does not decode" in out

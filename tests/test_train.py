@@ -34,15 +34,23 @@ def test_default_experiment_trains_digits_to_97_percent(digits_root, tmp_path):
 
     # The offline W&B run, read back by W&B's own reader.
     inspect = [str(BIN / "wandb"), "leet", "inspect", "--summary", "--json", str(run_dir / "wandb")]
-    wandb_summary = json.loads(subprocess.run(inspect, capture_output=True, text=True, check=True).stdout)
+    wandb_summary = json.loads(
+        subprocess.run(inspect, capture_output=True, text=True, check=True).stdout
+    )
     text = json.dumps(wandb_summary)
     for key in ("best_value", "best_epoch", "stop_reason", "val/accuracy", "train/loss"):
         assert key in text, key
 
 
 def test_ranks_run_the_same_steps_and_every_sample_once(digits_root, tmp_path, base_overrides):
-    out = harness.train([*base_overrides, "trainer.audit_samples=true", "batch.global_size=100",
-                         "batch.micro_size=25"])
+    out = harness.train(
+        [
+            *base_overrides,
+            "trainer.audit_samples=true",
+            "batch.global_size=100",
+            "batch.micro_size=25",
+        ]
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "runs" / "test"
     plan = records(run_dir, "plan")[0]
@@ -105,7 +113,9 @@ def test_a_wrong_type_names_the_key(digits_root, tmp_path):
 def test_ddp_plan_prints_the_plan_without_data(args, iterations):
     out = subprocess.run(
         [str(BIN / "ddp-plan"), "--json", "data.root=/nonexistent", *args],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["iterations_per_epoch"] == iterations
@@ -116,8 +126,10 @@ def test_ddp_plan_prints_the_plan_without_data(args, iterations):
     [
         (["batch.global_size=0"], "batch.global_size=0 must be >= 1"),
         (["batch.global_size=300"], "batch.global_size=300 exceeds the 200 training samples"),
-        (["batch.global_size=30", "batch.micro_size=4", "world_size=2"],
-         "nearest valid: batch.global_size=24 or 32"),
+        (
+            ["batch.global_size=30", "batch.micro_size=4", "world_size=2"],
+            "nearest valid: batch.global_size=24 or 32",
+        ),
         (["batch.global_size=abc"], "batch.global_size"),
     ],
 )

@@ -14,7 +14,7 @@ import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from ddp.shards.manifest import DataError, Manifest, ShardInfo, write_manifest
+from ddp.shards.manifest import DataError, Manifest, ShardInfo, read_manifest, write_manifest
 
 # webdataset's own key/extension split: the key ends at the first dot of the file name.
 _KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -108,6 +108,8 @@ def index_split(
     paths = list(shards) if shards is not None else find_shards(split_dir)
     if not paths:
         raise DataError(f"{split_dir}: no *.tar shards to index")
+    if meta is None:
+        meta = _previous_meta(split_dir)
     manifest = Manifest(
         [index_shard(p, name=str(p.relative_to(split_dir))) for p in paths], meta=dict(meta or {})
     )
@@ -115,6 +117,14 @@ def index_split(
     if write:
         write_manifest(split_dir, manifest)
     return manifest
+
+
+def _previous_meta(split_dir: Path) -> dict:
+    """Re-indexing keeps what prepare recorded (classes, shape, source)."""
+    try:
+        return read_manifest(split_dir).meta
+    except DataError:
+        return {}
 
 
 def _check_unique_keys(split_dir: Path, manifest: Manifest) -> None:

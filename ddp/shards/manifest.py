@@ -121,6 +121,8 @@ def manifest_path(split_dir: str | os.PathLike) -> Path:
 def read_manifest(split_dir: str | os.PathLike) -> Manifest:
     """Load `split_dir/manifest.json`, or raise DataError naming the file."""
     path = manifest_path(split_dir)
+    if not Path(split_dir).is_dir():
+        raise DataError(f"{split_dir}: no such directory")
     if not path.is_file():
         raise DataError(
             f"{path}: manifest missing (run `ddp-shards index {Path(split_dir)}` for shards "

@@ -7,7 +7,7 @@ synthetic set of learnable class patterns, and an image folder on disk.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,7 @@ def write_split(
 
 def _write_splits(
     out: Path,
-    make: callable,
+    make: Callable[[np.ndarray], Iterator[Sample]],
     num: int,
     val_fraction: float,
     seed: int,

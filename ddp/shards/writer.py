@@ -23,7 +23,9 @@ class ShardWriter:
     """Append samples ({ext: bytes}) to numbered shards of `shard_size` samples.
 
     `close()` (or leaving the `with` block) indexes the written tars into
-    `manifest.json`, through the same code path as `ddp-shards index`.
+    `manifest.json`, through the same code path as `ddp-shards index`. Existing
+    *.tar files in `split_dir` are removed first: a split directory holds one
+    split, and a stale shard would otherwise be indexed with the new ones.
     """
 
     def __init__(self, split_dir: str | os.PathLike, shard_size: int, meta: dict | None = None):

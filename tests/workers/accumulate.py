@@ -1,6 +1,6 @@
 """torchrun worker: one update with no_sync accumulation, parameters saved by rank 0.
 
-    torchrun --nproc_per_node=2 tests/workers/accumulate.py OUT.pt MICRO ACCUMULATE
+torchrun --nproc_per_node=2 tests/workers/accumulate.py OUT.pt MICRO ACCUMULATE
 """
 
 import sys
@@ -28,7 +28,7 @@ def main(out: str, micro: int, accumulate: int) -> None:
         for x, y in zip(inputs[mine].split(micro), targets[mine].split(micro), strict=True)
     ]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train_step(batches, ddp_model, scaler, nullcontext, accumulate)
+    train_step(batches, ddp_model, scaler, nullcontext)
     apply_update(optimizer, scaler, model, grad_clip=None)
     if env.is_main:
         torch.save({"params": model.state_dict(), "inputs": inputs, "targets": targets}, out)

@@ -1,0 +1,140 @@
+"""ddp.dist: launcher detection, shared decisions, clean exits and torchrun restarts.
+
+The multi-process tests launch real 2-process torchrun jobs on gloo, as a user
+would (bench/_trial_worker.py); `--standalone` picks a free rendezvous port and
+each job runs in its own process group, killed whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ddp import dist as ddist
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "bench" / "_trial_worker.py"
+LAUNCHER_VARS = (
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NTASKS",
+    "SLURM_NTASKS_PER_NODE",
+)
+
+
+@dataclass
+class Job:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def ranks_done(self) -> dict[int, dict]:
+        """What each rank reported on its `rank R: done {json}` line."""
+        found = re.findall(r"rank (\d+): done (\{.*?\})(?=rank \d+:|\n|$)", self.stdout)
+        return {int(rank): json.loads(seen) for rank, seen in found}
+
+
+def run_torchrun(*worker_args: str, max_restarts: int = 0, timeout_s: float = 90) -> Job:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["--monitor-interval=0.1", f"--max-restarts={max_restarts}", str(WORKER), *worker_args]
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun job still running after {timeout_s}s:\n{err[-3000:]}")
+    finally:
+        try:  # workers left by an agent that died
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return Job(proc.returncode, out, err)
+
+
+def clear_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_detect_local(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_launcher_env(monkeypatch)
+    assert ddist.detect() == {"rank": 0, "local_rank": 0, "world_size": 1, "local_world_size": 1}
+
+
+def test_detect_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_launcher_env(monkeypatch)
+    env = {"TORCHELASTIC_RUN_ID": "x", "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}
+    for key, value in (env | {"LOCAL_WORLD_SIZE": "4", "SLURM_PROCID": "0"}).items():
+        monkeypatch.setenv(key, value)
+    want = {"rank": 5, "local_rank": 1, "world_size": 8, "local_world_size": 4}
+    assert ddist.detect() == want  # torchrun inside an sbatch allocation wins over SLURM
+
+
+def test_detect_srun(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_launcher_env(monkeypatch)
+    env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4"}
+    for key, value in (env | {"SLURM_NTASKS_PER_NODE": "2(x2)"}).items():
+        monkeypatch.setenv(key, value)
+    assert ddist.detect() == {"rank": 3, "local_rank": 1, "world_size": 4, "local_world_size": 2}
+    assert ddist.world_size_from_env() == 4
+
+
+def test_single_process_needs_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    clear_launcher_env(monkeypatch)
+    env = ddist.init_distributed("cpu")
+    assert not env.distributed and env.is_main
+    assert ddist.all_agree(False, env) is False and ddist.any_rank(True, env) is True
+    ddist.shutdown(env)
+
+
+@pytest.mark.slow
+def test_clean_job_exits_zero_every_time() -> None:
+    with ThreadPoolExecutor(2) as pool:
+        jobs = list(pool.map(lambda _: run_torchrun("--steps", "3"), range(5)))
+    for job in jobs:
+        assert job.returncode == 0, job.stderr[-3000:]
+        assert sorted(job.ranks_done()) == [0, 1], job.stdout
+
+
+@pytest.mark.slow
+def test_ranks_agree_when_only_one_rank_has_the_flag() -> None:
+    job = run_torchrun("--steps", "1")
+    assert job.returncode == 0, job.stderr[-3000:]
+    seen = job.ranks_done()
+    assert [seen[r]["detect"]["rank"] for r in (0, 1)] == [0, 1]
+    assert all(seen[r]["detect"]["world_size"] == 2 for r in (0, 1))
+    assert [seen[r]["all_agree"] for r in (0, 1)] == [False, False]
+    assert [seen[r]["any_rank"] for r in (0, 1)] == [True, True]
+    assert [seen[r]["world_from_sum"] for r in (0, 1)] == [2, 2]
+    assert [seen[r]["from_rank0"] for r in (0, 1)] == ["hello from 0"] * 2
+
+
+@pytest.mark.slow
+def test_crash_under_torchrun_restarts_and_completes() -> None:
+    job = run_torchrun("--steps", "4", "--crash-rank", "1", "--crash-step", "2", max_restarts=1)
+    assert "simulated crash" in job.stderr
+    assert job.returncode == 0, job.stderr[-3000:]
+    seen = job.ranks_done()
+    assert sorted(seen) == [0, 1], job.stdout
+    assert all(seen[r]["attempt"] == 1 for r in (0, 1))

@@ -32,9 +32,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "bench" / "_trial_worker.py"
 LOGS = ROOT / "bench" / "results" / "exit_trials"
-TELLING = re.compile(
-    r"terminate called|Signal \d+|SIG[A-Z]+|Connection refused|Error|error:|exitcode|Timeout"
-)
+TELLING = [  # most specific first: the first pattern found names the failure
+    "terminate called",
+    "connectFullMesh failed",
+    "Connection refused",
+    "Connection closed by peer",
+    "Timeout",
+    "Error",
+    "exitcode",
+]
 
 
 @dataclass(frozen=True)
@@ -104,10 +110,15 @@ def kill_group(pgid: int) -> None:
 
 
 def signature(returncode: int, err: str) -> str:
-    """Exit code and the first telling stderr line of the last torchrun attempt."""
+    """Exit code and the most telling stderr line of the last torchrun attempt."""
     err = err.split("failed (exitcode", 1)[-1] if "simulated crash" in err else err
-    lines = [ln.strip() for ln in err.splitlines() if TELLING.search(ln)]
-    telling = lines[0] if lines else (err.strip().splitlines() or [""])[-1]
+    lines = [ln.strip() for ln in err.splitlines()]
+    telling = next(
+        (ln for pattern in TELLING for ln in lines if pattern in ln),
+        next((ln for ln in reversed(lines) if ln), ""),
+    )
+    telling = re.sub(r"\[[^\]]*\.(cc|cpp|h|py):\d+\] ", "", telling)  # C++ log prefixes
+    telling = re.sub(r"\]:\d+", "]:PORT", telling)  # so that equal causes count together
     return f"rc={returncode} | {telling[:160]}"
 
 

@@ -52,8 +52,9 @@ class Classifier(pl.LightningModule):
         self.log("val/accuracy", (logits.argmax(1) == y).float().mean(), sync_dist=True)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=common.LR, betas=common.BETAS,
-                                      weight_decay=common.WEIGHT_DECAY)
+        optimizer = torch.optim.AdamW(
+            self.parameters(), lr=common.LR, betas=common.BETAS, weight_decay=common.WEIGHT_DECAY
+        )
         # LambdaLR multiplies the base lr: divide lr_at by it.
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: common.lr_at(step, self.total_steps) / common.LR
@@ -126,16 +127,19 @@ def main() -> None:
     )
     trainer.fit(module, loader, val_loader)
     if trainer.global_rank == 0:
-        common.emit({
-            "program": "lightning",
-            "world_size": world,
-            "device": device.type,
-            "steps_per_epoch": trainer.global_step // args.epochs,
-            "samples_per_epoch": steps * args.global_size,
-            "first_step_time": clock.first_step_time,
-            "epoch_end_times": clock.epoch_end_times,
-            "train_seconds": clock.train_seconds,
-        })
+        common.emit(
+            {
+                "program": "lightning",
+                "world_size": world,
+                "device": device.type,
+                "steps_per_epoch": trainer.global_step // args.epochs,
+                "samples_per_epoch": steps * args.global_size,
+                "first_step_time": clock.first_step_time,
+                "epoch_end_times": clock.epoch_end_times,
+                "train_seconds": clock.train_seconds,
+            }
+        )
+    common.exit_now(0)
 
 
 if __name__ == "__main__":

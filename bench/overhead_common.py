@@ -35,6 +35,7 @@ def job_args(description: str) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="root with train/ and val/ shard splits")
     p.add_argument("--model", choices=sorted(MODELS), required=True)
     p.add_argument("--in-channels", type=int, default=1)
+    p.add_argument("--channels", default="32,64", help="SmallCNN widths (cnn only)")
     p.add_argument("--global-size", type=int, required=True)
     p.add_argument("--micro-size", type=int, required=True)
     p.add_argument("--epochs", type=int, required=True)
@@ -48,7 +49,13 @@ def build_model(args: argparse.Namespace, in_features: int) -> torch.nn.Module:
 
     if args.model == "mlp":
         return MLP(in_features=in_features, num_classes=10, **MODELS["mlp"])
-    return SmallCNN(in_channels=args.in_channels, num_classes=10, **MODELS["cnn"])
+    channels = tuple(int(c) for c in args.channels.split(","))
+    return SmallCNN(
+        in_channels=args.in_channels,
+        num_classes=10,
+        channels=channels,
+        dropout=MODELS["cnn"]["dropout"],
+    )
 
 
 def load_split(split_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +116,19 @@ def emit(record: dict) -> None:
     record = {**record, "pid": os.getpid(), "max_rss_kb": max_rss_kb()}
     print(RESULT_PREFIX + json.dumps(record), flush=True)
     sys.stdout.flush()
+
+
+def exit_now(code: int = 0) -> None:
+    """Leave without interpreter finalization, as ddp.dist.exit_process does: gloo's
+    process group torn down by the C++ static destructors aborts the process now and
+    then ("terminate called without an active exception"). Same exit path for every
+    program, so whole-job wall times compare like with like."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def now() -> float:

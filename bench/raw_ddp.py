@@ -67,14 +67,16 @@ def main() -> None:
     ddp_model = model
     if world > 1:
         ddp_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=common.LR, betas=common.BETAS,
-                                  weight_decay=common.WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=common.LR, betas=common.BETAS, weight_decay=common.WEIGHT_DECAY
+    )
 
     accumulate = args.global_size // (args.micro_size * world)
     steps = common.iterations_per_epoch(len(train_y), args.global_size)
     padded = common.Wrapped(train_x, train_y, steps * args.global_size)
-    sampler = DistributedSampler(padded, num_replicas=world, rank=rank, shuffle=True,
-                                 seed=args.seed, drop_last=False)
+    sampler = DistributedSampler(
+        padded, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=False
+    )
     total = steps * args.epochs
 
     first_step_time = None
@@ -111,22 +113,29 @@ def main() -> None:
         val = evaluate(model, val_x, val_y, args.micro_size, rank, world, device)
         epoch_end_times.append(common.now())
         if rank == 0:
-            print(f"epoch {epoch}: train loss {loss_sum.item() / (steps * accumulate):.4f} | "
-                  f"val loss {val[0] / val[2]:.4f} acc {val[1] / val[2]:.4f}", flush=True)
+            print(
+                f"epoch {epoch}: train loss {loss_sum.item() / (steps * accumulate):.4f} | "
+                f"val loss {val[0] / val[2]:.4f} acc {val[1] / val[2]:.4f}",
+                flush=True,
+            )
 
     if rank == 0:
-        common.emit({
-            "program": "raw",
-            "world_size": world,
-            "device": device.type,
-            "steps_per_epoch": steps,
-            "samples_per_epoch": steps * args.global_size,
-            "first_step_time": first_step_time,
-            "epoch_end_times": epoch_end_times,
-            "train_seconds": train_seconds,
-        })
+        common.emit(
+            {
+                "program": "raw",
+                "world_size": world,
+                "device": device.type,
+                "steps_per_epoch": steps,
+                "samples_per_epoch": steps * args.global_size,
+                "first_step_time": first_step_time,
+                "epoch_end_times": epoch_end_times,
+                "train_seconds": train_seconds,
+            }
+        )
     if world > 1:
+        dist.barrier()  # no rank closes its sockets while a peer is in its last collective
         dist.destroy_process_group()
+    common.exit_now(0)
 
 
 if __name__ == "__main__":

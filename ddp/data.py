@@ -217,12 +217,10 @@ class ShardDataset(Dataset):
         offsets = self.index.offsets[ext][indices]
         if len(indices) == 0 or offsets.min() < 0:
             return None
-        ends = offsets + self.index.sizes[ext][indices]
+        ends = (offsets + self.index.sizes[ext][indices]).tolist()
         shards = self.index.shard_of[indices].tolist()
-        buffer = self._buffer
-        return [
-            buffer(s)[o:e] for s, o, e in zip(shards, offsets.tolist(), ends.tolist(), strict=True)
-        ]
+        buffers = {shard: self._buffer(shard) for shard in set(shards)}
+        return [buffers[s][o:e] for s, o, e in zip(shards, offsets.tolist(), ends, strict=True)]
 
     def _error(self, index: int, message: str) -> DataError:
         path = self._shard_path(int(self.index.shard_of[index]))
@@ -425,9 +423,9 @@ def _as_input_tensor(inputs: np.ndarray | list) -> torch.Tensor:
         tensor = tensor.unsqueeze(-1)
     if tensor.dim() != 4:
         return tensor.to(torch.float32)
-    out = torch.empty(tensor.shape[0], tensor.shape[3], tensor.shape[1], tensor.shape[2])
-    out.copy_(tensor.permute(0, 3, 1, 2))
-    return out.mul_(1.0 / 255.0)
+    # Transpose while the elements are 1 byte, then convert contiguously: about
+    # twice as fast as one strided uint8 -> float32 copy.
+    return tensor.permute(0, 3, 1, 2).contiguous().to(torch.float32).mul_(1.0 / 255.0)
 
 
 @dataclass(frozen=True)
@@ -506,6 +504,10 @@ def _data_loader(dataset: ShardDataset, batch_sampler: Any, options: LoaderOptio
         pin_memory=options.pin_memory,
         persistent_workers=options.persistent_workers and workers > 0,
         prefetch_factor=options.prefetch_factor if workers > 0 else None,
+        # Each iter() draws a base seed from this generator; from the global one it would
+        # shift the training RNG (dropout) by one draw per epoch start, and a resume
+        # mid-epoch (one more iter()) would no longer be bitwise equal.
+        generator=torch.Generator().manual_seed(0),
     )
 
 

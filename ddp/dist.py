@@ -10,17 +10,23 @@ Two torch/gloo pitfalls are handled here (measured with bench/exit_trials.py):
   by the elastic agent, across every attempt of the job (the agent keeps
   `_shared_tcp_store_server`; the "new TCPStore for every retry" comment in
   torch.distributed.rendezvous no longer holds). `init_process_group` writes
-  gloo's listening addresses under fixed keys ("default_pg/0//cpu/rank_N"), so a
-  restarted rank reads its peer's address from the dead attempt and fails in
-  gloo's connectFullMesh with "Connection refused". `_attempt_store` prefixes all
-  keys with TORCHELASTIC_RESTART_COUNT so each attempt has its own namespace.
-* Exit. After `destroy_process_group`, objects still holding the gloo process
-  group (DDP's reducer, the model, autograd hooks) are destroyed during
-  interpreter finalization, concurrently with C++ static destructors; a gloo
-  thread still joinable then ends in std::terminate ("terminate called without
-  an active exception", SIGABRT, exit code -6) in a few percent of runs, which
-  is what SLURM and CI see. `exit_process` runs the Python exit handlers and
-  then leaves with os._exit, skipping that finalization.
+  gloo's listening addresses under keys made of group name, device and rank
+  only, the same in every attempt, so a restarted rank can read its peer's
+  address from the dead attempt and fail in gloo's connectFullMesh with
+  "Connection refused" (unless the peer overwrote the key first: a race).
+  `_attempt_store` prefixes all keys with TORCHELASTIC_RESTART_COUNT so each
+  attempt has its own namespace (what torch itself did before the shared store).
+* Exit. gloo runs collectives on its own worker threads, and a worker drops its
+  reference to a finished work object (e.g. the last barrier's) a moment after
+  the caller's wait() returned. That object's captured ThreadLocalState holds a
+  Python object, so its destructor takes the GIL. If the main thread has already
+  reached Py_FinalizeEx, CPython ends the worker with pthread_exit inside that
+  (noexcept) destructor, and libstdc++ calls std::terminate: "terminate called
+  without an active exception", SIGABRT, exit code -6, in about 1 run of 6 on a
+  loaded 2-core machine. destroy_process_group does not join these threads (the
+  process group lives on while DDP references it) and a barrier only produces
+  one more such work object. `exit_process` runs the Python exit handlers and
+  then leaves with os._exit, so no interpreter finalization races the workers.
 """
 
 from __future__ import annotations
@@ -169,12 +175,13 @@ def shutdown(env: DistEnv, timeout_s: float = 60.0) -> None:
 def exit_process(code: int = 0) -> NoReturn:
     """End the process with `code`, skipping interpreter finalization.
 
-    Call it last in the trainer's entry point, after `shutdown`. Python's atexit
-    handlers still run (W&B, multiprocessing/DataLoader worker cleanup, logging),
-    and stdio is flushed; what is skipped is the module/GC teardown and the C++
-    static destructors, where the gloo process group (still referenced by DDP)
-    was being destroyed and aborted the process now and then (see module doc).
-    Exit codes then mean what the trainer says: 0 for a finished job.
+    Call it last in the trainer's entry point, after `shutdown`, with the code
+    SLURM and CI should see. Python's atexit handlers still run (W&B,
+    multiprocessing/DataLoader worker cleanup, logging) and stdio is flushed;
+    only Py_FinalizeEx is skipped, the phase in which a gloo worker thread that
+    releases its last work object is ended by CPython inside a noexcept C++
+    destructor and aborts the process (SIGABRT, see the module docstring).
+    (`atexit._run_exitfuncs` is undocumented but present in every CPython 3.)
     """
     try:
         atexit._run_exitfuncs()

@@ -32,6 +32,7 @@ class RunSummary:
     epochs_to_plateau: int | None
     """Epochs run when the first plateau event fired (None: no plateau)."""
     best: float | None
+    """The run summary's best_value (the plateau tracker's), else the best validation record."""
     best_epoch: int | None
     wall_time_s: float | None
     samples_per_s: float | None
@@ -80,9 +81,14 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
     records = read_records(run_dir / METRICS_FILE)
     plan = records[0]
     monitor, mode = plan.get("monitor", "val/accuracy"), plan.get("monitor_mode", "max")
-    best, best_epoch = _best(records, monitor, mode)
     summaries = [r for r in records if r.get("kind") == "summary"]
     final = summaries[-1] if summaries else {}
+    if isinstance(final.get("best_value"), (int, float)):
+        # The plateau tracker's best: what checkpoints/best.pt holds and W&B's best_value shows
+        # (a gain below plateau.min_delta is no improvement there).
+        best, best_epoch = final["best_value"], final.get("best_epoch")
+    else:  # unfinished or killed run: the best validation record so far
+        best, best_epoch = _best(records, monitor, mode)
     return RunSummary(
         name=name or run_dir.name,
         global_batch=plan.get("global_size"),

@@ -16,8 +16,17 @@ from tests.harness import ROOT
 
 CLUSTER_SH = ROOT / "slurm" / "cluster.sh"
 TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def cluster_up() -> bool:
@@ -48,11 +57,15 @@ def ensure_cluster() -> str | None:
     if cluster_up():
         return None
     if wish not in ("1", "start"):
-        return "no SLURM cluster answers sinfo: run `slurm/cluster.sh start` (root) or set DDP_TEST_SLURM=1"
+        return (
+            "no SLURM cluster answers sinfo: run `slurm/cluster.sh start` (root)"
+            " or set DDP_TEST_SLURM=1"
+        )
     if os.geteuid() != 0:
         return "DDP_TEST_SLURM=1 but not root: slurm/cluster.sh start needs root"
-    proc = subprocess.run(["bash", str(CLUSTER_SH), "start"], capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        ["bash", str(CLUSTER_SH), "start"], capture_output=True, text=True, timeout=900
+    )
     if proc.returncode != 0 or not cluster_up():
         raise RuntimeError(f"slurm/cluster.sh start failed:\n{proc.stdout}\n{proc.stderr}")
     return None
@@ -127,7 +140,11 @@ def sbatch(script: Path, args: list[str], log_dir: Path, *sbatch_args: str, **en
     log_dir.mkdir(parents=True, exist_ok=True)
     out = subprocess.run(
         ["sbatch", "--parsable", f"--output={log_dir}/%x-%j.out", *sbatch_args, str(script), *args],
-        cwd=ROOT, env=job_env(**env), capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        env=job_env(**env),
+        capture_output=True,
+        text=True,
+        check=True,
     )
     job_id = out.stdout.strip().split(";")[0]
     name = next((a.split("=", 1)[1] for a in sbatch_args if a.startswith("--job-name=")), "ddp")

@@ -53,8 +53,14 @@ def train_args(digits_root: Path, run_root: Path, *extra: str) -> list[str]:
 
 
 def submit(jobs: list[Job], tmp_path: Path, args: list[str], *sbatch_args: str) -> Job:
-    job = sbatch(TRAIN_SBATCH, args, tmp_path / "logs", *sbatch_args, DDP_PYTHON=sys.executable,
-                 OMP_NUM_THREADS="1")
+    job = sbatch(
+        TRAIN_SBATCH,
+        args,
+        tmp_path / "logs",
+        *sbatch_args,
+        DDP_PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+    )
     jobs.append(job)
     return job
 
@@ -74,8 +80,12 @@ def wandb_run(run_dir: Path) -> dict:
     """The `run` record of the (last) offline W&B run under run_dir."""
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert offline, f"no offline W&B run under {run_dir}"
-    out = subprocess.run([WANDB, "leet", "inspect", "--json", str(offline[-1])],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [WANDB, "leet", "inspect", "--json", str(offline[-1])],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     records = [json.loads(line) for line in out.splitlines() if line.strip()]
     return next(r["run"] for r in records if r["type"] == "run")
 
@@ -112,8 +122,8 @@ def test_preempted_job_requeues_and_matches_uninterrupted(jobs, tmp_path, digits
     info, log = preempted.info(), preempted.log_text()
     assert info["Restarts"] == "1", preempted.describe()
     assert info["ExitCode"] == "0:0", preempted.describe()
-    assert "exiting 75" in log, log
-    assert re.search(r"resumed from .*last\.pt", log), log
+    assert re.search(r"exitcode\s*:\s*75", log), log  # torchrun reports the workers' 75
+    assert re.search(r"resumed.*last\.pt", log), log
 
     ref_dir = tmp_path / "runs" / f"slurm-{reference.id}"
     run_dir = tmp_path / "runs" / f"slurm-{preempted.id}"
@@ -125,7 +135,9 @@ def test_preempted_job_requeues_and_matches_uninterrupted(jobs, tmp_path, digits
 
 def test_scancel_full_usr1_also_requeues(jobs, tmp_path, digits_root):
     """`scancel --signal=USR1 --full`: batch shell, agents and workers all get USR1 at once."""
-    job = submit(jobs, tmp_path, train_args(digits_root, tmp_path / "runs", "trainer.max_epochs=10"))
+    job = submit(
+        jobs, tmp_path, train_args(digits_root, tmp_path / "runs", "trainer.max_epochs=10")
+    )
 
     job.wait_for_log(r"^epoch 0:", timeout=300)
     job.signal("USR1", "--full")
@@ -133,7 +145,7 @@ def test_scancel_full_usr1_also_requeues(jobs, tmp_path, digits_root):
     assert job.wait(timeout=300) == "COMPLETED", job.describe()
     assert job.info()["Restarts"] == "1", job.describe()
     log = job.log_text()
-    assert "exiting 75" in log and re.search(r"resumed from .*last\.pt", log), log
+    assert re.search(r"exitcode\s*:\s*75", log) and re.search(r"resumed.*last\.pt", log), log
     assert re.search(r"^epoch 9:", log, re.MULTILINE), log
 
 
@@ -141,8 +153,15 @@ def test_submitit_sweep_groups_runs(slurm_cluster, tmp_path, digits_root):
     """`ddp-train -m ... hydra/launcher=slurm`: one job per point, one W&B group."""
     run_root = tmp_path / "runs"
     proc = run(
-        [sys.executable, "-m", "ddp.train", "-m", "batch.global_size=64,128",
-         "hydra/launcher=slurm", *train_args(digits_root, run_root, "trainer.max_epochs=2")],
+        [
+            sys.executable,
+            "-m",
+            "ddp.train",
+            "-m",
+            "batch.global_size=64,128",
+            "hydra/launcher=slurm",
+            *train_args(digits_root, run_root, "trainer.max_epochs=2"),
+        ],
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -164,8 +183,12 @@ def test_cluster_start_is_idempotent(slurm_cluster):
     conf = Path("/etc/slurm/slurm.conf")
     if os.geteuid() != 0 or "managed by ddp slurm/cluster.sh" not in conf.read_text():
         pytest.skip("needs root and the cluster made by slurm/cluster.sh")
-    proc = subprocess.run(["bash", str(ROOT / "slurm" / "cluster.sh"), "start"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "cluster.sh"), "start"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "slurmctld already running" in proc.stdout, proc.stdout
     assert "slurmd already running" in proc.stdout, proc.stdout

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,45 +69,56 @@ def child_env() -> dict[str, str]:
     return env
 
 
-LIVE: set[int] = set()
-"""Process groups of the trials in flight, killed if we are interrupted."""
+TOKEN_VAR = "EXIT_TRIALS_TOKEN"
+LIVE: set[str] = set()
+"""Tokens of the trials in flight, killed if we are interrupted."""
+
+
+def kill_trial(token: str) -> None:
+    """SIGKILL torchrun and every worker of one trial, found by the token in their env.
+
+    torch elastic starts each worker in a session of its own, so killing torchrun's
+    process group would leave workers running (and holding our pipes open).
+    """
+    needle = f"{TOKEN_VAR}={token}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except (OSError, ValueError):  # gone already, or not ours to read
+            pass
 
 
 def kill_live_and_exit(signum: int, _frame: object) -> None:
-    for pgid in list(LIVE):
-        kill_group(pgid)
+    for token in list(LIVE):
+        kill_trial(token)
     os._exit(128 + signum)
 
 
 def run_job(cmd: list[str], timeout_s: float) -> tuple[int, str, str]:
-    """Run in its own process group so a timeout kills torchrun and its workers."""
+    """Run one torchrun job; on timeout kill it and all its workers."""
+    token = uuid.uuid4().hex
+    LIVE.add(token)
     proc = subprocess.Popen(
         cmd,
-        env=child_env(),
+        env=child_env() | {TOKEN_VAR: token},
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,
     )
-    LIVE.add(proc.pid)
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        kill_group(proc.pid)
+        kill_trial(token)
         out, err = proc.communicate()
         return -999, out, err + "\nTimeout: killed by exit_trials"
     finally:
-        kill_group(proc.pid)  # workers orphaned by a dying agent
-        LIVE.discard(proc.pid)
+        kill_trial(token)  # workers orphaned by a dying agent
+        LIVE.discard(token)
     return proc.returncode, out, err
-
-
-def kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def signature(returncode: int, err: str) -> str:

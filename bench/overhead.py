@@ -10,7 +10,9 @@ every program; all three are launched by torchrun through bench/overhead_rss.py
 - ours:          torchrun -m ddp.train, W&B offline (the default logger);
 - ours-nowandb:  the same with logger.wandb.enabled=false;
 - raw:           bench/raw_ddp.py (samples in memory, DistributedSampler, no_sync);
-- lightning:     bench/lightning_ddp.py (Trainer, strategy="ddp", its defaults).
+- lightning:     bench/lightning_ddp.py (Trainer, strategy="ddp", its defaults);
+- candidate:     with `--candidate DIR`, ddp.train run from another checkout (a proposed
+                 change), W&B offline; reported against ours and raw.
 
 Cases: `mlp` on data/digits (overhead-bound) and `cnn` on a synthetic 10,000-sample
 32x32x3 set (compute-bound), made with `ddp-shards prepare synthetic` on first use.
@@ -121,8 +123,13 @@ def torchrun(nproc: int, rss_dir: Path, command: list[str]) -> list[str]:
     ]
 
 
+def trainer_like(program: str) -> bool:
+    """Programs that run ddp.train (this checkout's or the candidate's)."""
+    return program.startswith(("ours", "candidate"))
+
+
 def program_command(program: str, case: Case, run_dir: Path) -> list[str]:
-    if program.startswith("ours"):
+    if trainer_like(program):
         overrides = [
             f"model={case.model}",
             f"model.in_channels={case.in_channels}",
@@ -142,7 +149,7 @@ def program_command(program: str, case: Case, run_dir: Path) -> list[str]:
             overrides.append(f"model.channels=[{case.channels}]")
         if program == "ours-nowandb":
             overrides.append("logger.wandb.enabled=false")
-        if program == "ours-startup":  # ends after its first step, which it logs
+        if program.endswith("-startup"):  # ends after its first step, which it logs
             overrides += ["trainer.max_steps=1", "trainer.log_every_steps=1"]
         return ["-m", "ddp.train", *overrides]
     script = {"raw": "raw_ddp.py", "lightning": "lightning_ddp.py"}[program]
@@ -162,19 +169,21 @@ def program_command(program: str, case: Case, run_dir: Path) -> list[str]:
     return args
 
 
-def run_once(case: Case, program: str, repeat: int, nproc: int, work: Path) -> Run:
+def run_once(
+    case: Case, program: str, repeat: int, nproc: int, work: Path, cwd: Path = ROOT
+) -> Run:
     """One job; a job that fails is run once more (a shared machine, gloo's teardown),
     and the failure is kept in Run.failures."""
     try:
-        return _run_once(case, program, repeat, nproc, work)
+        return _run_once(case, program, repeat, nproc, work, cwd)
     except RuntimeError as err:
         print(f"  retrying after a failure: {str(err).splitlines()[0]}", flush=True)
-        run = _run_once(case, program, repeat, nproc, work)
+        run = _run_once(case, program, repeat, nproc, work, cwd)
         run.failures.append(str(err)[-2000:])
         return run
 
 
-def _run_once(case: Case, program: str, repeat: int, nproc: int, work: Path) -> Run:
+def _run_once(case: Case, program: str, repeat: int, nproc: int, work: Path, cwd: Path) -> Run:
     name = f"{case.name}-{program}-n{nproc}-r{repeat}"
     run_dir, rss_dir = work / "runs" / name, work / "rss" / name
     for path in (run_dir, rss_dir):
@@ -187,14 +196,14 @@ def _run_once(case: Case, program: str, repeat: int, nproc: int, work: Path) -> 
     start = time.time()
     with open(log, "w") as out:
         code = subprocess.run(
-            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
         ).returncode
     wall = time.time() - start
     text = log.read_text(errors="replace")
     if code != 0:
         raise RuntimeError(f"{name} exited {code}; log {log}:\n{text[-3000:]}")
     run = Run(case.name, program, repeat, nproc, wall_s=wall)
-    if program.startswith("ours"):
+    if trainer_like(program):
         parse_ours(run, run_dir / "metrics.jsonl", start)
     else:
         parse_result_line(run, text, start)
@@ -334,8 +343,14 @@ METRICS = {
 }
 
 
-def ours_startup_time(runs: list[Run], case: str) -> list[float]:
-    return [r.first_step_s for r in runs if r.case == case and r.program == "ours-startup"]
+def startup_times(runs: list[Run], case: str, program: str) -> list[float]:
+    return [r.first_step_s for r in runs if r.case == case and r.program == f"{program}-startup"]
+
+
+def ratio_pairs(programs: list[str]) -> list[tuple[str, str]]:
+    pairs = [("ours", o) for o in ("raw", "lightning") if o in programs]
+    pairs += [("candidate", o) for o in ("ours", "raw") if o in programs]
+    return [(a, b) for a, b in pairs if a in programs]
 
 
 def summarize(runs: list[Run], cases: list[Case], programs: list[str], nproc: int) -> dict:
@@ -343,25 +358,19 @@ def summarize(runs: list[Run], cases: list[Case], programs: list[str], nproc: in
     for case in cases:
         c = summary[case.name] = {}
         mine = [r for r in runs if r.case == case.name and r.nproc == nproc]
-        # ours' first step comes from its own short run (it logs step 1 only there)
-        startup = ours_startup_time(runs, case.name)
         for label, (metric, _) in METRICS.items():
             row = {}
             for p in programs:
                 values = [metric(r) for r in mine if r.program == p]
-                if label.startswith("launch") and p.startswith("ours"):
-                    values = startup if p == "ours" else []
+                if label.startswith("launch") and trainer_like(p):
+                    # the trainer's first step comes from its own short run (which logs step 1)
+                    values = startup_times(runs, case.name, p)
                 row[p] = median(values)
-            for other in ("raw", "lightning"):
-                if other in programs and "ours" in programs:
-                    if label.startswith("launch"):
-                        # unpaired: ours' start-up is timed by a separate run
-                        o = row.get(other)
-                        row[f"ours/{other}"] = row["ours"] / o if row["ours"] and o else None
-                    else:
-                        row[f"ours/{other}"] = paired_ratio(
-                            mine, "ours", other, metric, case.name, nproc
-                        )
+            for a, b in ratio_pairs(programs):
+                if label.startswith("launch"):  # the trainer's from separate runs: medians
+                    row[f"{a}/{b}"] = row[a] / row[b] if row[a] and row[b] else None
+                else:
+                    row[f"{a}/{b}"] = paired_ratio(mine, a, b, metric, case.name, nproc)
             c[label] = row
     return summary
 
@@ -422,7 +431,7 @@ def fmt(value, pattern="{:.2f}") -> str:
 
 
 def print_table(summary, programs, scale, nproc, imports, goal_rows, device) -> None:
-    ratio_cols = [f"ours/{o}" for o in ("raw", "lightning") if o in programs and "ours" in programs]
+    ratio_cols = [f"{a}/{b}" for a, b in ratio_pairs(programs)]
     cols = [*programs, *ratio_cols]
     print(
         f"\n== overhead ({device}, {nproc} processes; medians; ratios are medians of "
@@ -486,6 +495,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--cnn-samples", type=int, default=10000)
     p.add_argument("--no-scaling", action="store_true")
+    p.add_argument(
+        "--candidate",
+        type=Path,
+        help="another checkout of this repo: its ddp.train runs as program 'candidate'",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -494,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     nproc = args.nproc or (torch.cuda.device_count() if cuda else 2)
     device = f"cuda x{nproc} ({torch.cuda.get_device_name(0)}), nccl" if cuda else "cpu, gloo"
     programs = [x for x in args.programs.split(",") if x]
+    if args.candidate:
+        programs.insert(programs.index("ours") + 1 if "ours" in programs else 0, "candidate")
     if "lightning" in programs and not has_lightning():
         print("lightning is not installed (pip install -e '.[bench]'): skipping it")
         programs.remove("lightning")
@@ -533,10 +549,11 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
 
     def go(case: Case, program: str, rep: int, n: int) -> None:
-        run = run_once(case, program, rep, n, work)
+        cwd = args.candidate.resolve() if program.startswith("candidate") else ROOT
+        run = run_once(case, program, rep, n, work, cwd)
         runs.append(run)
         print(
-            f"  {case.name:<4} {program:<13} n={n} rep {rep}: wall {run.wall_s:6.2f}s  "
+            f"  {case.name:<4} {program:<17} n={n} rep {rep}: wall {run.wall_s:6.2f}s  "
             f"steps/s {fmt(run.steps_per_s())}  train steps/s {fmt(run.train_steps_per_s())}  "
             f"first step {fmt(run.first_step_s)}s  rss {[k // 1024 for k in run.max_rss_kb]} MiB",
             flush=True,
@@ -546,8 +563,10 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             for program in programs:
                 go(case, program, rep, nproc)
-            if "ours" in programs and case.name == "mlp":
-                go(case, "ours-startup", rep, nproc)
+            if case.name == "mlp":  # start-up: the trainer logs its first step in a short run
+                for program in ("ours", "candidate"):
+                    if program in programs:
+                        go(case, f"{program}-startup", rep, nproc)
     do_scaling = (
         not args.quick and not args.no_scaling and nproc > 1 and any(c.name == "cnn" for c in cases)
     )

@@ -44,8 +44,8 @@ class DataConfig:
     """raise: a bad sample stops the job; skip: it is counted, logged and masked out."""
     input_key: str = "npy"
     target_key: str = "cls"
-    prepare: str | None = "digits"
-    """Dataset `make data` builds when `root` is missing (None: bring your own shards)."""
+    transform: Any = None
+    """`_target_` of a callable applied to each training input tensor (e.g. torchvision's)."""
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")

@@ -83,6 +83,8 @@ class Tracker:
         self._epoch: int | None = None
         self._finished = False
         self._defined_prefixes = {"train", "val", "plateau"}
+        self.run_name = (wandb.name if wandb else None) or self.run_dir.name
+        """The W&B run name; also the learning curve's title and ddp-report's label."""
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,7 @@ class Tracker:
             "monitor": monitor,
             "monitor_mode": monitor_mode,
             # The W&B name and group, also without W&B: ddp-report labels runs with them.
-            "run_name": wandb.name or self.run_dir.name,
+            "run_name": self.run_name,
             "group": wandb.group,
             "wandb_run_id": self.run_id,
             **self._stamp(),
@@ -158,7 +160,7 @@ class Tracker:
         init_args = dict(
             project=cfg.project,
             entity=cfg.entity,
-            name=cfg.name or self.run_dir.name,
+            name=self.run_name,
             group=cfg.group,
             job_type=cfg.job_type,
             tags=list(cfg.tags),
@@ -297,7 +299,7 @@ class Tracker:
             self.run_dir / CURVES_FILE,
             best_epoch=self.best_epoch(),
             plateau_epochs=self.plateau_epochs(),
-            title=self.run_dir.name,
+            title=self.run_name,
         )
         if self._run is not None:
             import wandb

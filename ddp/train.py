@@ -55,11 +55,11 @@ class Position:
     epoch_sums: dict[str, float] = field(default_factory=dict)
     """Train loss/accuracy sums of the unfinished epoch (so a mid-epoch resume reports exactly)."""
 
-    def advance(self, step: int, micro_batches: int, loss_sum: float, correct: int, count: int):
+    def advance(self, step: int, micro_batches: int, **sums: float) -> None:
         self.global_step += 1
         self.step_in_epoch = step + 1
         self.micro_batches += micro_batches
-        for key, value in (("loss", loss_sum), ("correct", correct), ("count", count)):
+        for key, value in sums.items():
             self.epoch_sums[key] = self.epoch_sums.get(key, 0.0) + value
 
     def next_epoch(self) -> None:
@@ -126,27 +126,30 @@ def autocast_for(config: Config, env: dist.DistEnv):
 # --------------------------------------------------------------------------- steps
 
 
-def train_step(micro_batches, ddp_model, scaler, autocast) -> tuple[float, int, int]:
+def train_step(micro_batches, ddp_model, scaler, autocast) -> list[float]:
     """Forward/backward over this rank's micro-batches; DDP syncs gradients only on the last.
 
-    Returns this rank's loss sum, correct predictions and samples (the loss may be non-finite).
+    Padding repeats and skipped bad samples (valid=False) add nothing to the gradient, so
+    each sample counts once per epoch. Returns this rank's [loss sum, correct, samples]
+    (the loss may be non-finite), read back from the device once per step.
     """
-    loss_sum, correct, count = 0.0, 0, 0
     accumulate = len(micro_batches)
+    stats = torch.zeros(3, dtype=torch.float64, device=micro_batches[0].inputs.device)
     for micro, batch in enumerate(micro_batches):
         last = micro == accumulate - 1
         sync = nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
         with sync:
             with autocast():
                 logits = ddp_model(batch.inputs)
-                loss = F.cross_entropy(logits.float(), batch.targets)
-            # Each micro-batch is 1/accumulate of this rank's share; DDP averages the ranks.
-            scaler.scale(loss / accumulate).backward()
-        n = batch.targets.numel()
-        loss_sum += loss.item() * n
-        correct += int((logits.argmax(dim=1) == batch.targets).sum())
-        count += n
-    return loss_sum, correct, count
+            losses = F.cross_entropy(logits.float(), batch.targets, reduction="none")
+            losses = losses * batch.valid
+            # Sum over the micro-batch / its size / accumulate: this rank's share of the mean
+            # over the global batch; DDP averages the ranks.
+            scaler.scale(losses.sum() / (len(losses) * accumulate)).backward()
+        with torch.no_grad():
+            hits = (logits.argmax(dim=1) == batch.targets) & batch.valid
+            stats += torch.stack([losses.sum(), hits.sum(), batch.valid.sum()]).double()
+    return stats.tolist()
 
 
 def apply_update(optimizer, scaler, model, grad_clip: float | None) -> None:
@@ -285,7 +288,7 @@ def train(cfg: DictConfig) -> int:
     while pos.epoch < max_epochs and stop_reason is None:
         epoch = pos.epoch
         progress.start_epoch(epoch, pos.step_in_epoch)
-        t0 = time.perf_counter()
+        t0, first_step = time.perf_counter(), pos.step_in_epoch
         micro_batches = iter(train_loader.epoch(epoch, pos.step_in_epoch))
         for step in range(pos.step_in_epoch, plan.iterations_per_epoch):
             lr = plateau.scaled_lr(schedule.lr_at(pos.global_step))
@@ -307,7 +310,10 @@ def train(cfg: DictConfig) -> int:
                 stop_reason = nonfinite_verdict(config, pos, epoch, step, progress)
             else:
                 apply_update(optimizer, scaler, model, config.trainer.grad_clip)
-            pos.advance(step, len(batches), loss_sum, correct, count)
+            skipped = sum(b.num_skipped for b in batches)
+            pos.advance(
+                step, len(batches), loss=loss_sum, correct=correct, count=count, skipped=skipped
+            )
             progress.step(loss_sum / max(count, 1))
             if pos.global_step % config.trainer.log_every_steps == 0:
                 train_metrics = {"train/loss": loss_sum / max(count, 1), "train/lr": lr}
@@ -325,7 +331,8 @@ def train(cfg: DictConfig) -> int:
         if stop_reason:
             break
 
-        metrics = finish_epoch(pos, env, time.perf_counter() - t0, plan)
+        trained = (plan.iterations_per_epoch - first_step) * plan.global_size
+        metrics = finish_epoch(pos, env, trained / max(time.perf_counter() - t0, 1e-9))
         metrics.update(audit.finish_epoch(env))
         metrics.update(evaluate(model, val_loader, env, autocast))
         event = plateau.update(epoch, metrics[config.plateau.monitor])
@@ -396,7 +403,9 @@ def build_loaders(config: Config, plan: BatchPlan, rank: int):
         target_key=d.target_key,
     )
     seed = config.trainer.seed
-    train = data.build_train_loader(split_dir(config, d.train_split), plan, rank, seed, options)
+    transform = instantiate(d.transform) if d.transform else None  # per sample, training only
+    train_dir = split_dir(config, d.train_split)
+    train = data.build_train_loader(train_dir, plan, rank, seed, options, transform)
     val_dir = split_dir(config, d.val_split)
     val = data.build_eval_loader(val_dir, plan.micro_size, rank, plan.world_size, options)
     return train, val
@@ -488,17 +497,16 @@ def checkpoint_due(config: Config, next_step: int, last_save: float) -> bool:
     return by_steps or by_time
 
 
-def finish_epoch(
-    pos: Position, env: dist.DistEnv, seconds: float, plan: BatchPlan
-) -> dict[str, float]:
-    """Train loss and accuracy of the epoch over all ranks, and its throughput."""
-    keys = ("loss", "correct", "count")
+def finish_epoch(pos: Position, env: dist.DistEnv, samples_per_s: float) -> dict[str, float]:
+    """Train loss and accuracy of the epoch over all ranks, bad samples skipped, throughput."""
+    keys = ("loss", "correct", "count", "skipped")
     sums = torch.tensor([pos.epoch_sums.get(k, 0.0) for k in keys], dtype=torch.float64)
-    loss, correct, count = dist.all_reduce_sum(sums.to(env.device), env).tolist()
+    loss, correct, count, skipped = dist.all_reduce_sum(sums.to(env.device), env).tolist()
     return {
         "train/epoch_loss": loss / max(count, 1),
         "train/epoch_accuracy": correct / max(count, 1),
-        "train/samples_per_s": plan.samples_per_epoch / max(seconds, 1e-9),
+        "train/samples_per_s": samples_per_s,
+        "data/skipped_samples": skipped,
     }
 
 

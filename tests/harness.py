@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,3 +62,21 @@ def records(run_dir: Path, kind: str | None = None) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines if line.strip()]
     return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+def copy_shards(src: Path, dst: Path, edit_first_npy) -> Path:
+    """Copy a data root, rewriting the first training `.npy` member with `edit_first_npy(bytes)`,
+    then index the copy with the real `ddp-shards index` (as a user's own tools would)."""
+    edited = False
+    for split in ("train", "val"):
+        (dst / split).mkdir(parents=True)
+        for shard in sorted((src / split).glob("*.tar")):
+            with tarfile.open(shard) as tin, tarfile.open(dst / split / shard.name, "w") as tout:
+                for member in tin.getmembers():
+                    payload = tin.extractfile(member).read()
+                    if split == "train" and member.name.endswith(".npy") and not edited:
+                        payload, edited = edit_first_npy(payload), True
+                    member.size = len(payload)
+                    tout.addfile(member, io.BytesIO(payload))
+        subprocess.run([str(BIN / "ddp-shards"), "index", str(dst / split)], check=True)
+    return dst

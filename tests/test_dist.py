@@ -2,7 +2,7 @@
 
 The multi-process tests launch real 2-process torchrun jobs on gloo, as a user
 would (bench/_trial_worker.py); `--standalone` picks a free rendezvous port and
-each job runs in its own process group, killed whatever happens.
+every process of a job is killed when the test is done with it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,26 +50,35 @@ class Job:
         return {int(rank): json.loads(seen) for rank, seen in found}
 
 
+def kill_job(token: str) -> None:
+    """SIGKILL torchrun and all its workers: torch elastic puts each worker in a
+    session of its own, so they are found by a token in their environment."""
+    needle = f"TEST_DIST_TOKEN={token}".encode()
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "environ").read_bytes().split(b"\0"):
+                os.kill(int(entry.name), signal.SIGKILL)
+        except OSError:  # gone already, or not ours
+            pass
+
+
 def run_torchrun(*worker_args: str, max_restarts: int = 0, timeout_s: float = 90) -> Job:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["--monitor-interval=0.1", f"--max-restarts={max_restarts}", str(WORKER), *worker_args]
+    token = uuid.uuid4().hex
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TEST_DIST_TOKEN": token}
     proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, text=True, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        cmd, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     try:
         out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_job(token)
         out, err = proc.communicate()
         pytest.fail(f"torchrun job still running after {timeout_s}s:\n{err[-3000:]}")
     finally:
-        try:  # workers left by an agent that died
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_job(token)  # workers left behind by an agent that died
     return Job(proc.returncode, out, err)
 
 

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 
 from ddp import checkpoint
 from tests import harness
-from tests.harness import BIN, ROOT, records
+from tests.harness import ROOT, records
 
 pytestmark = pytest.mark.slow
 
@@ -229,31 +227,18 @@ def test_corrupt_or_foreign_checkpoint_is_refused(job, tmp_path, content):
     assert f"checkpoint {last}" in out.stderr
 
 
-def write_shards_with_nan(root: Path, digits_root: Path) -> None:
-    """A copy of digits where one training sample is NaN: only its rank sees the bad loss."""
-    poisoned = False
-    for split in ("train", "val"):
-        (root / split).mkdir(parents=True)
-        for shard in sorted((digits_root / split).glob("*.tar")):
-            with tarfile.open(shard) as src, tarfile.open(root / split / shard.name, "w") as dst:
-                for member in src.getmembers():
-                    payload = src.extractfile(member).read()
-                    if split == "train" and member.name.endswith(".npy") and not poisoned:
-                        array = np.load(io.BytesIO(payload))
-                        array[...] = np.nan
-                        buf = io.BytesIO()
-                        np.save(buf, array)
-                        payload, poisoned = buf.getvalue(), True
-                    member.size = len(payload)
-                    dst.addfile(member, io.BytesIO(payload))
-        subprocess.run([str(BIN / "ddp-shards"), "index", str(root / split)], check=True)
+def poison_with_nan(payload: bytes) -> bytes:
+    array = np.load(io.BytesIO(payload))
+    array[...] = np.nan
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
 
 
 @pytest.fixture
 def nan_root(digits_root, tmp_path):
-    root = tmp_path / "nan-digits"
-    write_shards_with_nan(root, digits_root)
-    return root
+    """A copy of digits where one training sample is NaN: only its rank sees the bad loss."""
+    return harness.copy_shards(digits_root, tmp_path / "nan-digits", edit_first_npy=poison_with_nan)
 
 
 def test_nonfinite_loss_on_one_rank_stops_every_rank(job, nan_root, tmp_path):

@@ -111,6 +111,29 @@ def test_runs_as_a_command_and_reports_missing_dirs(sweep, tmp_path):
     assert empty.returncode == 1 and "plan record" in empty.stderr
 
 
+def test_table_shows_stop_reason_diagnosis_and_wandb_name(sweep, capsys):
+    assert main([str(sweep)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-4:] == ["stop", "diagnosis", "W&B", "name"]
+    rows = table_rows("\n".join(lines))
+    assert rows["0"][8].startswith("plateau:") and rows["0"][-1] == "0"  # name: the dir's
+    assert rows["1"][8] == "-"  # the fake run ran out of epochs: no stop reason given
+
+
+def test_best_is_the_summarys_when_the_run_finished(tmp_path, capsys):
+    """A gain below plateau.min_delta is no new best for the tracker (nor for best.pt)."""
+    run_dir = tmp_path / "sweep" / "0"
+    wandb = WandbConfig(enabled=False, name="exp-batch.global_size=5", group="sweep")
+    with Tracker(run_dir, {}, {"global_size": 5, "iterations_per_epoch": 40}, wandb) as tr:
+        for epoch, acc in enumerate([0.5, 0.8, 0.805]):
+            tr.log_val(epoch, 40 * (epoch + 1), {"val/accuracy": acc})
+        tr.summary(best_value=0.8, best_epoch=1, stop_reason="max_epochs")
+    assert main([str(tmp_path / "sweep")]) == 0
+    row = table_rows(capsys.readouterr().out)["0"]
+    assert row[4:6] == ["0.8000", "1"] and row[8] == "max_epochs"
+    assert row[-1] == "exp-batch.global_size=5"
+
+
 # ---- curves: per-epoch records, plot, diagnosis
 
 

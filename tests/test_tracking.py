@@ -156,6 +156,7 @@ def test_metrics_file_records_the_same_numbers(finished_run):
     plan = records[0]
     assert plan["kind"] == "plan" and plan["global_size"] == 5 and plan["config"] == CONFIG
     assert plan["wandb_run_id"] == inspect_summary(finished_run)["run_id"]
+    assert (plan["run_name"], plan["group"]) == ("bs5", "sweep-a")  # ddp-report's labels
     train = [r for r in records if r["kind"] == "train"]
     assert [r["step"] for r in train] == list(range(1, 17))
     assert [r["epoch"] for r in train] == [e for e in range(4) for _ in range(4)]

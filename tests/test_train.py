@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -146,3 +145,17 @@ def test_single_process_with_plain_python(digits_root, tmp_path, base_overrides)
     out = harness.train([*base_overrides, "trainer.max_epochs=1"], nproc=0)
     assert out.returncode == 0, out.stderr[-3000:]
     assert summary(tmp_path / "runs" / "test")["micro_batches_per_rank"] == [23 * 2]
+
+
+def test_a_per_sample_transform_from_config_is_applied(digits_root, tmp_path, base_overrides):
+    # Normalize with std=0 turns every input into inf/nan: the job must see it and stop.
+    broken = [
+        "+data.transform._target_=ddp.transforms.Normalize",
+        "+data.transform.mean=0.5",
+        "+data.transform.std=0.0",
+        "trainer.nonfinite=stop",
+    ]
+    out = harness.train([*base_overrides, *broken], nproc=0)
+    assert out.returncode == 3 and "non-finite loss at epoch 0 step 0" in out.stdout
+    fine = ["+data.transform._target_=ddp.transforms.RandomShift", "+data.transform.pixels=1"]
+    assert harness.train([*base_overrides, *fine, "trainer.max_epochs=1"], nproc=0).returncode == 0

@@ -11,7 +11,7 @@ import torch
 from ddp import dist
 from ddp.data import Batch
 from ddp.models import MLP
-from ddp.train import apply_update, wrap_model, train_step
+from ddp.train import apply_update, train_step, wrap_model
 
 
 def main(out: str, micro: int, accumulate: int) -> None:

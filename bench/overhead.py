@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -77,6 +78,8 @@ class Run:
     train_seconds: list[float] = field(default_factory=list)
     max_rss_kb: list[int] = field(default_factory=list)
     """Per rank, in rank order."""
+    cpu_s: list[float] = field(default_factory=list)
+    """Per rank: CPU seconds (user + system) of the whole job."""
     failures: list[str] = field(default_factory=list)
     """Logs of failed attempts before this one."""
 
@@ -208,7 +211,9 @@ def _run_once(case: Case, program: str, repeat: int, nproc: int, work: Path, cwd
     else:
         parse_result_line(run, text, start)
     ranks = sorted(rss_dir.glob("rss-rank*.json"), key=lambda p: int(p.stem[8:]))
-    run.max_rss_kb = [json.loads(p.read_text())["max_rss_kb"] for p in ranks]
+    records = [json.loads(p.read_text()) for p in ranks]
+    run.max_rss_kb = [r["max_rss_kb"] for r in records]
+    run.cpu_s = [r["cpu_s"] for r in records]
     return run
 
 
@@ -238,22 +243,28 @@ def parse_result_line(run: Run, text: str, start: float) -> None:
 # ------------------------------------------------------------------------ import time
 
 
-def import_times(repeats: int) -> dict:
-    """Wall seconds of `python -c "import X"` (median), alternating, and ddp.train's
-    heaviest imports by -X importtime cumulative time."""
+def import_times(repeats: int, candidate: Path | None = None) -> dict:
+    """Wall and CPU seconds of `python -c "import X"` (median), alternating, and
+    ddp.train's heaviest imports by -X importtime cumulative time."""
     targets = {
-        "torch": "import torch",
-        "ddp.train": "import ddp.train",
-        "lightning": "import lightning.pytorch",
+        "torch": ("import torch", ROOT),
+        "ddp.train": ("import ddp.train", ROOT),
+        "lightning": ("import lightning.pytorch", ROOT),
     }
     if not has_lightning():
         del targets["lightning"]
+    if candidate:
+        targets["candidate"] = ("import ddp.train", candidate)
     times: dict[str, list[float]] = {k: [] for k in targets}
+    cpu: dict[str, list[float]] = {k: [] for k in targets}
     for _ in range(repeats):
-        for name, code in targets.items():
+        for name, (code, cwd) in targets.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+            subprocess.run([sys.executable, "-c", code], cwd=cwd, check=True)
             times[name].append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[name].append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
     err = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", "import ddp.train"],
         cwd=ROOT,
@@ -269,6 +280,7 @@ def import_times(repeats: int) -> dict:
     heaviest = dict(sorted(cumulative.items(), key=lambda kv: -kv[1])[:8])
     return {
         "wall_s": {k: statistics.median(v) for k, v in times.items()},
+        "cpu_s": {k: statistics.median(v) for k, v in cpu.items()},
         "ddp_train_heaviest_cumulative_s": heaviest,
     }
 
@@ -331,6 +343,7 @@ METRICS = {
         "{:,.0f}",
     ),
     "whole-job wall s": (lambda r: r.wall_s, "{:.2f}"),
+    "whole-job CPU s (max rank)": (lambda r: max(r.cpu_s) if r.cpu_s else None, "{:.2f}"),
     "launch -> first step s": (lambda r: r.first_step_s, "{:.2f}"),
     "peak RSS MiB (max rank)": (
         lambda r: max(r.max_rss_kb) / 1024 if r.max_rss_kb else None,
@@ -455,9 +468,9 @@ def print_table(summary, programs, scale, nproc, imports, goal_rows, device) -> 
                 f"  scaling {fmt(s['scaling'], '{:.3f}')}"
             )
         print(f"ours scaling / raw scaling: {fmt(scale['ours/raw'], '{:.3f}')}")
-    print("\n== import time (python -c 'import X', wall s, median) ==")
+    print("\n== import time (python -c 'import X'; median wall s, CPU s) ==")
     for name, value in imports["wall_s"].items():
-        print(f"{name:<12} {value:.2f}")
+        print(f"{name:<12} {value:6.2f} {imports['cpu_s'][name]:6.2f}")
     print(
         "ddp.train heaviest imports (cumulative s): "
         + ", ".join(f"{k} {v:.2f}" for k, v in imports["ddp_train_heaviest_cumulative_s"].items())
@@ -577,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
             for program in ("ours", "raw"):
                 go(cnn, program, rep, 1)
         scale = scaling(runs, "cnn", nproc)
-    imports = import_times(1 if args.quick else repeats)
+    candidate = args.candidate.resolve() if args.candidate else None
+    imports = import_times(1 if args.quick else repeats, candidate)
     summary = summarize(runs, cases, programs, nproc)
     goal_rows = goals(summary, scale)
     print_table(summary, programs, scale, nproc, imports, goal_rows, device)

@@ -1,12 +1,15 @@
-"""Run a command as a child and record its peak RSS: what torchrun launches per rank.
+"""Run a command as a child and record its peak RSS and CPU time: what torchrun launches
+per rank.
 
     torchrun ... bench/overhead_rss.py OUT_DIR -- python -m ddp.train ...
 
 Writes OUT_DIR/rss-rank<RANK>.json with the child's peak RSS (the largest of the
-child and the descendants it waited for, from getrusage(RUSAGE_CHILDREN)) and
-exits with the child's status. Measured from outside, so it works the same for
-every program, whatever it does at exit (os._exit included). Signals torchrun
-sends the wrapper are passed on to the child.
+child and the descendants it waited for, from getrusage(RUSAGE_CHILDREN)) and its
+CPU seconds (user + system, the same descendants: a measure of work that a busy
+shared machine disturbs far less than wall time), and exits with the child's status.
+Measured from outside, so it works the same for every program, whatever it does at
+exit (os._exit included). Signals torchrun sends the wrapper are passed on to the
+child.
 """
 
 from __future__ import annotations
@@ -30,7 +33,12 @@ def main() -> int:
     code = child.wait()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     rank = os.environ.get("RANK", "0")
-    record = {"rank": int(rank), "max_rss_kb": usage.ru_maxrss, "returncode": code}
+    record = {
+        "rank": int(rank),
+        "max_rss_kb": usage.ru_maxrss,
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+        "returncode": code,
+    }
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / f"rss-rank{rank}.json").write_text(json.dumps(record))
     return code if code >= 0 else 128 - code

@@ -97,11 +97,6 @@ def test_run_names_are_the_experiment_and_the_swept_override(sweep):
         assert run["display_name"] == f"{experiment}-{point_overrides(batch)}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="conf/config.yaml lists _self_ after `experiment: null`, so its "
-    "`experiment_name: default` overrides the experiment's; move _self_ above it",
-)
 def test_experiment_name_comes_from_the_experiment_config(sweep):
     names = {wandb_records(p, "run")[0]["display_name"] for p in points(sweep)}
     assert names == {f"batch_sweep-{point_overrides(b)}" for b in BATCHES}

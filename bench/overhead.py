@@ -450,7 +450,7 @@ def print_table(summary, programs, scale, nproc, imports, goal_rows, device) -> 
         f"\n== overhead ({device}, {nproc} processes; medians; ratios are medians of "
         f"per-repeat ratios) =="
     )
-    head = f"{'case':<5} {'metric':<32}" + "".join(f"{c:>14}" for c in cols)
+    head = f"{'case':<5} {'metric':<32}" + "".join(f" {c:>14}" for c in cols)
     print(head)
     print("-" * len(head))
     for case, c in summary.items():
@@ -458,7 +458,7 @@ def print_table(summary, programs, scale, nproc, imports, goal_rows, device) -> 
             pattern = METRICS[label][1]
             cells = [fmt(row.get(p), pattern) for p in programs]
             cells += [fmt(row.get(r), "{:.3f}") for r in ratio_cols]
-            print(f"{case:<5} {label:<32}" + "".join(f"{x:>14}" for x in cells))
+            print(f"{case:<5} {label:<32}" + "".join(f" {x:>14}" for x in cells))
     if scale:
         print(f"\n== scaling, cnn, 1 -> {nproc} processes (steady steps/s, whole epochs) ==")
         for p in ("ours", "raw"):

@@ -44,6 +44,12 @@ class DataConfig:
     """raise: a bad sample stops the job; skip: it is counted, logged and masked out."""
     input_key: str = "npy"
     target_key: str = "cls"
+    urls: Any = None
+    """Streaming mode: shard URLs (list or brace pattern; pipe:, http(s), paths), read in order."""
+    num_samples: int | None = None
+    """Training samples behind `urls` when no manifest.json sits beside them."""
+    shuffle_buffer: int = 1000
+    """Streaming mode: samples in each stream's shuffle buffer."""
     transform: Any = None
     """`_target_` of a callable applied to each training input tensor (e.g. torchvision's)."""
 

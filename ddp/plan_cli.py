@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             config = to_config(compose("config", overrides=overrides))
         if num_samples is None:
-            num_samples = data.num_samples(Path(config.data.root) / config.data.train_split)
+            from ddp.train import train_samples  # the trainer's own lookup
+
+            num_samples = train_samples(config)
         plan = plan_for(config.batch, world_size or dist.world_size_from_env(), num_samples)
     except (ConfigError, PlanError, data.DataError) as exc:
         fail(str(exc))

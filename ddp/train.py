@@ -31,6 +31,7 @@ from ddp.plan import BatchPlan, PlanError, plan_for
 from ddp.plateau import PlateauConfig, PlateauTracker
 from ddp.progress import Progress
 from ddp.schedule import LRSchedule, scaled_lr
+from ddp.streaming import build_stream_loader, stream_num_samples
 from ddp.tracking import Tracker, WandbConfig
 
 EXIT_OK = 0
@@ -236,8 +237,7 @@ def train(cfg: DictConfig) -> int:
     # Everything a process can check alone is checked before any process group exists,
     # so bad input fails fast with one message instead of a hang or a timeout.
     ranks = dist.detect()
-    num_samples = data.num_samples(split_dir(config, config.data.train_split))
-    plan = plan_for(config.batch, ranks["world_size"], num_samples)
+    plan = plan_for(config.batch, ranks["world_size"], train_samples(config))
     train_loader, val_loader = build_loaders(config, plan, ranks["rank"])
     check_run_dir(run_dir)
     resumed = load_resume_point(config, plan, ckpt_dir)
@@ -280,7 +280,8 @@ def train(cfg: DictConfig) -> int:
                 checkpoint.atomic_save(state, ckpt_dir / f"{name}.pt")
         dist.barrier(env)  # nobody exits (or is killed by torchrun) while rank 0 writes
 
-    audit = SampleAudit(plan.num_samples if config.trainer.audit_samples else 0)
+    auditable = config.trainer.audit_samples and getattr(train_loader, "indexed", True)
+    audit = SampleAudit(plan.num_samples if auditable else 0)
     stop_reason = None
     last_save = time.monotonic()
     max_epochs = config.trainer.max_epochs or math.inf
@@ -391,6 +392,14 @@ def final_line(config: Config, stop_reason: str, plateau: PlateauTracker, pos: P
     )
 
 
+def train_samples(config: Config) -> int:
+    """N, from the manifest (beside the shards, or `data.num_samples` for remote URLs)."""
+    d = config.data
+    if d.urls:
+        return d.num_samples or stream_num_samples(d.urls)
+    return data.num_samples(split_dir(config, d.train_split))
+
+
 def build_loaders(config: Config, plan: BatchPlan, rank: int):
     """Open the shards (a missing or mismatched one fails here, before any collective)."""
     d = config.data
@@ -405,7 +414,12 @@ def build_loaders(config: Config, plan: BatchPlan, rank: int):
     seed = config.trainer.seed
     transform = instantiate(d.transform) if d.transform else None  # per sample, training only
     train_dir = split_dir(config, d.train_split)
-    train = data.build_train_loader(train_dir, plan, rank, seed, options, transform)
+    if d.urls:  # streaming: sequential reads, exact batch counts, approximate coverage
+        train = build_stream_loader(
+            d.urls, plan, rank, seed, options, shuffle_buffer=d.shuffle_buffer, transform=transform
+        )
+    else:
+        train = data.build_train_loader(train_dir, plan, rank, seed, options, transform)
     val_dir = split_dir(config, d.val_split)
     val = data.build_eval_loader(val_dir, plan.micro_size, rank, plan.world_size, options)
     return train, val

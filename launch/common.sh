@@ -7,7 +7,7 @@
 #   TORCHRUN         array: "$DDP_PYTHON -m torch.distributed.run" (same interpreter
 #                    as the workers, whatever `torchrun` on PATH belongs to)
 #   TRAIN_ENTRY      array: what torchrun starts on every worker (-m ddp.train)
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # the arrays are used by the sourcing scripts
 
 DDP_ROOT="${DDP_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 

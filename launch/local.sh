@@ -10,6 +10,7 @@
 # is passed to the trainer as Hydra overrides. Extra torchrun options go in
 # TORCHRUN_ARGS (e.g. TORCHRUN_ARGS="--max-restarts=2").
 set -euo pipefail
+# shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 nproc="${NPROC:-}"

@@ -16,6 +16,7 @@
 #             for symmetry with static launchers and passed through
 # Remaining arguments are Hydra overrides for the trainer.
 set -euo pipefail
+# shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 usage() {

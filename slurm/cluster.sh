@@ -266,15 +266,17 @@ cmd_stop() {
 
 cmd_status() {
     local ok=0
-    for d in "$MUNGE_PID munged" "$CTLD_PID slurmctld" "$SLURMD_PID slurmd"; do
-        set -- $d
-        if running "$1" "$2"; then
-            say "$2 running (pid $(<"$1"))"
+    local pidfile name
+    while read -r pidfile name; do
+        if running "$pidfile" "$name"; then
+            say "$name running (pid $(<"$pidfile"))"
         else
-            say "$2 not running"
+            say "$name not running"
             ok=1
         fi
-    done
+    done <<<"$MUNGE_PID munged
+$CTLD_PID slurmctld
+$SLURMD_PID slurmd"
     if ((ok == 0)); then
         sinfo
         squeue

@@ -90,7 +90,7 @@ def wandb_run(run_dir: Path) -> dict:
     return next(r["run"] for r in records if r["type"] == "run")
 
 
-def test_sbatch_trains_to_completion(jobs, tmp_path, digits_root):
+def test_sbatch_trains_to_completion(slurm_cluster, jobs, tmp_path, digits_root):
     job = submit(jobs, tmp_path, train_args(digits_root, tmp_path / "runs", "trainer.max_epochs=2"))
 
     assert job.wait(timeout=300) == "COMPLETED", job.describe()
@@ -106,7 +106,9 @@ def test_sbatch_trains_to_completion(jobs, tmp_path, digits_root):
     assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
 
 
-def test_preempted_job_requeues_and_matches_uninterrupted(jobs, tmp_path, digits_root):
+def test_preempted_job_requeues_and_matches_uninterrupted(
+    slurm_cluster, jobs, tmp_path, digits_root
+):
     """USR1 to the batch shell: checkpoint, exit 75, requeue, resume, same final weights."""
     args = train_args(digits_root, tmp_path / "runs", "trainer.max_epochs=10")
     # One CPU each: both jobs run at once on the 2-CPU node (gloo does not care).
@@ -133,7 +135,7 @@ def test_preempted_job_requeues_and_matches_uninterrupted(jobs, tmp_path, digits
     assert len(ids) == 1, ids
 
 
-def test_scancel_full_usr1_also_requeues(jobs, tmp_path, digits_root):
+def test_scancel_full_usr1_also_requeues(slurm_cluster, jobs, tmp_path, digits_root):
     """`scancel --signal=USR1 --full`: batch shell, agents and workers all get USR1 at once."""
     job = submit(
         jobs, tmp_path, train_args(digits_root, tmp_path / "runs", "trainer.max_epochs=10")

@@ -213,3 +213,21 @@ def test_shards_go_to_one_rank_and_worker_each() -> None:
     # Fewer shards than ranks: every rank reads them all and keeps every 3rd sample.
     share = stream_share(2, 5, 1, 2, 3, 0, 1)
     assert share.rank_modulo == (2, 3) and share.num_samples([40, 23]) == 21
+
+
+@pytest.mark.parametrize("fmt", ["pax", "gnu", "gz"])
+def test_tars_from_other_tools_with_long_names(tmp_path: Path, fmt: str) -> None:
+    """pax and GNU long-name headers, and a gzipped tar, read like ours."""
+    formats = {"pax": tarfile.PAX_FORMAT, "gnu": tarfile.GNU_FORMAT, "gz": tarfile.PAX_FORMAT}
+    path = tmp_path / ("long.tar.gz" if fmt == "gz" else "long.tar")
+    with tarfile.open(path, "w:gz" if fmt == "gz" else "w", format=formats[fmt]) as tar:
+        for i in range(6):
+            npy = io.BytesIO()
+            np.save(npy, np.full((1, 2, 2), i, dtype=np.float32))
+            for ext, data in (("cls", str(i).encode()), ("npy", npy.getvalue())):
+                info = tarfile.TarInfo(f"{'d' * 120}/s{i:03d}-{'é' * 40}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    batches, _ = run_epoch([str(path)], make_plan(6, 2, 2, 1), buffer=0)
+    assert [int(t) for b in batches for t in b.targets] == list(range(6))
+    assert [int(x) for b in batches for x in b.inputs[:, 0, 0, 0]] == list(range(6))

@@ -159,3 +159,10 @@ def test_a_per_sample_transform_from_config_is_applied(digits_root, tmp_path, ba
     assert out.returncode == 3 and "non-finite loss at epoch 0 step 0" in out.stdout
     fine = ["+data.transform._target_=ddp.transforms.RandomShift", "+data.transform.pixels=1"]
     assert harness.train([*base_overrides, *fine, "trainer.max_epochs=1"], nproc=0).returncode == 0
+
+
+def test_streaming_mode_from_pipe_urls_keeps_equal_batches(digits_root, tmp_path, base_overrides):
+    urls = f"pipe:cat {digits_root}/train/shard-{{000000..000005}}.tar"
+    out = harness.train([*base_overrides, f"data.urls='{urls}'", "data.num_samples=1438"])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert summary(tmp_path / "runs" / "test")["micro_batches_per_rank"] == [46, 46]

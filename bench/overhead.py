@@ -14,13 +14,17 @@ every program; all three are launched by torchrun through bench/overhead_rss.py
 - candidate:     with `--candidate DIR`, ddp.train run from another checkout (a proposed
                  change), W&B offline; reported against ours and raw.
 
-Cases: `mlp` on data/digits (overhead-bound) and `cnn` on a synthetic 10,000-sample
-32x32x3 set (compute-bound), made with `ddp-shards prepare synthetic` on first use.
-Measured per run: steady-state steps/s over epochs 1.. (epoch 0 is warm-up) both
-per whole epoch (train + validation + per-epoch checkpoint/logging, between the
-ends of consecutive validations) and for the train loop alone; whole-job wall time
-(launch to exit); launch to the first optimizer step; peak RSS per rank. Also: the
-import time of ddp.train, and (cnn) scaling from 1 process to all of them.
+Cases: `mlp` on data/digits (overhead-bound; G=64, micro 16, 8 epochs) and `cnn`
+(SmallCNN, widths 16,32 by default to keep a CPU run short: --cnn-channels 32,64 for
+the config's own) on a synthetic 10,000-sample 32x32x3 set (compute-bound; G=256,
+micro 64, 3 epochs), made with `ddp-shards prepare synthetic` on first use.
+Measured per run: steady-state steps/s over epochs 1.. (epoch 0 is warm-up), as steps
+per epoch over the median epoch, both per whole epoch (train + validation + per-epoch
+checkpoint/logging: between the ends of consecutive validations) and for the train
+loop alone; whole-job wall time (launch to exit) and CPU seconds per rank (far less
+disturbed by a busy machine than wall time); launch to the first optimizer step
+(ddp.train logs it in a separate short run, `ours-startup`); peak RSS per rank. Also:
+the import time of ddp.train, and (cnn) scaling from 1 process to all of them.
 
 CPU: 2 processes, gloo, OMP_NUM_THREADS=1 each. CUDA: one process per GPU, nccl;
 the table reports GPU samples/s. Ratios are medians of ratios taken within each
@@ -521,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     nproc = args.nproc or (torch.cuda.device_count() if cuda else 2)
     device = f"cuda x{nproc} ({torch.cuda.get_device_name(0)}), nccl" if cuda else "cpu, gloo"
     programs = [x for x in args.programs.split(",") if x]
-    if args.candidate:
+    if "candidate" in programs and not args.candidate:
+        p.error("program 'candidate' needs --candidate DIR")
+    if args.candidate and "candidate" not in programs:
         programs.insert(programs.index("ours") + 1 if "ours" in programs else 0, "candidate")
     if "lightning" in programs and not has_lightning():
         print("lightning is not installed (pip install -e '.[bench]'): skipping it")

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from ddp import data, dist
-from ddp.config import ConfigError, register, to_config
+from ddp.config import CONF_DIR, ConfigError, register, to_config
 from ddp.plan import PlanError, plan_for
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 USAGE = "usage: ddp-plan [--json] [world_size=N] [num_samples=N] [hydra overrides ...]"
 
 

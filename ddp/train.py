@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp import checkpoint, data, dist
-from ddp.config import Config, ConfigError, register, to_config
+from ddp.config import CONF_DIR, Config, ConfigError, register, to_config
 from ddp.plan import BatchPlan, PlanError, plan_for
 from ddp.plateau import PlateauConfig, PlateauTracker
 from ddp.progress import Progress
@@ -544,7 +544,9 @@ def wandb_config(config: Config) -> WandbConfig:
     return WandbConfig(**w)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# An absolute path: a console script imports ddp.train as a package module, where a
+# relative config_path would be looked up as a Python package named conf.
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_entry(cfg: DictConfig) -> None:
     try:
         code = train(cfg)

@@ -41,6 +41,11 @@ def job_args(description: str) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-dir", required=True)
+    p.add_argument(
+        "--step-flags",
+        action="store_true",
+        help="diagnostic (raw): one extra all_reduce of 3 flags per step, as ddp.train does",
+    )
     return p.parse_args()
 
 

@@ -101,6 +101,10 @@ def main() -> None:
                     loss = F.cross_entropy(ddp_model(x), y)
                     (loss / accumulate).backward()
                 loss_sum += loss.detach()
+            if args.step_flags and world > 1:
+                flags = torch.zeros(3, dtype=torch.int32, device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                flags.tolist()
             torch.nn.utils.clip_grad_norm_(model.parameters(), common.GRAD_CLIP)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
+import itertools
 import logging
 import os
 import sys
@@ -116,6 +117,13 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device(requested)
 
 
+# A Hydra multirun under torchrun (`torchrun ... -m ddp.train -m ...`) starts one process
+# group per sweep point in the same processes: each needs fresh keys too, or the second
+# group's gloo rendezvous reads the first one's addresses. Every rank runs the same points
+# in the same order, so the counters agree.
+_groups_started = itertools.count()
+
+
 def _attempt_store(rank: int, world_size: int, timeout: dt.timedelta) -> dist.Store:
     """The rendezvous store, with keys private to this torchrun attempt.
 
@@ -135,11 +143,25 @@ def _attempt_store(rank: int, world_size: int, timeout: dt.timedelta) -> dist.St
         timeout=timeout,
         multi_tenant=True,
     )
-    return dist.PrefixStore(f"ddp/attempt_{restart_count()}", store)
+    return dist.PrefixStore(f"ddp/attempt_{restart_count()}/group_{next(_groups_started)}", store)
+
+
+def _export_submitit_env() -> None:
+    """Hydra's submitit launcher runs the trainer in-process in every SLURM task, with no
+    torchrun to set MASTER_ADDR/MASTER_PORT: derive them from the job (first node, a port
+    seeded by the job id), the same on every task, plus RANK/LOCAL_RANK/WORLD_SIZE."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or "MASTER_ADDR" in os.environ:
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
     """Start the process group (world_size > 1) with a timeout on every collective."""
+    _export_submitit_env()
     ranks = detect()
     dev = pick_device(device, ranks["local_rank"])
     backend = None

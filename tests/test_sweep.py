@@ -164,3 +164,23 @@ def test_report_table_matches_the_metrics_files(sweep):
         ]
         assert rows[run_dir.name] == expected
     assert (sweep / "sweep.png").stat().st_size > 1000
+
+
+def test_a_sweep_runs_on_two_processes_under_torchrun(digits_root, tmp_path):
+    # Each point starts a new process group in the same processes: it needs fresh store keys.
+    overrides = [
+        "experiment=batch_sweep",
+        "batch.global_size=32,64",
+        "trainer.max_steps=2",
+        "trainer.timeout_s=15",  # a hang fails in seconds, not minutes
+        f"run.root={tmp_path}",
+        f"data.root={digits_root}",
+    ]
+    out = harness.run([*harness.torchrun(2), "-m", "ddp.train", "-m", *overrides], timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (sweep_dir,) = tmp_path.glob("sweep-torchrun-*")
+    for num, global_size in enumerate((32, 64)):
+        summary = records(sweep_dir / str(num), "summary")[-1]
+        accumulate = global_size // (16 * 2)
+        assert summary["micro_batches_per_rank"] == [2 * accumulate] * 2
+        assert summary["stop_reason"] == "max_steps"

@@ -16,6 +16,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from ddp.plateau import PlateauConfig
+from ddp.tracking import WandbConfig
+
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 """The config tree beside the package (an editable install or a clone)."""
 
@@ -139,38 +142,8 @@ class TrainerConfig:
 
 
 @dataclass
-class PlateauSchema:
-    monitor: str = "val/accuracy"
-    mode: str = "max"
-    patience: int = 5
-    min_delta: float = 0.0
-    min_delta_mode: str = "abs"
-    cooldown: int = 0
-    max_reductions: int | None = 3
-    warmup_epochs: int = 0
-    factor: float = 0.1
-    min_lr: float = 0.0
-    action: str = "stop"
-    alert: bool = True
-    alert_level: str = "WARN"
-
-
-@dataclass
-class WandbSchema:
-    enabled: bool = True
-    mode: str = "offline"
-    project: str = "ddp"
-    entity: str | None = None
-    name: str | None = None
-    group: str | None = None
-    job_type: str = "train"
-    tags: list[str] = field(default_factory=list)
-    dir: str | None = None
-
-
-@dataclass
 class LoggerConfig:
-    wandb: WandbSchema = field(default_factory=WandbSchema)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     curves: bool = True
     """Save the learning-curve PNG in the run directory (and log it to W&B)."""
 
@@ -192,7 +165,7 @@ class Config:
     batch: BatchConfig = field(default_factory=BatchConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    plateau: PlateauSchema = field(default_factory=PlateauSchema)
+    plateau: PlateauConfig = field(default_factory=PlateauConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     run: RunConfig = field(default_factory=RunConfig)
     experiment_name: str = "default"
@@ -238,7 +211,12 @@ def register() -> None:
 
 def to_config(cfg: Any) -> Config:
     """Compose-time DictConfig -> typed Config (raises ConfigError / ValidationError)."""
-    obj = OmegaConf.to_object(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)  # runs every schema's __post_init__
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a schema owned by its module (plateau, tracking)
+        raise ConfigError(str(exc)) from exc
     for group in ("model", "optim"):  # plain dicts below this point
         value = getattr(obj, group)
         if not isinstance(value, dict):

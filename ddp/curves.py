@@ -15,16 +15,22 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on cluster nodes; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
 Verdict = Literal["underfit", "overfit", "converged", "improving"]
 PANELS = ("loss", "accuracy")
 # Exact per-epoch train metrics (reduced over all ranks) beat an average of logged steps.
 EPOCH_ALIASES = {"train/epoch_loss": "train/loss", "train/epoch_accuracy": "train/accuracy"}
+
+
+def pyplot():
+    """matplotlib's pyplot (headless) and MaxNLocator, imported on first use: only the
+    main rank draws, at the end, so no rank pays matplotlib's import time and memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes; must precede pyplot
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    return plt, MaxNLocator
 
 
 def epoch_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -69,6 +75,7 @@ def plot_learning_curves(
     title: str | None = None,
 ) -> Path:
     """Train and validation loss and accuracy per epoch, best epoch and plateau marked."""
+    plt, MaxNLocator = pyplot()
     rows = epoch_records(records) if any("kind" in r for r in records) else records
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for ax, panel in zip(axes, PANELS, strict=True):

@@ -19,17 +19,20 @@ EventKind = Literal["plateau", "reduce_lr", "stop"]
 
 @dataclass
 class PlateauConfig:
-    """What to watch and what to do when it stops improving."""
+    """What to watch and what to do when it stops improving.
+
+    Also the `plateau` config schema: plain `str` fields (OmegaConf has no Literal),
+    checked in `__post_init__`."""
 
     monitor: str = "val/accuracy"
     """Validation metric to watch (a key the trainer logs)."""
-    mode: Mode = "max"
+    mode: str = "max"
     """"max": higher is better (accuracy); "min": lower is better (loss)."""
     patience: int = 5
     """Epochs without improvement that make a plateau (0: the first one does)."""
     min_delta: float = 0.0
     """Smallest change that counts as an improvement."""
-    min_delta_mode: Literal["abs", "rel"] = "abs"
+    min_delta_mode: str = "abs"
     """"abs": min_delta in metric units; "rel": a fraction of |best|."""
     cooldown: int = 0
     """Epochs after an LR reduction (or a report) during which no bad epoch is counted."""
@@ -41,11 +44,11 @@ class PlateauConfig:
     """LR multiplier applied on each reduction."""
     min_lr: float = 0.0
     """Floor for the reduced learning rate (see PlateauTracker.scaled_lr)."""
-    action: Action = "stop"
+    action: str = "stop"
     """What a plateau does: stop training, reduce the LR, or only report it."""
     alert: bool = True
     """Send a W&B alert on each plateau event."""
-    alert_level: Literal["INFO", "WARN", "ERROR"] = "WARN"
+    alert_level: str = "WARN"
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, ("min", "max"))

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from matplotlib.ticker import MaxNLocator
-
-from ddp.curves import epoch_records, plt
+from ddp.curves import epoch_records, pyplot
 from ddp.tracking import METRICS_FILE
 
 SWEEP_PLOT = "sweep.png"
@@ -187,6 +185,7 @@ def plot_sweep(rows: list[RunSummary], out_path: Path) -> Path:
     A star marks each run's best epoch: the left panel compares epochs (samples seen), the
     right one optimizer updates, which is where a larger global batch saves time.
     """
+    plt, MaxNLocator = pyplot()
     fig, (by_epoch, by_step) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     for row in sorted(rows, key=lambda r: (r.global_batch or 0, r.name)):
         epochs = epoch_records(read_records(row.path / METRICS_FILE))

@@ -38,7 +38,8 @@ EPOCH_METRIC = "epoch"
 @dataclass
 class WandbConfig:
     enabled: bool = True
-    mode: Literal["offline", "online", "disabled"] = "offline"
+    mode: str = "offline"
+    """offline | online | disabled."""
     """Offline by default (clusters rarely reach the internet); env WANDB_MODE wins when set."""
     project: str = "ddp"
     entity: str | None = None
@@ -50,6 +51,12 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
     dir: str | None = None
     """Where wandb writes its files; defaults to the run directory."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ValueError(
+                f"logger.wandb.mode={self.mode!r} must be one of offline, online, disabled"
+            )
 
     def resolved_mode(self) -> str:
         mode = os.environ.get("WANDB_MODE") or self.mode

@@ -6,6 +6,7 @@ python -m ddp.train trainer.max_epochs=3          # one process
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import shutil
@@ -13,7 +14,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ddp import checkpoint, data, dist
 from ddp.config import CONF_DIR, Config, ConfigError, register, to_config
 from ddp.plan import BatchPlan, PlanError, plan_for
-from ddp.plateau import PlateauConfig, PlateauTracker
+from ddp.plateau import PlateauTracker
 from ddp.progress import Progress
 from ddp.schedule import LRSchedule, scaled_lr
 from ddp.streaming import build_stream_loader, stream_num_samples
@@ -186,7 +187,7 @@ def evaluate(model, loader, env: dist.DistEnv, autocast) -> dict[str, float]:
 
 
 def checkpoint_state(
-    config: Config,
+    config_record: dict[str, Any],
     plan: BatchPlan,
     model,
     optimizer,
@@ -206,7 +207,7 @@ def checkpoint_state(
         "plateau": plateau.state_dict(),
         "rng": rng,
         "plan": plan.as_dict(),
-        "config": config_dict(config),
+        "config": config_record,
         "wandb_run_id": tracker.run_id,
     }
 
@@ -248,7 +249,7 @@ def train(cfg: DictConfig) -> int:
     model, ddp_model = build_model(config, env)
     optimizer, schedule = build_optimizer(config, model, plan)
     scaler = torch.amp.GradScaler(env.device.type, enabled=config.trainer.precision == "fp16")
-    plateau = PlateauTracker(PlateauConfig(**asdict(config.plateau)))
+    plateau = PlateauTracker(config.plateau)
     autocast = autocast_for(config, env)
     pos = restore(resumed, model, optimizer, scaler, plateau, plan, env) if resumed else Position()
 
@@ -259,9 +260,10 @@ def train(cfg: DictConfig) -> int:
         progress.print(
             f"resumed at epoch {pos.epoch} step {pos.step_in_epoch} ({ckpt_dir}/last.pt)"
         )
+    config_record = config_dict(config)  # once: it costs tens of ms
     tracker = Tracker(
         run_dir=run_dir,
-        config=config_dict(config),
+        config=config_record,
         plan=plan.as_dict(),
         wandb=wandb_config(config),
         resume_run_id=resumed["wandb_run_id"] if resumed else None,
@@ -271,13 +273,17 @@ def train(cfg: DictConfig) -> int:
         enabled=env.is_main,
     )
 
-    def save(name: str) -> None:
-        state = checkpoint_state(config, plan, model, optimizer, scaler, plateau, pos, tracker, env)
+    def save_last(also_best: bool = False) -> None:
+        state = checkpoint_state(
+            config_record, plan, model, optimizer, scaler, plateau, pos, tracker, env
+        )
         if env.is_main:
             if checkpoint.has_nonfinite(state["model"]):
-                progress.print(f"warning: not saving {name}.pt: the weights are not finite")
+                progress.print("warning: not saving last.pt: the weights are not finite")
             else:
-                checkpoint.atomic_save(state, ckpt_dir / f"{name}.pt")
+                checkpoint.atomic_save(state, ckpt_dir / "last.pt")
+                if also_best:  # the very same state: copy the bytes, don't pickle twice
+                    checkpoint.atomic_copy(ckpt_dir / "last.pt", ckpt_dir / "best.pt")
         dist.barrier(env)  # nobody exits (or is killed by torchrun) while rank 0 writes
 
     auditable = config.trainer.audit_samples and getattr(train_loader, "indexed", True)
@@ -324,7 +330,7 @@ def train(cfg: DictConfig) -> int:
             elif config.trainer.max_steps and pos.global_step >= config.trainer.max_steps:
                 stop_reason = "max_steps"
             if stop_reason in ("preempted", "max_steps") or flags["save"]:
-                save("last")
+                save_last()
                 last_save = time.monotonic()
             if stop_reason:
                 break
@@ -342,10 +348,8 @@ def train(cfg: DictConfig) -> int:
             tracker.log_event(epoch, event)
         progress.print(epoch_line(epoch, metrics, plateau))
         pos.next_epoch()
-        save("last")
+        save_last(also_best=plateau.best_epoch == epoch)
         last_save = time.monotonic()
-        if plateau.best_epoch == epoch:
-            save("best")
         if dist.any_rank(plateau.stopped, env):  # every rank leaves the loop together
             stop_reason = "plateau"
 
@@ -534,14 +538,12 @@ def epoch_line(epoch: int, m: dict[str, float], plateau: PlateauTracker) -> str:
 
 
 def wandb_config(config: Config) -> WandbConfig:
-    w = asdict(config.logger.wandb)
-    hc = HydraConfig.get()
-    if w["group"] is None and hc.mode.name == "MULTIRUN":
-        w["group"] = Path(hc.sweep.dir).name
-    if w["name"] is None:
-        overrides = hc.job.override_dirname
-        w["name"] = config.experiment_name + (f"-{overrides}" if overrides else "")
-    return WandbConfig(**w)
+    """Group = the Hydra sweep; name = the experiment and its overrides (unless set)."""
+    w, hc = config.logger.wandb, HydraConfig.get()
+    group = w.group or (Path(hc.sweep.dir).name if hc.mode.name == "MULTIRUN" else None)
+    overrides = hc.job.override_dirname
+    name = w.name or config.experiment_name + (f"-{overrides}" if overrides else "")
+    return replace(w, group=group, name=name)
 
 
 # An absolute path: a console script imports ddp.train as a package module, where a
@@ -557,7 +559,24 @@ def _hydra_entry(cfg: DictConfig) -> None:
         sys.exit(code)  # Hydra returns nothing: the exit code travels as SystemExit
 
 
+def keep_freed_memory() -> None:
+    """Keep freed blocks in glibc's heap instead of handing them back to the OS.
+
+    Above glibc's mmap threshold every step's activations would land on fresh pages
+    and be zero-filled again on first touch: 2.7 M page faults and a third of the
+    steps/s of a CPU CNN (bench/overhead.py). No-op without glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum
+    libc.mallopt(m_trim_threshold, 256 << 20)
+
+
 def main() -> None:
+    keep_freed_memory()
     try:
         _hydra_entry()
         code = EXIT_OK

@@ -85,6 +85,8 @@ def test_no_sync_accumulation_equals_one_big_batch(tmp_path):
         ("batch.global_size=30", "batch.global_size=30 is not a multiple of batch.micro_size=32"),
         ("batch.global_size=5000", "batch.global_size=5000 exceeds the 1,438 training samples"),
         ("trainer.precision=fp8", "trainer.precision='fp8' must be one of fp32, bf16, fp16"),
+        ("plateau.patience=-1", "plateau.patience=-1 must be an integer >= 0"),
+        ("logger.wandb.mode=loud", "logger.wandb.mode='loud' must be one of offline, online"),
     ],
 )
 def test_invalid_configs_are_refused_before_launch(digits_root, tmp_path, override, message):

@@ -51,6 +51,8 @@ class WandbConfig:
     tags: list[str] = field(default_factory=list)
     dir: str | None = None
     """Where wandb writes its files; defaults to the run directory."""
+    system_metrics: bool = False
+    """Let W&B sample CPU/GPU/memory use in the background (costs CPU on busy nodes)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("offline", "online", "disabled"):
@@ -175,6 +177,10 @@ class Tracker:
             id=resume_run_id,
             resume="allow" if resume_run_id else None,
             config={"config": config, "plan": plan},
+            # System metrics make wandb-core sample the machine in the background: on a
+            # CPU-bound node that steals cycles from training (about a third of the steps/s
+            # of a small 2-process CPU job), so they are opt-in.
+            settings=wandb.Settings(x_disable_stats=not cfg.system_metrics),
             # A resumed run brings a different config only if the user changed it on purpose.
             allow_val_change=True,
         )

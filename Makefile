@@ -34,6 +34,12 @@ train: data
 test: data
 	OMP_NUM_THREADS=1 DDP_TEST_SLURM=$${DDP_TEST_SLURM:-1} $(BIN)/python -m pytest -q $(ARGS)
 
+# Ours vs a raw DDP loop vs Lightning (installs the bench extra), then the data loader.
+bench: data
+	$(BIN)/pip install --quiet -e '.[test,slurm,bench]'
+	OMP_NUM_THREADS=1 $(BIN)/python bench/overhead.py --json bench/results/overhead.json
+	$(BIN)/python bench/data_bench.py
+
 lint: setup
 	$(BIN)/ruff check ddp tests bench && $(BIN)/ruff format --check ddp tests bench
 

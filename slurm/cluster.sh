@@ -104,7 +104,8 @@ real_memory_mb() {
 }
 
 render_conf() {
-    local cpus="${SLURM_CLUSTER_CPUS:-$(nproc)}"
+    # GNU nproc honours OMP_NUM_THREADS (make test sets it to 1): ask without it.
+    local cpus="${SLURM_CLUSTER_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
     cat <<EOF
 $MARKER (regenerated on every start; edit the script, not this file)
 ClusterName=ddp

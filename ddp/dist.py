@@ -194,6 +194,20 @@ def shutdown(env: DistEnv, timeout_s: float = 60.0) -> None:
         dist.destroy_process_group()
 
 
+_retired: list[Any] = []
+
+
+def retire(*objects: Any) -> None:
+    """Keep objects that own the process group (the DDP module) alive until exit_process.
+
+    Freeing them destroys the ProcessGroupGloo, which joins its worker threads while the
+    main thread holds the GIL; a worker still releasing a finished work object needs the
+    GIL to drop its tensors: a deadlock (seen between the points of a sweep under
+    torchrun). exit_process never runs those destructors.
+    """
+    _retired.extend(objects)
+
+
 def exit_process(code: int = 0) -> NoReturn:
     """End the process with `code`, skipping interpreter finalization.
 

@@ -369,6 +369,7 @@ def train(cfg: DictConfig) -> int:
     tracker.finish(exit_code)
     progress.print(final_line(config, stop_reason, plateau, pos))
     dist.shutdown(env)
+    dist.retire(ddp_model)
     return exit_code
 
 

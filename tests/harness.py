@@ -36,15 +36,32 @@ def run(cmd: list[str], timeout: float = 240, **extra: str) -> subprocess.Comple
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n{out}\n{err}") from None
     finally:
+        kill_tree(proc.pid)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def descendants(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    children = [int(p) for p in found.split()]
+    return children + [d for c in children for d in descendants(c)]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process, its group and every descendant: torchrun starts each worker in a
+    session of its own, which a group kill alone would leave behind (holding our pipes)."""
+    for target in [*descendants(pid), pid]:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            os.kill(target, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def torchrun(nproc: int = 2, *extra_torchrun: str) -> list[str]:

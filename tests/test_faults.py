@@ -58,7 +58,7 @@ def finish(proc: subprocess.Popen, timeout: float = 180) -> subprocess.Completed
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        harness.kill_tree(proc.pid)
         out, err = proc.communicate()
         raise AssertionError(f"job did not end in {timeout}s\n{out}\n{err}") from None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

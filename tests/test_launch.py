@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import harness
 from tests.harness import ROOT, env
 
 pytestmark = pytest.mark.slow
@@ -45,12 +44,12 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        harness.kill_tree(proc.pid)
         out, _ = proc.communicate()
         raise AssertionError(f"timed out after {timeout}s:\n{out}") from None
     finally:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            harness.kill_tree(proc.pid)
         except ProcessLookupError:
             pass
     return out

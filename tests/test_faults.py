@@ -41,8 +41,10 @@ def worker_pid(agent_pid: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under {agent_pid}")
 
 
-def start(overrides: list[str], torchrun_args=()) -> subprocess.Popen:
-    cmd = [*harness.torchrun(2, *torchrun_args), "-m", "ddp.train", *overrides]
+def start(overrides: list[str], torchrun_args=(), nproc: int = 2) -> subprocess.Popen:
+    """The trainer under torchrun (nproc=0: plain python), running in the background."""
+    launcher = harness.torchrun(nproc, *torchrun_args) if nproc else [sys.executable]
+    cmd = [*launcher, "-m", "ddp.train", *overrides]
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
@@ -149,16 +151,7 @@ def test_preemption_signal_on_one_rank_checkpoints_exits_and_resumes(job, refere
 
 
 def test_sigterm_single_process_exits_75_with_checkpoint(job, tmp_path):
-    cmd = [sys.executable, "-m", "ddp.train", *job("single")]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=harness.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start(job("single"), nproc=0)
     wait_for(tmp_path / "single" / "checkpoints" / "last.pt", proc)
     proc.send_signal(signal.SIGTERM)
     assert finish(proc).returncode == 75

@@ -495,10 +495,15 @@ class EpochBatchSampler:
 
 
 def _data_loader(dataset: ShardDataset, batch_sampler: Any, options: LoaderOptions) -> DataLoader:
+    return loader_for(_MicroBatchFetcher(dataset), options, batch_sampler=batch_sampler)
+
+
+def loader_for(dataset: Any, options: LoaderOptions, **sampling: Any) -> DataLoader:
+    """A DataLoader of whole micro-batches (exact or streaming), set up from `options`."""
     workers = options.num_workers
     return DataLoader(
-        _MicroBatchFetcher(dataset),
-        batch_sampler=batch_sampler,
+        dataset,
+        **sampling,
         collate_fn=_identity,
         num_workers=workers,
         pin_memory=options.pin_memory,

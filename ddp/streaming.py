@@ -38,9 +38,16 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from ddp.data import Batch, LoaderOptions, _as_input_tensor, _npy_header, _shutdown_workers
+from ddp.data import (
+    Batch,
+    LoaderOptions,
+    _as_input_tensor,
+    _npy_header,
+    _shutdown_workers,
+    loader_for,
+)
 from ddp.order import epoch_order
 from ddp.plan import BatchPlan
 from ddp.shards.decode import decode_member
@@ -590,10 +597,6 @@ def _decode(ext: str, data: bytes) -> Any:
     return decode_member(ext, data)
 
 
-def _identity(item: _Item) -> _Item:
-    return item
-
-
 # --------------------------------------------------------------------------- loader
 
 
@@ -616,18 +619,7 @@ class StreamLoader:
         self.samples_read = 0
         self.repeats = 0
         self.dropped: int | None = None
-        workers = options.num_workers
-        self._loader = DataLoader(
-            dataset,
-            batch_size=None,
-            collate_fn=_identity,
-            num_workers=workers,
-            pin_memory=options.pin_memory,
-            persistent_workers=options.persistent_workers and workers > 0,
-            prefetch_factor=options.prefetch_factor if workers > 0 else None,
-            # As in ddp.data: iter() must not draw its base seed from the global RNG.
-            generator=torch.Generator().manual_seed(0),
-        )
+        self._loader = loader_for(dataset, options, batch_size=None)
 
     def close(self) -> None:
         """Stop the DataLoader workers (persistent ones otherwise live with the loader)."""

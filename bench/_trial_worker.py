@@ -80,6 +80,11 @@ def main_ddp(args: argparse.Namespace) -> None:
         "any_rank": ddist.any_rank(last, env),
         "world_from_sum": int(ddist.all_reduce_sum(torch.ones(1), env).item()),
         "from_rank0": ddist.broadcast_object(f"hello from {env.rank}", env),
+        "gathered": [b.hex() for b in ddist.all_gather_bytes(bytes([env.rank] * 3), env)],
+        # over the capacity on the last rank: every rank takes all_gather_object
+        "gathered_sizes": [
+            len(b) for b in ddist.all_gather_bytes(bytes(60 if last else 5), env, capacity=50)
+        ],
         "loss": loss,
     }
     ddist.shutdown(env)

@@ -9,6 +9,8 @@ every program; all three are launched by torchrun through bench/overhead_rss.py
 
 - ours:          torchrun -m ddp.train, W&B offline (the default logger);
 - ours-nowandb:  the same with logger.wandb.enabled=false;
+- ours-nchw:     (cnn only) the same with trainer.channels_last=false: what the
+                 channels-last memory order brings;
 - raw:           bench/raw_ddp.py (samples in memory, DistributedSampler, no_sync);
 - lightning:     bench/lightning_ddp.py (Trainer, strategy="ddp", its defaults);
 - candidate:     with `--candidate DIR`, ddp.train run from another checkout (a proposed
@@ -52,7 +54,7 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
 from overhead_common import RESULT_PREFIX  # noqa: E402
 
-PROGRAMS = ("ours", "raw", "lightning", "ours-nowandb")
+PROGRAMS = ("ours", "raw", "lightning", "ours-nowandb", "ours-nchw")
 
 
 @dataclass
@@ -156,6 +158,8 @@ def program_command(program: str, case: Case, run_dir: Path) -> list[str]:
             overrides.append(f"model.channels=[{case.channels}]")
         if program == "ours-nowandb":
             overrides.append("logger.wandb.enabled=false")
+        if program == "ours-nchw":  # what channels-last memory order brings to the CNN
+            overrides.append("trainer.channels_last=false")
         if program.endswith("-startup"):  # ends after its first step, which it logs
             overrides += ["trainer.max_steps=1", "trainer.log_every_steps=1"]
         return ["-m", "ddp.train", *overrides]
@@ -392,9 +396,9 @@ def summarize(runs: list[Run], cases: list[Case], programs: list[str], nproc: in
     return summary
 
 
-def scaling(runs: list[Run], case: str, nproc: int) -> dict:
+def scaling(runs: list[Run], case: str, nproc: int, programs: list[str]) -> dict:
     out = {}
-    for p in ("ours", "raw"):
+    for p in programs:
         one = median(
             r.steps_per_s() for r in runs if r.case == case and r.program == p and r.nproc == 1
         )
@@ -465,10 +469,10 @@ def print_table(summary, programs, scale, nproc, imports, goal_rows, device) -> 
             print(f"{case:<5} {label:<32}" + "".join(f" {x:>14}" for x in cells))
     if scale:
         print(f"\n== scaling, cnn, 1 -> {nproc} processes (steady steps/s, whole epochs) ==")
-        for p in ("ours", "raw"):
+        for p in [p for p in scale if p != "ours/raw"]:
             s = scale[p]
             print(
-                f"{p:<5} 1: {fmt(s['steps_per_s_1'])}  {nproc}: {fmt(s[f'steps_per_s_{nproc}'])}"
+                f"{p:<10} 1: {fmt(s['steps_per_s_1'])}  {nproc}: {fmt(s[f'steps_per_s_{nproc}'])}"
                 f"  scaling {fmt(s['scaling'], '{:.3f}')}"
             )
         print(f"ours scaling / raw scaling: {fmt(scale['ours/raw'], '{:.3f}')}")
@@ -581,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(repeats):
         for case in cases:
             for program in programs:
+                if program == "ours-nchw" and case.model != "cnn":
+                    continue  # no convolution: the very same job as ours
                 go(case, program, rep, nproc)
             if case.name == "mlp":  # start-up: the trainer logs its first step in a short run
                 for program in ("ours", "candidate"):
@@ -592,10 +598,11 @@ def main(argv: list[str] | None = None) -> int:
     scale = None
     if do_scaling:
         cnn = next(c for c in cases if c.name == "cnn")
+        scaled = [p for p in ("ours", "ours-nchw", "raw") if p in programs or p != "ours-nchw"]
         for rep in range(repeats):
-            for program in ("ours", "raw"):
+            for program in scaled:
                 go(cnn, program, rep, 1)
-        scale = scaling(runs, "cnn", nproc)
+        scale = scaling(runs, "cnn", nproc, scaled)
     candidate = args.candidate.resolve() if args.candidate else None
     imports = import_times(1 if args.quick else repeats, candidate)
     summary = summarize(runs, cases, programs, nproc)

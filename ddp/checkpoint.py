@@ -9,9 +9,12 @@ tensors only, nothing a foreign file could use to run code.
 from __future__ import annotations
 
 import os
+import pickle
+import queue
 import random
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,6 +36,67 @@ def atomic_copy(source: Path, path: Path) -> None:
     """`path` becomes a byte copy of `source` (best.pt from last.pt: no second pickling)."""
     with open(source, "rb") as src:
         _atomic_write(path, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+
+
+class BackgroundWriter:
+    """Checkpoint files written on a thread while training goes on.
+
+    `save` takes a snapshot on the caller's thread (the state's tensors copied to CPU
+    memory: training goes on changing the originals) and hands it to a long-lived writer
+    thread, which pickles, writes, fsyncs and renames it (then any copies) exactly as
+    `atomic_save` does. One write is in flight at a time: the next `save` waits for the
+    last one, as must everything that ends the process (`wait`). A failed write is
+    raised by the next `save` or `wait` as a CheckpointError naming the file. The
+    snapshot (one checkpoint's size) is held in memory until written.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._error: CheckpointError | None = None
+        self._thread: threading.Thread | None = None
+
+    def save(self, obj: Any, path: Path, copies: tuple[Path, ...] = ()) -> None:
+        self.wait()
+        snapshot = _snapshot(obj)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="ddp-checkpoint", daemon=True)
+            self._thread.start()
+        self._idle.clear()
+        self._jobs.put((snapshot, path, copies))
+
+    def _serve(self) -> None:
+        while True:
+            snapshot, path, copies = self._jobs.get()
+            try:
+                atomic_save(snapshot, path)
+                for copy in copies:
+                    atomic_copy(path, copy)
+            except Exception as exc:  # noqa: BLE001 - reported on the training thread
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                self._error = CheckpointError(f"cannot write checkpoint {path}: {reason}")
+            finally:
+                self._idle.set()
+
+    def wait(self) -> None:
+        """Until the last write is on disk; raise its failure, if any."""
+        self._idle.wait()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+
+def _snapshot(obj: Any) -> Any:
+    """`obj` with every tensor copied to CPU memory (strides kept) and every container
+    rebuilt, so nothing in it changes after the call."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_snapshot(v) for v in obj)
+    return obj
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
@@ -74,6 +138,21 @@ def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def rng_state_bytes() -> bytes:
+    """`rng_state()` as a few KiB of plain bytes, to gather from every rank cheaply."""
+    state = {k: v.numpy().tobytes() if k != "python" else v for k, v in rng_state().items()}
+    return pickle.dumps(state)
+
+
+def rng_state_from_bytes(payload: bytes) -> dict[str, Any]:
+    """What `rng_state()` returned on the rank that made `payload` (same job: trusted)."""
+    state = pickle.loads(payload)  # noqa: S301 - bytes from a rank of this very job
+    for key in ("torch", "cuda"):
+        if key in state:
+            state[key] = torch.frombuffer(bytearray(state[key]), dtype=torch.uint8)
     return state
 
 

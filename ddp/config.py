@@ -59,11 +59,15 @@ class DataConfig:
     """Streaming mode: samples in each stream's shuffle buffer."""
     transform: Any = None
     """`_target_` of a callable applied to each training input tensor (e.g. torchvision's)."""
+    in_memory_max_mb: float = 256.0
+    """A split whose decoded inputs fit in this many MiB is decoded once and served from
+    memory by each process (0: always read the shards)."""
 
     def __post_init__(self) -> None:
         _require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
         _require(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
         _one_of("data.on_error", self.on_error, ("raise", "skip"))
+        _require(self.in_memory_max_mb >= 0, "data.in_memory_max_mb must be >= 0")
 
 
 @dataclass
@@ -107,6 +111,9 @@ class TrainerConfig:
     """fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, CUDA only)."""
     grad_clip: float | None = 1.0
     """Max global gradient norm; None disables clipping."""
+    channels_last: bool | None = None
+    """Keep conv weights and 4-D inputs in channels-last (NHWC) memory order, which
+    oneDNN and cuDNN convolutions run faster; None: on for models with a Conv2d."""
     timeout_s: float = 300.0
     """Collective timeout: a dead or stuck peer ends the job after this long."""
     progress: bool = True

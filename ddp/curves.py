@@ -9,7 +9,11 @@ train ones.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,16 +25,14 @@ PANELS = ("loss", "accuracy")
 EPOCH_ALIASES = {"train/epoch_loss": "train/loss", "train/epoch_accuracy": "train/accuracy"}
 
 
-def pyplot():
-    """matplotlib's pyplot (headless) and MaxNLocator, imported on first use: only the
-    main rank draws, at the end, so no rank pays matplotlib's import time and memory."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on cluster nodes; must precede pyplot
-    import matplotlib.pyplot as plt
+def matplotlib_figure():
+    """matplotlib's Figure and MaxNLocator, imported on first use: only the main rank
+    draws, at the end. No pyplot: no backend, no global figure registry, no display
+    (cluster nodes have none), and a smaller import."""
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    return plt, MaxNLocator
+    return Figure, MaxNLocator
 
 
 def epoch_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -75,9 +77,10 @@ def plot_learning_curves(
     title: str | None = None,
 ) -> Path:
     """Train and validation loss and accuracy per epoch, best epoch and plateau marked."""
-    plt, MaxNLocator = pyplot()
+    Figure, MaxNLocator = matplotlib_figure()
     rows = epoch_records(records) if any("kind" in r for r in records) else records
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
     for ax, panel in zip(axes, PANELS, strict=True):
         for split, style in (("train", "-"), ("val", "-o")):
             xs, ys = _series(rows, f"{split}/{panel}")
@@ -102,7 +105,6 @@ def plot_learning_curves(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
     return out_path
 
 
@@ -214,3 +216,83 @@ def _gap(row: dict[str, Any]) -> float | None:
     if _finite(row.get("train/loss")) and _finite(row.get("val/loss")):
         return _relative(row["val/loss"], row["train/loss"])
     return None
+
+
+# --------------------------------------------------------------------------- painter
+
+
+class CurvePainter:
+    """Draws the learning curves in a helper process started with the job.
+
+    The helper imports matplotlib at low CPU priority while the job trains, then waits
+    for one request; `draw` at the end only plots. So the trainer never imports
+    matplotlib (its import and 35 MiB stay out of rank 0, and off the job's last
+    second). If the helper cannot be used, `draw` plots in this process instead.
+    """
+
+    def __init__(self) -> None:
+        self._helper: subprocess.Popen | None = None
+        try:
+            self._helper = subprocess.Popen(
+                [sys.executable, "-m", "ddp.curves"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+        except OSError:
+            pass
+
+    def draw(
+        self,
+        records: list[dict[str, Any]],
+        out_path: Path,
+        timeout_s: float = 60.0,
+        **options: Any,
+    ) -> Path:
+        """`plot_learning_curves(records, out_path, **options)`, by the helper if it can."""
+        helper, self._helper = self._helper, None
+        if helper is not None:
+            request = {"records": records, "out_path": str(out_path), **options}
+            try:
+                message = json.dumps(request, default=str) + "\n"
+                reply, _ = helper.communicate(message, timeout=timeout_s)
+                if json.loads(reply or "{}").get("ok"):
+                    return Path(out_path)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                helper.kill()
+                helper.wait()
+        return plot_learning_curves(records, out_path, **options)
+
+    def close(self) -> None:
+        """Stop the helper without drawing (a preempted run draws nothing)."""
+        helper, self._helper = self._helper, None
+        if helper is not None:
+            helper.kill()
+            helper.wait()
+
+
+def _serve() -> int:
+    """The helper of CurvePainter: import, then draw the one request read from stdin."""
+    os.nice(19)  # the training processes come first: it runs on their idle time
+    matplotlib_figure()
+    from matplotlib.backends import backend_agg  # noqa: F401 - the PNG writer, now
+
+    line = sys.stdin.readline()
+    if not line:
+        return 0  # the job ended without asking
+    request = json.loads(line)
+    plateau = request.get("plateau_epochs")
+    plot_learning_curves(
+        request["records"],
+        request["out_path"],
+        best_epoch=request.get("best_epoch"),
+        plateau_epochs=tuple(plateau) if plateau else None,
+        title=request.get("title"),
+    )
+    print(json.dumps({"ok": True}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_serve())

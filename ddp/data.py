@@ -35,6 +35,7 @@ __all__ = [
     "DataError",
     "EvalLoader",
     "LoaderOptions",
+    "MemorySplit",
     "ShardDataset",
     "TrainLoader",
     "build_eval_loader",
@@ -68,6 +69,8 @@ class Batch:
         return Batch(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        if self.inputs.device == torch.device(device):
+            return self
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self, device: Any = None) -> Batch:
@@ -90,6 +93,11 @@ class LoaderOptions:
     """Member extension holding the input (npy, png, jpg, ...)."""
     target_key: str = "cls"
     """Member extension holding the integer label."""
+    in_memory_max_mb: float = 256.0
+    """Decode a split once and keep it in this process when its decoded inputs take at
+    most this many MiB (0: always read the shards). Micro-batches are then gathers from
+    memory in the training process; the shards and DataLoader workers are left alone.
+    Not with a transform and num_workers > 0: augmentation stays in the workers."""
 
     def __post_init__(self) -> None:
         if self.on_error not in ("raise", "skip"):
@@ -98,6 +106,8 @@ class LoaderOptions:
             raise ValueError(f"num_workers={self.num_workers} must be >= 0")
         if self.prefetch_factor < 1:
             raise ValueError(f"prefetch_factor={self.prefetch_factor} must be >= 1")
+        if self.in_memory_max_mb < 0:
+            raise ValueError(f"in_memory_max_mb={self.in_memory_max_mb} must be >= 0")
 
 
 def num_samples(split_dir: str | os.PathLike) -> int:
@@ -243,13 +253,7 @@ class ShardDataset(Dataset):
 
     def fetch(self, indices: np.ndarray, padded: np.ndarray) -> Batch:
         """Read and decode one micro-batch (padded samples come out valid=False)."""
-        inputs, input_ok = self._decode_inputs(indices)
-        targets, target_ok = self._decode_targets(indices)
-        ok = input_ok & target_ok
-        skipped = int((~ok).sum())
-        if skipped:
-            self.num_errors += skipped
-            inputs, targets = self._replace_bad(inputs, targets, ok)
+        inputs, targets, ok = self.decode(indices)
         tensor = _as_input_tensor(inputs)
         if self.transform is not None:
             tensor = torch.stack([self.transform(x) for x in tensor])
@@ -258,8 +262,19 @@ class ShardDataset(Dataset):
             targets=torch.from_numpy(targets),
             valid=torch.from_numpy(ok & ~padded),
             indices=torch.from_numpy(np.array(indices, dtype=np.int64)),
-            num_skipped=skipped,
+            num_skipped=int((~ok).sum()),
         )
+
+    def decode(self, indices: np.ndarray) -> tuple[np.ndarray | list, np.ndarray, np.ndarray]:
+        """Inputs as stored (e.g. uint8 HWC), labels, and which samples were good; bad
+        ones (on_error="skip") come back as zeros, labelled 0."""
+        inputs, input_ok = self._decode_inputs(indices)
+        targets, target_ok = self._decode_targets(indices)
+        ok = input_ok & target_ok
+        if not ok.all():
+            self.num_errors += int((~ok).sum())
+            inputs, targets = self._replace_bad(inputs, targets, ok)
+        return inputs, targets, ok
 
     def _fail(self, index: int, message: str) -> None:
         """Raise, or (on_error="skip") let the caller mark the sample invalid."""
@@ -428,6 +443,60 @@ def _as_input_tensor(inputs: np.ndarray | list) -> torch.Tensor:
     return tensor.permute(0, 3, 1, 2).contiguous().to(torch.float32).mul_(1.0 / 255.0)
 
 
+class MemorySplit:
+    """A whole split decoded once and kept in memory: a micro-batch is an index gather.
+
+    Samples are kept as stored (uint8 images stay uint8: a quarter of float32) and go
+    through the same conversion, bad-sample handling and transform as
+    `ShardDataset.fetch`, per micro-batch, so order, masks and numbers do not depend on
+    whether a split is held in memory; only the per-step reading goes. On the digits MLP
+    that reading was a tenth of every step (bench/overhead.py).
+    """
+
+    def __init__(self, dataset: ShardDataset, pin_memory: bool = False):
+        inputs, targets, self.ok = dataset.decode(np.arange(len(dataset)))
+        self.inputs = inputs if isinstance(inputs, np.ndarray) else np.stack(inputs)
+        self.targets = torch.from_numpy(targets)
+        self.transform = dataset.transform
+        self.pin_memory = pin_memory
+
+    @staticmethod
+    def fits(dataset: ShardDataset, max_mb: float) -> bool:
+        """Whether the split takes at most `max_mb` MiB as stored (judged by sample 0)."""
+        if max_mb <= 0 or len(dataset) == 0:
+            return False
+        try:
+            inputs, _, _ = dataset.decode(np.zeros(1, dtype=np.int64))
+        except DataError:
+            return False  # decided by the normal path, which reports or skips it
+        return np.asarray(inputs[0]).nbytes * len(dataset) <= max_mb * (1 << 20)
+
+    def fetch(self, micro: MicroBatch) -> Batch:
+        inputs = _as_input_tensor(self.inputs[micro.indices])
+        if self.transform is not None:
+            inputs = torch.stack([self.transform(x) for x in inputs])
+        indices = torch.from_numpy(np.asarray(micro.indices, dtype=np.int64))
+        ok = self.ok[micro.indices]
+        batch = Batch(
+            inputs=inputs,
+            targets=self.targets.index_select(0, indices),
+            valid=torch.from_numpy(ok & ~np.asarray(micro.padded, dtype=bool)),
+            indices=indices,
+            num_skipped=len(ok) - int(ok.sum()),
+        )
+        return batch.pin_memory() if self.pin_memory else batch
+
+
+def _memory_split(
+    dataset: ShardDataset, options: LoaderOptions, training: bool
+) -> MemorySplit | None:
+    if training and dataset.transform is not None and options.num_workers > 0:
+        return None
+    if not MemorySplit.fits(dataset, options.in_memory_max_mb):
+        return None
+    return MemorySplit(dataset, options.pin_memory)
+
+
 @dataclass(frozen=True)
 class _Failure:
     """A DataError carried from a worker to the main process as data, so it is
@@ -531,11 +600,13 @@ class TrainLoader:
         self.sampler = EpochBatchSampler(plan, seed, rank)
         self.num_skipped = 0
         """Bad samples replaced so far (on_error="skip"), summed over workers."""
-        self._loader = _data_loader(dataset, self.sampler, options)
+        self.memory = _memory_split(dataset, options, training=True)
+        self._loader = None if self.memory else _data_loader(dataset, self.sampler, options)
 
     def close(self) -> None:
         """Stop the DataLoader workers (persistent ones otherwise live with the loader)."""
-        _shutdown_workers(self._loader)
+        if self._loader is not None:
+            _shutdown_workers(self._loader)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Exactly (iterations_per_epoch - start_step) * accumulate micro-batches."""
@@ -545,7 +616,11 @@ class TrainLoader:
                 f"{self.plan.iterations_per_epoch} iterations"
             )
         self.sampler.set_epoch(epoch, start_step)
-        for batch in _checked(self._loader):
+        if self.memory is not None:
+            batches = map(self.memory.fetch, self.sampler)
+        else:
+            batches = _checked(self._loader)
+        for batch in batches:
             self.num_skipped += batch.num_skipped
             yield batch
 
@@ -559,17 +634,23 @@ class EvalLoader:
         self.dataset = dataset
         self.micro_batches = micro_batches
         self.num_skipped = 0
-        self._loader = _data_loader(dataset, micro_batches, options)
+        self.memory = _memory_split(dataset, options, training=False)
+        self._loader = None if self.memory else _data_loader(dataset, micro_batches, options)
 
     def __len__(self) -> int:
         return len(self.micro_batches)
 
     def close(self) -> None:
         """Stop the DataLoader workers (persistent ones otherwise live with the loader)."""
-        _shutdown_workers(self._loader)
+        if self._loader is not None:
+            _shutdown_workers(self._loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch in _checked(self._loader):
+        if self.memory is not None:
+            batches = map(self.memory.fetch, self.micro_batches)
+        else:
+            batches = _checked(self._loader)
+        for batch in batches:
             self.num_skipped += batch.num_skipped
             yield batch
 

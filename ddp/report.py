@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddp.curves import epoch_records, pyplot
+from ddp.curves import epoch_records, matplotlib_figure
 from ddp.tracking import METRICS_FILE
 
 SWEEP_PLOT = "sweep.png"
@@ -185,8 +185,9 @@ def plot_sweep(rows: list[RunSummary], out_path: Path) -> Path:
     A star marks each run's best epoch: the left panel compares epochs (samples seen), the
     right one optimizer updates, which is where a larger global batch saves time.
     """
-    plt, MaxNLocator = pyplot()
-    fig, (by_epoch, by_step) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    Figure, MaxNLocator = matplotlib_figure()
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    by_epoch, by_step = fig.subplots(1, 2)
     for row in sorted(rows, key=lambda r: (r.global_batch or 0, r.name)):
         epochs = epoch_records(read_records(row.path / METRICS_FILE))
         points = [(e["epoch"], e["step"], e[row.monitor]) for e in epochs if row.monitor in e]
@@ -212,7 +213,6 @@ def plot_sweep(rows: list[RunSummary], out_path: Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
     return out_path
 
 

@@ -20,13 +20,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import string
+import threading
 import time
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ddp.curves import diagnose, plot_learning_curves
+from ddp.curves import CurvePainter, diagnose
 from ddp.plateau import PlateauEvent
 
 METRICS_FILE = "metrics.jsonl"
@@ -86,7 +90,10 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.monitor, self.monitor_mode = monitor, monitor_mode
         self.records: list[dict[str, Any]] = []
-        self._run = None
+        self._wandb_run = None
+        self._starting: Future | None = None
+        self._run_id: str | None = None
+        self._painter: CurvePainter | None = None
         self._file = None
         self._step = 0
         self._epoch: int | None = None
@@ -100,8 +107,13 @@ class Tracker:
         kept = self._load_kept_records(resume_from_step or 0)
         self._elapsed_offset = max((r.get("elapsed_s", 0.0) for r in kept), default=0.0)
         self._t0 = time.monotonic()
+        self._painter = CurvePainter()  # its helper imports matplotlib while the job trains
         wandb = wandb or WandbConfig()
-        self._run = self._init_wandb(wandb, config, plan, resume_run_id)
+        if wandb.enabled and wandb.resolved_mode() != "disabled":
+            self._run_id = resume_run_id or _new_run_id()
+            self._starting = _in_background(
+                self._init_wandb, wandb, config, plan, self._run_id, resume_run_id is not None
+            )
         plan_record = {
             "kind": "plan",
             **plan,
@@ -125,7 +137,18 @@ class Tracker:
 
     @property
     def run_id(self) -> str | None:
-        return self._run.id if self._run is not None else None
+        """The W&B run id (chosen before W&B starts: it heads metrics.jsonl)."""
+        return self._run_id
+
+    @property
+    def _run(self):
+        """The W&B run, once started. W&B's start (import, service process, handshake:
+        about 0.8 s) runs on a thread from the constructor, alongside the rest of the
+        job's set-up; the first use waits for it and raises its failure, if any."""
+        if self._starting is not None:
+            starting, self._starting = self._starting, None
+            self._wandb_run = starting.result()
+        return self._wandb_run
 
     def _load_kept_records(self, resume_step: int) -> list[dict[str, Any]]:
         """Records of an earlier attempt up to the checkpoint's step.
@@ -158,10 +181,8 @@ class Tracker:
         os.replace(tmp, self.metrics_path)
         self.records = records
 
-    def _init_wandb(self, cfg: WandbConfig, config, plan, resume_run_id: str | None):
+    def _init_wandb(self, cfg: WandbConfig, config, plan, run_id: str, resuming: bool):
         mode = cfg.resolved_mode()
-        if not cfg.enabled or mode == "disabled":
-            return None
         import wandb  # deferred: ranks > 0 and wandb-less runs never pay for the import
 
         wandb_dir = Path(cfg.dir) if cfg.dir else self.run_dir
@@ -174,8 +195,8 @@ class Tracker:
             job_type=cfg.job_type,
             tags=list(cfg.tags),
             dir=str(wandb_dir),
-            id=resume_run_id,
-            resume="allow" if resume_run_id else None,
+            id=run_id,
+            resume="allow" if resuming else None,
             config={"config": config, "plan": plan},
             # System metrics make wandb-core sample the machine in the background: on a
             # CPU-bound node that steals cycles from training (about a third of the steps/s
@@ -307,7 +328,8 @@ class Tracker:
         """Write the learning-curve PNG in the run directory and log it to W&B."""
         if not self.enabled:
             return None
-        path = plot_learning_curves(
+        painter, self._painter = self._painter or CurvePainter(), None
+        path = painter.draw(
             self.records,
             self.run_dir / CURVES_FILE,
             best_epoch=self.best_epoch(),
@@ -325,6 +347,8 @@ class Tracker:
         if not self.enabled or self._finished:
             return
         self._finished = True
+        if self._painter is not None:
+            self._painter.close()
         if self._file is not None:
             self._file.close()
         if self._run is not None:
@@ -335,6 +359,26 @@ class Tracker:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.finish(exit_code=0 if exc_type is None else 1)
+
+
+def _new_run_id() -> str:
+    """Eight base-36 characters, like W&B's own ids (`secrets`: the seeded `random`
+    module, whose state checkpoints carry, is left alone)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _in_background(fn, *args) -> Future:
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # raised where the result is used
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name="ddp-wandb-start", daemon=True).start()
+    return future
 
 
 def _finite(value: Any) -> bool:

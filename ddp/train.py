@@ -55,7 +55,8 @@ class Position:
     micro_batches: int = 0
     """Micro-batches this rank has run: equal on all ranks, or DDP would have hung."""
     epoch_sums: dict[str, float] = field(default_factory=dict)
-    """Train loss/accuracy sums of the unfinished epoch (so a mid-epoch resume reports exactly)."""
+    """Train loss/accuracy sums of the unfinished epoch over all ranks (the same on every
+    rank, so a mid-epoch resume from rank 0's checkpoint reports exactly)."""
 
     def advance(self, step: int, micro_batches: int, **sums: float) -> None:
         self.global_step += 1
@@ -93,7 +94,30 @@ def split_dir(config: Config, split: str) -> Path:
 
 def build_model(config: Config, env: dist.DistEnv) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The user's module (for eval and checkpoints) and its DDP wrapper (for training)."""
-    return wrap_model(instantiate(config.model), env)
+    model = instantiate(config.model)
+    if channels_last(config, model):  # before DDP: its buckets follow the parameters' layout
+        model = model.to(memory_format=torch.channels_last)
+    return wrap_model(model, env)
+
+
+def channels_last(config: Config, model: torch.nn.Module) -> bool:
+    """trainer.channels_last, or (None) whether the model has a 2-D convolution: on CPU
+    (oneDNN) a small CNN's step took 0.75x the time (bench/overhead.py)."""
+    if config.trainer.channels_last is not None:
+        return config.trainer.channels_last
+    return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def input_mover(device: torch.device, channels_last: bool):
+    """Batch -> the batch on `device`, 4-D inputs in the model's memory order."""
+
+    def move(batch: data.Batch) -> data.Batch:
+        batch = batch.to(device)
+        if channels_last and batch.inputs.dim() == 4:
+            batch.inputs = batch.inputs.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    return move
 
 
 def wrap_model(
@@ -128,15 +152,21 @@ def autocast_for(config: Config, env: dist.DistEnv):
 # --------------------------------------------------------------------------- steps
 
 
-def train_step(micro_batches, ddp_model, scaler, autocast) -> list[float]:
+STEP_DEVICE_SUMS = ("loss", "correct", "count")
+STEP_HOST_SUMS = ("skipped", "preempt", "save")
+EPOCH_SUMS = ("loss", "correct", "count", "skipped")
+
+
+def train_step(micro_batches, ddp_model, scaler, autocast, sums: dist.StepSums) -> None:
     """Forward/backward over this rank's micro-batches; DDP syncs gradients only on the last.
 
     Padding repeats and skipped bad samples (valid=False) add nothing to the gradient, so
-    each sample counts once per epoch. Returns this rank's [loss sum, correct, samples]
-    (the loss may be non-finite), read back from the device once per step.
+    each sample counts once per epoch. This rank's [loss sum, correct, samples] go to
+    `sums` before the last backward, whose gradient all-reduce sums them over the ranks
+    (the loss may be non-finite: then so is the sum).
     """
     accumulate = len(micro_batches)
-    stats = torch.zeros(3, dtype=torch.float64, device=micro_batches[0].inputs.device)
+    stats = []
     for micro, batch in enumerate(micro_batches):
         last = micro == accumulate - 1
         sync = nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
@@ -144,14 +174,15 @@ def train_step(micro_batches, ddp_model, scaler, autocast) -> list[float]:
             with autocast():
                 logits = ddp_model(batch.inputs)
             losses = F.cross_entropy(logits.float(), batch.targets, reduction="none")
-            losses = losses * batch.valid
+            loss = (losses * batch.valid).sum()
+            with torch.no_grad():
+                hits = (logits.argmax(dim=1) == batch.targets).logical_and_(batch.valid)
+                stats.append(torch.stack([loss, hits.sum(), batch.valid.sum()]))
+                if last:
+                    sums.set_device(torch.stack(stats).sum(dim=0) if accumulate > 1 else stats[0])
             # Sum over the micro-batch / its size / accumulate: this rank's share of the mean
             # over the global batch; DDP averages the ranks.
-            scaler.scale(losses.sum() / (len(losses) * accumulate)).backward()
-        with torch.no_grad():
-            hits = (logits.argmax(dim=1) == batch.targets) & batch.valid
-            stats += torch.stack([losses.sum(), hits.sum(), batch.valid.sum()]).double()
-    return stats.tolist()
+            scaler.scale(loss / (len(losses) * accumulate)).backward()
 
 
 def apply_update(optimizer, scaler, model, grad_clip: float | None) -> None:
@@ -164,12 +195,12 @@ def apply_update(optimizer, scaler, model, grad_clip: float | None) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, loader, env: dist.DistEnv, autocast) -> dict[str, float]:
+def evaluate(model, loader, env: dist.DistEnv, autocast, move) -> dict[str, float]:
     """Loss and accuracy over the whole validation set, reduced exactly across ranks."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, samples
     for batch in loader:
-        batch = batch.to(env.device)
+        batch = move(batch)
         with autocast():
             logits = model(batch.inputs)
         valid = batch.valid
@@ -197,7 +228,8 @@ def checkpoint_state(
     tracker: Tracker,
     env: dist.DistEnv,
 ) -> dict[str, Any]:
-    rng = dist.all_gather_object(checkpoint.rng_state(), env)  # every rank's generators
+    gathered = dist.all_gather_bytes(checkpoint.rng_state_bytes(), env)  # every rank's
+    rng = [checkpoint.rng_state_from_bytes(b) for b in gathered]  # generators
     return {
         "format": checkpoint.FORMAT,
         "model": model.state_dict(),
@@ -245,6 +277,19 @@ def train(cfg: DictConfig) -> int:
     stop = StopRequest()
 
     env = start_process_group(config)
+    # First, so that W&B starts (on a thread) while the model is built.
+    config_record = config_dict(config)  # once: it costs tens of ms
+    tracker = Tracker(
+        run_dir=run_dir,
+        config=config_record,
+        plan=plan.as_dict(),
+        wandb=wandb_config(config),
+        resume_run_id=resumed["wandb_run_id"] if resumed else None,
+        resume_from_step=resumed["position"]["global_step"] if resumed else None,
+        monitor=config.plateau.monitor,
+        monitor_mode=config.plateau.mode,
+        enabled=env.is_main,
+    )
     torch.manual_seed(config.trainer.seed + env.rank)
     model, ddp_model = build_model(config, env)
     optimizer, schedule = build_optimizer(config, model, plan)
@@ -252,6 +297,8 @@ def train(cfg: DictConfig) -> int:
     plateau = PlateauTracker(config.plateau)
     autocast = autocast_for(config, env)
     pos = restore(resumed, model, optimizer, scaler, plateau, plan, env) if resumed else Position()
+    sums = dist.StepSums(env, ddp_model, STEP_DEVICE_SUMS, STEP_HOST_SUMS)
+    move = input_mover(env.device, channels_last(config, model))
 
     progress = Progress(env.is_main, plan.iterations_per_epoch, plan.global_size)
     progress.print(f"batch plan ({env.world_size} process(es), {env.device.type}):\n{plan.table()}")
@@ -260,20 +307,12 @@ def train(cfg: DictConfig) -> int:
         progress.print(
             f"resumed at epoch {pos.epoch} step {pos.step_in_epoch} ({ckpt_dir}/last.pt)"
         )
-    config_record = config_dict(config)  # once: it costs tens of ms
-    tracker = Tracker(
-        run_dir=run_dir,
-        config=config_record,
-        plan=plan.as_dict(),
-        wandb=wandb_config(config),
-        resume_run_id=resumed["wandb_run_id"] if resumed else None,
-        resume_from_step=pos.global_step if resumed else None,
-        monitor=config.plateau.monitor,
-        monitor_mode=config.plateau.mode,
-        enabled=env.is_main,
-    )
 
-    def save_last(also_best: bool = False) -> None:
+    writer = checkpoint.BackgroundWriter()
+
+    def save_last(also_best: bool = False, leaving: bool = False) -> None:
+        """last.pt (and best.pt, a byte copy) by rank 0, written while training goes on;
+        before leaving, every rank waits until it is on disk."""
         state = checkpoint_state(
             config_record, plan, model, optimizer, scaler, plateau, pos, tracker, env
         )
@@ -281,10 +320,11 @@ def train(cfg: DictConfig) -> int:
             if checkpoint.has_nonfinite(state["model"]):
                 progress.print("warning: not saving last.pt: the weights are not finite")
             else:
-                checkpoint.atomic_save(state, ckpt_dir / "last.pt")
-                if also_best:  # the very same state: copy the bytes, don't pickle twice
-                    checkpoint.atomic_copy(ckpt_dir / "last.pt", ckpt_dir / "best.pt")
-        dist.barrier(env)  # nobody exits (or is killed by torchrun) while rank 0 writes
+                best = (ckpt_dir / "best.pt",) if also_best else ()
+                writer.save(state, ckpt_dir / "last.pt", copies=best)
+        if leaving:
+            writer.wait()
+            dist.barrier(env)  # nobody exits (or is killed by torchrun) while rank 0 writes
 
     auditable = config.trainer.audit_samples and getattr(train_loader, "indexed", True)
     audit = SampleAudit(plan.num_samples if auditable else 0)
@@ -301,36 +341,37 @@ def train(cfg: DictConfig) -> int:
             lr = plateau.scaled_lr(schedule.lr_at(pos.global_step))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [next(micro_batches).to(env.device) for _ in range(plan.accumulate)]
+            batches = [move(next(micro_batches)) for _ in range(plan.accumulate)]
             audit.record(batches)
-            loss_sum, correct, count = train_step(batches, ddp_model, scaler, autocast)
-            # One collective per step decides everything that changes control flow.
-            flags = dist.any_rank_flags(
-                env,
-                nonfinite=not math.isfinite(loss_sum),
+            # Everything the ranks must share this step (loss, counts, stop and save
+            # requests) rides on the step's gradient all-reduce: no collective of its own.
+            sums.set_host(
+                skipped=sum(b.num_skipped for b in batches),
                 preempt=stop.requested,
                 save=checkpoint_due(config, pos.global_step + 1, last_save),
             )
-            if flags["nonfinite"]:
+            train_step(batches, ddp_model, scaler, autocast, sums)
+            totals = sums.result()  # over all ranks
+            finite = math.isfinite(totals["loss"])  # false if any rank's loss is not
+            if not finite:
                 optimizer.zero_grad(set_to_none=True)  # no rank applies a poisoned update
                 pos.skipped_steps += 1
                 stop_reason = nonfinite_verdict(config, pos, epoch, step, progress)
             else:
                 apply_update(optimizer, scaler, model, config.trainer.grad_clip)
-            skipped = sum(b.num_skipped for b in batches)
-            pos.advance(
-                step, len(batches), loss=loss_sum, correct=correct, count=count, skipped=skipped
-            )
-            progress.step(loss_sum / max(count, 1))
+            counted = EPOCH_SUMS if finite else ("skipped",)  # a skipped update adds no loss
+            pos.advance(step, len(batches), **{k: totals[k] for k in counted})
+            train_loss = totals["loss"] / max(totals["count"], 1)
+            progress.step(train_loss)
             if pos.global_step % config.trainer.log_every_steps == 0:
-                train_metrics = {"train/loss": loss_sum / max(count, 1), "train/lr": lr}
+                train_metrics = {"train/loss": train_loss, "train/lr": lr}
                 tracker.log_train(pos.global_step, train_metrics, epoch=epoch)
-            if flags["preempt"]:
+            if totals["preempt"]:
                 stop_reason = "preempted"
             elif config.trainer.max_steps and pos.global_step >= config.trainer.max_steps:
                 stop_reason = "max_steps"
-            if stop_reason in ("preempted", "max_steps") or flags["save"]:
-                save_last()
+            if stop_reason in ("preempted", "max_steps") or totals["save"]:
+                save_last(leaving=stop_reason is not None)
                 last_save = time.monotonic()
             if stop_reason:
                 break
@@ -339,9 +380,9 @@ def train(cfg: DictConfig) -> int:
             break
 
         trained = (plan.iterations_per_epoch - first_step) * plan.global_size
-        metrics = finish_epoch(pos, env, trained / max(time.perf_counter() - t0, 1e-9))
+        metrics = finish_epoch(pos, trained / max(time.perf_counter() - t0, 1e-9))
         metrics.update(audit.finish_epoch(env))
-        metrics.update(evaluate(model, val_loader, env, autocast))
+        metrics.update(evaluate(model, val_loader, env, autocast, move))
         event = plateau.update(epoch, metrics[config.plateau.monitor])
         tracker.log_val(epoch, pos.global_step, metrics)
         if event is not None:
@@ -353,6 +394,8 @@ def train(cfg: DictConfig) -> int:
         if dist.any_rank(plateau.stopped, env):  # every rank leaves the loop together
             stop_reason = "plateau"
 
+    writer.wait()  # the last checkpoint is on disk before anyone reports or leaves
+    dist.barrier(env)
     stop_reason = stop_reason or "max_epochs"
     exit_code = EXIT_CODES.get(stop_reason, EXIT_OK)
     tracker.summary(
@@ -415,6 +458,7 @@ def build_loaders(config: Config, plan: BatchPlan, rank: int):
         on_error=d.on_error,
         input_key=d.input_key,
         target_key=d.target_key,
+        in_memory_max_mb=d.in_memory_max_mb,
     )
     seed = config.trainer.seed
     transform = instantiate(d.transform) if d.transform else None  # per sample, training only
@@ -516,11 +560,10 @@ def checkpoint_due(config: Config, next_step: int, last_save: float) -> bool:
     return by_steps or by_time
 
 
-def finish_epoch(pos: Position, env: dist.DistEnv, samples_per_s: float) -> dict[str, float]:
-    """Train loss and accuracy of the epoch over all ranks, bad samples skipped, throughput."""
-    keys = ("loss", "correct", "count", "skipped")
-    sums = torch.tensor([pos.epoch_sums.get(k, 0.0) for k in keys], dtype=torch.float64)
-    loss, correct, count, skipped = dist.all_reduce_sum(sums.to(env.device), env).tolist()
+def finish_epoch(pos: Position, samples_per_s: float) -> dict[str, float]:
+    """Train loss and accuracy of the epoch over all ranks (its step sums already are),
+    bad samples skipped, throughput."""
+    loss, correct, count, skipped = (pos.epoch_sums.get(k, 0.0) for k in EPOCH_SUMS)
     return {
         "train/epoch_loss": loss / max(count, 1),
         "train/epoch_accuracy": correct / max(count, 1),

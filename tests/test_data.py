@@ -58,8 +58,13 @@ def same(a: list[Batch], b: list[Batch]) -> bool:
         and torch.equal(x.inputs, y.inputs)
         and torch.equal(x.targets, y.targets)
         and torch.equal(x.valid, y.valid)
+        and x.num_skipped == y.num_skipped
         for x, y in zip(a, b, strict=True)
     )
+
+
+SHARDS = {"in_memory_max_mb": 0}
+"""Loader options that read every micro-batch from the shards (digits fits in memory)."""
 
 
 def test_num_samples_comes_from_the_manifest(digits: Path) -> None:
@@ -96,18 +101,19 @@ def test_loader_returns_the_stored_samples(digits: Path) -> None:
 
 def test_loader_is_identical_for_0_and_2_workers(digits: Path) -> None:
     plan = make_plan(1438, 64, 16, 2)
-    serial = build_train_loader(digits / "train", plan, 1, 0, LoaderOptions(num_workers=0))
-    workers = build_train_loader(digits / "train", plan, 1, 0, LoaderOptions(num_workers=2))
+    serial = build_train_loader(digits / "train", plan, 1, 0, LoaderOptions(0, **SHARDS))
+    workers = build_train_loader(digits / "train", plan, 1, 0, LoaderOptions(2, **SHARDS))
     for epoch in (0, 1):  # persistent workers must see the new epoch
         assert same(list(serial.epoch(epoch)), list(workers.epoch(epoch)))
     assert same(list(serial.epoch(2, 5)), list(workers.epoch(2, 5)))
     assert not same(list(serial.epoch(0)), list(serial.epoch(1)))
 
 
-def test_resume_gives_exactly_the_rest_of_the_epoch(digits: Path) -> None:
+@pytest.mark.parametrize("options", [SHARDS, {}], ids=["shards", "memory"])
+def test_resume_gives_exactly_the_rest_of_the_epoch(digits: Path, options) -> None:
     plan = make_plan(1438, 32, 8, 2)
-    full = epoch_batches(digits / "train", plan, rank=1, epoch=4)
-    rest = epoch_batches(digits / "train", plan, rank=1, epoch=4, start_step=30)
+    full = epoch_batches(digits / "train", plan, rank=1, epoch=4, **options)
+    rest = epoch_batches(digits / "train", plan, rank=1, epoch=4, start_step=30, **options)
     assert len(rest) == (plan.iterations_per_epoch - 30) * plan.accumulate
     assert same(rest, full[30 * plan.accumulate :])
 
@@ -188,23 +194,31 @@ def corrupt_npy(split: Path, shard_pos: int, sample: int) -> str:
     return shard.keys[sample]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_undecodable_sample_names_shard_and_key(digits: Path, tmp_path: Path, workers) -> None:
+@pytest.mark.parametrize(
+    ("workers", "memory_mb"), [(0, 0), (2, 0), (0, 256)], ids=["shards", "workers", "memory"]
+)
+def test_undecodable_sample_names_shard_and_key(
+    digits: Path, tmp_path: Path, workers: int, memory_mb: float
+) -> None:
     split = copy_split(digits / "val", tmp_path / "val")
     key = corrupt_npy(split, 1, 7)
-    loader = build_eval_loader(split, 16, 0, 1, LoaderOptions(num_workers=workers))
+    options = LoaderOptions(num_workers=workers, in_memory_max_mb=memory_mb)
     with pytest.raises(DataError, match=f"shard-000001.tar: key {key}: undecodable .npy") as err:
-        list(loader)
+        list(build_eval_loader(split, 16, 0, 1, options))  # memory: raised while loading
     assert str(err.value).startswith(str(split)) and "\n" not in str(err.value)
 
 
-def test_skip_marks_bad_samples_invalid_and_counts_them(digits: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("memory_mb", [0, 256], ids=["shards", "memory"])
+def test_skip_marks_bad_samples_invalid_and_counts_them(
+    digits: Path, tmp_path: Path, memory_mb: float
+) -> None:
     split = copy_split(digits / "train", tmp_path / "train")
     keys = {corrupt_npy(split, 0, 3), corrupt_npy(split, 4, 10)}
     index_split(split)  # checksums refreshed; the loader only checks sizes anyway
     plan = make_plan(1438, 64, 16, 2)
-    loader = build_train_loader(split, plan, 0, 0, LoaderOptions(on_error="skip"))
-    other = build_train_loader(split, plan, 1, 0, LoaderOptions(on_error="skip"))
+    options = LoaderOptions(on_error="skip", in_memory_max_mb=memory_mb)
+    loader = build_train_loader(split, plan, 0, 0, options)
+    other = build_train_loader(split, plan, 1, 0, options)
     batches = list(loader.epoch(0)) + list(other.epoch(0))
     assert len(batches) == 2 * plan.micro_batches_per_epoch
     assert loader.num_skipped + other.num_skipped == 2
@@ -214,6 +228,53 @@ def test_skip_marks_bad_samples_invalid_and_counts_them(digits: Path, tmp_path: 
         for i, ok in zip(b.indices.tolist(), b.valid.tolist(), strict=True):
             if i in bad:
                 assert not ok
+
+
+def test_memory_gives_the_very_batches_the_shards_give(digits: Path, tmp_path: Path) -> None:
+    plan = make_plan(1438, 96, 16, 2)  # accumulation 3, 32 padded samples
+    for rank in (0, 1):
+        memory = build_train_loader(digits / "train", plan, rank, 0, LoaderOptions())
+        shards = build_train_loader(digits / "train", plan, rank, 0, LoaderOptions(**SHARDS))
+        assert memory.memory is not None and shards.memory is None
+        for epoch, start in ((0, 0), (3, 0), (3, 7)):
+            assert same(list(memory.epoch(epoch, start)), list(shards.epoch(epoch, start)))
+        evals = [
+            build_eval_loader(digits / "val", 32, rank, 2, LoaderOptions(**o)) for o in ({}, SHARDS)
+        ]
+        assert evals[0].memory is not None and same(list(evals[0]), list(evals[1]))
+
+
+def test_memory_applies_a_random_transform_per_micro_batch(pngs: Path) -> None:
+    """The same draws in the same order: a resumed or re-run job is identical either way."""
+    plan = make_plan(81, 16, 8, 1)
+    runs = []
+    for options in ({}, SHARDS):
+        loader = build_train_loader(
+            pngs / "train",
+            plan,
+            0,
+            0,
+            LoaderOptions(input_key="png", **options),
+            transform=lambda x: x + torch.rand(()),
+        )
+        torch.manual_seed(0)
+        runs.append(list(loader.epoch(0)) + list(loader.epoch(1)))
+    assert same(*runs)
+    assert not torch.equal(runs[0][0].inputs, runs[0][len(runs[0]) // 2].inputs)
+
+
+def test_memory_holds_only_splits_under_the_limit(digits: Path) -> None:
+    # 359 val samples x 64 float32 = 92 KiB
+    assert build_eval_loader(digits / "val", 8, 0, 1, LoaderOptions(in_memory_max_mb=0.09)).memory
+    assert not build_eval_loader(
+        digits / "val", 8, 0, 1, LoaderOptions(in_memory_max_mb=0.08)
+    ).memory
+    with_workers = LoaderOptions(num_workers=2)
+    loader = build_train_loader(
+        digits / "train", make_plan(1438, 64, 16, 1), 0, 0, with_workers, transform=torch.flatten
+    )
+    assert loader.memory is None  # augmentation stays in the workers
+    loader.close()
 
 
 def test_npy_images_arrive_exactly_as_stored(tmp_path: Path) -> None:

@@ -141,6 +141,8 @@ def test_ranks_agree_when_only_one_rank_has_the_flag(clean_jobs: list[Job]) -> N
     assert [seen[r]["any_rank"] for r in (0, 1)] == [True, True]
     assert [seen[r]["world_from_sum"] for r in (0, 1)] == [2, 2]
     assert [seen[r]["from_rank0"] for r in (0, 1)] == ["hello from 0"] * 2
+    assert [seen[r]["gathered"] for r in (0, 1)] == [["000000", "010101"]] * 2
+    assert [seen[r]["gathered_sizes"] for r in (0, 1)] == [[5, 60]] * 2
 
 
 @pytest.mark.slow

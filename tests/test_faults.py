@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -180,23 +181,26 @@ def test_resume_that_changes_the_global_batch_is_refused(job, tmp_path):
     assert allowed.returncode == 0, allowed.stderr[-3000:]
 
 
-def kill_mid_save_script(path: Path) -> str:
+def kill_mid_save_script(path: Path, background: bool) -> str:
+    save = "BackgroundWriter().save" if background else "atomic_save"  # one writer
     return f"""
 import torch
 from pathlib import Path
-from ddp.checkpoint import atomic_save, FORMAT
+from ddp.checkpoint import BackgroundWriter, atomic_save, FORMAT
 big = {{"format": FORMAT, "model": {{"w": torch.randn(4_000_000)}}}}
+save = {save}
 i = 0
 while True:
     big["step"] = i
-    atomic_save(big, Path({str(path)!r}))
+    save(big, Path({str(path)!r}))
     i += 1
 """
 
 
-def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["atomic_save", "BackgroundWriter"])
+def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, background):
     path = tmp_path / "last.pt"
-    script = kill_mid_save_script(path)
+    script = kill_mid_save_script(path, background)
     for delay in (0.9, 1.1, 1.3, 1.6, 2.0):
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
         time.sleep(delay)  # saves take ~50-100 ms: the kill lands at varied instants
@@ -205,6 +209,35 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         if path.exists():
             assert checkpoint.load(path)["model"]["w"].numel() == 4_000_000
     assert path.exists()
+
+
+def test_background_writes_keep_the_state_of_the_moment_of_saving(tmp_path):
+    writer = checkpoint.BackgroundWriter()
+    state = {"format": checkpoint.FORMAT, "model": {"w": torch.zeros(1000)}}
+    writer.save(state, tmp_path / "last.pt", copies=(tmp_path / "best.pt",))
+    state["model"]["w"] += 1  # training goes on while the thread writes
+    writer.wait()
+    for name in ("last.pt", "best.pt"):
+        assert checkpoint.load(tmp_path / name)["model"]["w"].sum() == 0
+
+
+def test_rng_state_travels_as_bytes_unchanged():
+    torch.manual_seed(3)
+    random.seed(4)
+    before = checkpoint.rng_state()
+    after = checkpoint.rng_state_from_bytes(checkpoint.rng_state_bytes())
+    assert torch.equal(after["torch"], before["torch"]) and after["python"] == before["python"]
+    checkpoint.set_rng_state(after)
+    assert torch.rand(3).tolist() == (torch.manual_seed(3), torch.rand(3))[1].tolist()
+
+
+def test_a_failed_background_write_is_raised_naming_the_file(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    writer = checkpoint.BackgroundWriter()
+    writer.save({"format": checkpoint.FORMAT}, tmp_path / "file" / "last.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoint .*file/last.pt"):
+        writer.wait()
+    writer.wait()  # reported once
 
 
 @pytest.mark.parametrize("content", [b"not a checkpoint", None])

@@ -229,7 +229,43 @@ def test_online_without_login_falls_back_to_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
     monkeypatch.setenv("WANDB_API_KEY", "")
-    with pytest.warns(UserWarning, match="logging offline"):
+    with pytest.warns(UserWarning, match="logging offline"):  # from W&B's start, a thread
         tracker = Tracker(tmp_path / "run", CONFIG, PLAN, WandbConfig(mode="online"))
-    tracker.finish()
+        tracker.finish()
     assert inspect_summary(tmp_path / "run")["run_id"] == tracker.run_id
+
+
+CURVE_RECORDS = [
+    {
+        "kind": "val",
+        "epoch": e,
+        "step": 10 * e,
+        "val/accuracy": 0.5 + e / 10,
+        "val/loss": 1 / (e + 1),
+    }
+    for e in range(4)
+]
+
+
+def test_the_curves_are_drawn_by_the_helper_process(tmp_path):
+    script = f"""
+import sys
+from pathlib import Path
+from ddp.curves import CurvePainter
+painter = CurvePainter()
+records = {CURVE_RECORDS!r}
+painter.draw(records, Path({str(tmp_path / "c.png")!r}), best_epoch=3, title="t")
+assert "matplotlib" not in sys.modules, "drawn in the trainer's process"
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_without_its_helper_the_painter_draws_in_process(tmp_path):
+    from ddp.curves import CurvePainter
+
+    painter = CurvePainter()
+    painter._helper.kill()  # a helper that died (killed, out of memory)
+    painter.draw(CURVE_RECORDS, tmp_path / "c.png", best_epoch=3)
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

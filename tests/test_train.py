@@ -1,11 +1,13 @@
 """The main job end to end: 2 processes under torchrun, gloo, digits shards."""
 
 import json
+import math
 import subprocess
 
 import pytest
 import torch
 
+from ddp import checkpoint
 from tests import harness
 from tests.harness import BIN, ROOT, records
 
@@ -73,10 +75,21 @@ def test_no_sync_accumulation_equals_one_big_batch(tmp_path):
     torch.manual_seed(0)
     model = MLP(64, 10, hidden=(32,))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    torch.nn.functional.cross_entropy(model(saved["inputs"]), saved["targets"]).backward()
+    logits = model(saved["inputs"])
+    torch.nn.functional.cross_entropy(logits, saved["targets"]).backward()
     optimizer.step()
     for name, value in model.state_dict().items():
         torch.testing.assert_close(saved["params"][name], value, rtol=1e-5, atol=1e-6)
+
+    # The step sums rode on the gradient all-reduce: the same totals on both ranks.
+    seen = [json.loads((tmp_path / f"params.pt.sums-rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1]
+    first, second = seen[0]
+    assert first["carried"] and second["carried"]
+    assert first["count"] == 2 * 4 * 3 and first["preempt"] == 1.0  # raised by rank 1 only
+    loss = torch.nn.functional.cross_entropy(logits.detach(), saved["targets"], reduction="sum")
+    assert first["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert second["preempt"] == 0.0 and math.isnan(second["loss"])  # rank 1's NaN, seen by all
 
 
 @pytest.mark.parametrize(
@@ -168,3 +181,18 @@ def test_streaming_mode_from_pipe_urls_keeps_equal_batches(digits_root, tmp_path
     out = harness.train([*base_overrides, f"data.urls='{urls}'", "data.num_samples=1438"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert summary(tmp_path / "runs" / "test")["micro_batches_per_rank"] == [46, 46]
+
+
+@pytest.mark.parametrize(("setting", "expected"), [("null", True), ("false", False)])
+def test_a_cnn_trains_in_channels_last_order_unless_told_not_to(
+    digits_root, tmp_path, base_overrides, setting, expected
+):
+    overrides = [*base_overrides, "model=cnn", "model.channels=[8,16]", "trainer.max_epochs=2"]
+    out = harness.train([*overrides, f"trainer.channels_last={setting}"], nproc=0)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "test"
+    weight = checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"][
+        "features.3.weight"
+    ]  # 8 -> 16 channels
+    assert weight.is_contiguous(memory_format=torch.channels_last) == expected
+    assert records(run_dir, "val")[-1]["val/accuracy"] > 0.5  # it learns either way

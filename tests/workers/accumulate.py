@@ -1,8 +1,12 @@
-"""torchrun worker: one update with no_sync accumulation, parameters saved by rank 0.
+"""torchrun worker: one update with no_sync accumulation, parameters saved by rank 0;
+and the step sums that ride on the gradient all-reduce (dist.StepSums: a flag raised
+by rank 1 alone, then a NaN sample on rank 1), as every rank saw them
+(OUT.pt.sums-rank<R>.json).
 
 torchrun --nproc_per_node=2 tests/workers/accumulate.py OUT.pt MICRO ACCUMULATE
 """
 
+import json
 import sys
 from contextlib import nullcontext
 
@@ -28,11 +32,21 @@ def main(out: str, micro: int, accumulate: int) -> None:
         for x, y in zip(inputs[mine].split(micro), targets[mine].split(micro), strict=True)
     ]
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    train_step(batches, ddp_model, scaler, nullcontext)
+    sums = dist.StepSums(env, ddp_model, ("loss", "correct", "count"), ("preempt",))
+    sums.set_host(preempt=env.rank == 1)
+    train_step(batches, ddp_model, scaler, nullcontext, sums)
+    seen = [{"carried": sums._reduced is not None, **sums.result()}]  # no collective of its own
     apply_update(optimizer, scaler, model, grad_clip=None)
     if env.is_main:
         torch.save({"params": model.state_dict(), "inputs": inputs, "targets": targets}, out)
+    if env.rank == 1:  # a NaN sample on one rank: every rank must see a non-finite loss
+        batches[0].inputs[0, 0] = float("nan")
+    train_step(batches, ddp_model, scaler, nullcontext, sums)
+    seen.append({"carried": sums._reduced is not None, **sums.result()})
+    with open(f"{out}.sums-rank{env.rank}.json", "w") as f:
+        json.dump(seen, f)
     dist.shutdown(env)
+    dist.exit_process(0)  # gloo's workers must not race interpreter finalization
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ test: data
 # Ours vs a raw DDP loop vs Lightning (installs the bench extra), then the data loader.
 bench: data
 	$(BIN)/pip install --quiet -e '.[test,slurm,bench]'
-	OMP_NUM_THREADS=1 $(BIN)/python bench/overhead.py --json bench/results/overhead.json
+	OMP_NUM_THREADS=1 $(BIN)/python bench/overhead.py --repeats 5 --json bench/results/overhead.json
 	$(BIN)/python bench/data_bench.py
 
 lint: setup

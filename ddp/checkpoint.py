@@ -8,11 +8,13 @@ tensors only, nothing a foreign file could use to run code.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import queue
 import random
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -45,9 +47,11 @@ class BackgroundWriter:
     memory: training goes on changing the originals) and hands it to a long-lived writer
     thread, which pickles, writes, fsyncs and renames it (then any copies) exactly as
     `atomic_save` does. One write is in flight at a time: the next `save` waits for the
-    last one, as must everything that ends the process (`wait`). A failed write is
-    raised by the next `save` or `wait` as a CheckpointError naming the file. The
-    snapshot (one checkpoint's size) is held in memory until written.
+    last one. A failed write is reported by the next `save` as a warning (that save is
+    still attempted: storage may have recovered) and raised by `wait`, which everything
+    that ends the process calls, as a CheckpointError naming the file. A process that
+    exits without `wait` (an error elsewhere) still finishes the write in flight, from
+    an exit handler. The snapshot (one checkpoint's size) is held in memory until written.
     """
 
     def __init__(self) -> None:
@@ -58,11 +62,15 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
 
     def save(self, obj: Any, path: Path, copies: tuple[Path, ...] = ()) -> None:
-        self.wait()
+        self._idle.wait()
+        if self._error is not None:
+            error, self._error = self._error, None
+            print(f"warning: {error}; trying again", file=sys.stderr, flush=True)
         snapshot = _snapshot(obj)
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name="ddp-checkpoint", daemon=True)
             self._thread.start()
+            atexit.register(self._idle.wait)  # exit_process runs these before os._exit
         self._idle.clear()
         self._jobs.put((snapshot, path, copies))
 
@@ -89,14 +97,26 @@ class BackgroundWriter:
 
 def _snapshot(obj: Any) -> Any:
     """`obj` with every tensor copied to CPU memory (strides kept) and every container
-    rebuilt, so nothing in it changes after the call."""
+    rebuilt (its type and a state dict's `_metadata` kept), so nothing in it changes
+    after the call."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: _snapshot(v) for k, v in obj.items()}
+        copy = type(obj)((k, _snapshot(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # module versions of a state_dict
+            copy._metadata = obj._metadata
+        return copy
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(_snapshot(v) for v in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(_snapshot(v) for v in obj)
     return obj
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Temporary files of writes cut short by a kill (atomic writes leave nothing else)."""
+    for stale in directory.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:

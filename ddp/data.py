@@ -447,18 +447,28 @@ class MemorySplit:
     """A whole split decoded once and kept in memory: a micro-batch is an index gather.
 
     Samples are kept as stored (uint8 images stay uint8: a quarter of float32) and go
-    through the same conversion, bad-sample handling and transform as
-    `ShardDataset.fetch`, per micro-batch, so order, masks and numbers do not depend on
-    whether a split is held in memory; only the per-step reading goes. On the digits MLP
-    that reading was a tenth of every step (bench/overhead.py).
+    through the same conversion and transform as `ShardDataset.fetch`, per micro-batch,
+    so order, masks and numbers do not depend on whether a split is held in memory; only
+    the per-step reading goes. On the digits MLP that reading was a tenth of every step
+    (bench/overhead.py). `load` declines a split with a bad or odd sample (another shape
+    or dtype): the shard path judges those per micro-batch, and stays the reference.
     """
 
-    def __init__(self, dataset: ShardDataset, pin_memory: bool = False):
-        inputs, targets, self.ok = dataset.decode(np.arange(len(dataset)))
-        self.inputs = inputs if isinstance(inputs, np.ndarray) else np.stack(inputs)
-        self.targets = torch.from_numpy(targets)
-        self.transform = dataset.transform
+    def __init__(self, inputs: np.ndarray, targets: np.ndarray, transform, pin_memory: bool):
+        self.inputs, self.targets = inputs, torch.from_numpy(targets)
+        self.transform = transform
         self.pin_memory = pin_memory
+
+    @classmethod
+    def load(cls, dataset: ShardDataset, pin_memory: bool = False) -> MemorySplit | None:
+        inputs, targets, ok = dataset.decode(np.arange(len(dataset)))
+        if not ok.all():
+            return None
+        if not isinstance(inputs, np.ndarray):  # decoded one by one: all alike?
+            if len({(a.shape, a.dtype) for a in inputs}) != 1:
+                return None
+            inputs = np.stack(inputs)
+        return cls(inputs, targets, dataset.transform, pin_memory)
 
     @staticmethod
     def fits(dataset: ShardDataset, max_mb: float) -> bool:
@@ -476,13 +486,11 @@ class MemorySplit:
         if self.transform is not None:
             inputs = torch.stack([self.transform(x) for x in inputs])
         indices = torch.from_numpy(np.asarray(micro.indices, dtype=np.int64))
-        ok = self.ok[micro.indices]
         batch = Batch(
             inputs=inputs,
             targets=self.targets.index_select(0, indices),
-            valid=torch.from_numpy(ok & ~np.asarray(micro.padded, dtype=bool)),
+            valid=torch.from_numpy(~np.asarray(micro.padded, dtype=bool)),
             indices=indices,
-            num_skipped=len(ok) - int(ok.sum()),
         )
         return batch.pin_memory() if self.pin_memory else batch
 
@@ -494,7 +502,7 @@ def _memory_split(
         return None
     if not MemorySplit.fits(dataset, options.in_memory_max_mb):
         return None
-    return MemorySplit(dataset, options.pin_memory)
+    return MemorySplit.load(dataset, options.pin_memory)
 
 
 @dataclass(frozen=True)

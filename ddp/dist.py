@@ -291,22 +291,28 @@ class StepSums:
         self._env = env
         self._device_values = torch.zeros(len(device_keys), device=env.device)
         self._host_values = [0.0] * len(host_keys)
+        self._host_tensor = torch.zeros(len(host_keys), device=env.device)
         self._reduced: torch.Tensor | None = None
         """Set by the hook: the sums rode on this step's gradients."""
         if env.distributed and ddp_model is not None:
             ddp_model.register_comm_hook(self, _all_reduce_with_sums)
 
     def set_host(self, **values: float) -> None:
+        """This rank's host values, before the step (copied to the device now, so the
+        hook inside backward never waits for a host-to-device copy)."""
         for key, value in values.items():
             self._host_values[self.host_keys.index(key)] = float(value)
+        host = torch.tensor(self._host_values, dtype=torch.float32)
+        if self._env.device.type == "cuda":
+            host = host.pin_memory().to(self._env.device, non_blocking=True)
+        self._host_tensor = host
 
     def set_device(self, values: torch.Tensor) -> None:
         """This rank's device values, in `device_keys` order, before the last backward."""
         self._device_values = values
 
     def _packed(self, dtype: torch.dtype) -> torch.Tensor:
-        host = torch.tensor(self._host_values, dtype=dtype, device=self._env.device)
-        return torch.cat([self._device_values.to(dtype), host])
+        return torch.cat([self._device_values.to(dtype), self._host_tensor.to(dtype)])
 
     def result(self) -> dict[str, float]:
         """Every value summed over the ranks; clears them for the next step."""
@@ -317,6 +323,7 @@ class StepSums:
         values = summed.tolist()
         self._reduced = None
         self._host_values = [0.0] * len(self.host_keys)
+        self._host_tensor = torch.zeros(len(self.host_keys), device=self._env.device)
         return dict(zip(self.device_keys + self.host_keys, values, strict=True))
 
 
@@ -332,7 +339,7 @@ def _all_reduce_with_sums(sums, bucket):  # unannotated: DDP checks annotations 
     def unpack(fut: torch.futures.Future) -> torch.Tensor:
         reduced = fut.value()[0]
         sums._reduced = reduced[n:].float()
-        return reduced[:n]
+        return reduced[:n]  # the gradients must come first: DDP reads them from offset 0
 
     return dist.all_reduce(packed, async_op=True).get_future().then(unpack)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ddp.curves import CurvePainter, diagnose
+from ddp.curves import diagnose, plot_in_helper
 from ddp.plateau import PlateauEvent
 
 METRICS_FILE = "metrics.jsonl"
@@ -93,7 +93,6 @@ class Tracker:
         self._wandb_run = None
         self._starting: Future | None = None
         self._run_id: str | None = None
-        self._painter: CurvePainter | None = None
         self._file = None
         self._step = 0
         self._epoch: int | None = None
@@ -107,7 +106,6 @@ class Tracker:
         kept = self._load_kept_records(resume_from_step or 0)
         self._elapsed_offset = max((r.get("elapsed_s", 0.0) for r in kept), default=0.0)
         self._t0 = time.monotonic()
-        self._painter = CurvePainter()  # its helper imports matplotlib while the job trains
         wandb = wandb or WandbConfig()
         if wandb.enabled and wandb.resolved_mode() != "disabled":
             self._run_id = resume_run_id or _new_run_id()
@@ -139,6 +137,11 @@ class Tracker:
     def run_id(self) -> str | None:
         """The W&B run id (chosen before W&B starts: it heads metrics.jsonl)."""
         return self._run_id
+
+    def ready(self) -> None:
+        """Wait until W&B has started (raising its failure, if any), before training."""
+        if self.enabled:
+            self._run  # noqa: B018 - the property waits
 
     @property
     def _run(self):
@@ -328,8 +331,7 @@ class Tracker:
         """Write the learning-curve PNG in the run directory and log it to W&B."""
         if not self.enabled:
             return None
-        painter, self._painter = self._painter or CurvePainter(), None
-        path = painter.draw(
+        path = plot_in_helper(
             self.records,
             self.run_dir / CURVES_FILE,
             best_epoch=self.best_epoch(),
@@ -347,8 +349,6 @@ class Tracker:
         if not self.enabled or self._finished:
             return
         self._finished = True
-        if self._painter is not None:
-            self._painter.close()
         if self._file is not None:
             self._file.close()
         if self._run is not None:

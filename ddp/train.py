@@ -273,6 +273,8 @@ def train(cfg: DictConfig) -> int:
     plan = plan_for(config.batch, ranks["world_size"], train_samples(config))
     train_loader, val_loader = build_loaders(config, plan, ranks["rank"])
     check_run_dir(run_dir)
+    if ranks["rank"] == 0 and ckpt_dir.is_dir():
+        checkpoint.remove_stale_temporaries(ckpt_dir)
     resumed = load_resume_point(config, plan, ckpt_dir)
     stop = StopRequest()
 
@@ -331,6 +333,7 @@ def train(cfg: DictConfig) -> int:
     stop_reason = None
     last_save = time.monotonic()
     max_epochs = config.trainer.max_epochs or math.inf
+    tracker.ready()  # W&B started during the set-up; a failure to start stops us here
     ddp_model.train()
     while pos.epoch < max_epochs and stop_reason is None:
         epoch = pos.epoch
@@ -407,12 +410,13 @@ def train(cfg: DictConfig) -> int:
         skipped_steps=pos.skipped_steps,
         micro_batches_per_rank=dist.all_gather_object(pos.micro_batches, env),
     )
-    if stop_reason != "preempted":
-        tracker.save_curves()
-    tracker.finish(exit_code)
     progress.print(final_line(config, stop_reason, plateau, pos))
     dist.shutdown(env)
     dist.retire(ddp_model)
+    # Rank 0 alone from here on: the others may leave (no collective waits on the plot).
+    if stop_reason != "preempted":
+        tracker.save_curves()
+    tracker.finish(exit_code)
     return exit_code
 
 

@@ -219,6 +219,7 @@ def test_skip_marks_bad_samples_invalid_and_counts_them(
     options = LoaderOptions(on_error="skip", in_memory_max_mb=memory_mb)
     loader = build_train_loader(split, plan, 0, 0, options)
     other = build_train_loader(split, plan, 1, 0, options)
+    assert loader.memory is None  # bad samples are judged per micro-batch, from the shards
     batches = list(loader.epoch(0)) + list(other.epoch(0))
     assert len(batches) == 2 * plan.micro_batches_per_epoch
     assert loader.num_skipped + other.num_skipped == 2

@@ -231,13 +231,45 @@ def test_rng_state_travels_as_bytes_unchanged():
     assert torch.rand(3).tolist() == (torch.manual_seed(3), torch.rand(3))[1].tolist()
 
 
-def test_a_failed_background_write_is_raised_naming_the_file(tmp_path):
+def test_a_failed_background_write_is_raised_naming_the_file(tmp_path, capfd):
     (tmp_path / "file").write_text("not a directory")
     writer = checkpoint.BackgroundWriter()
     writer.save({"format": checkpoint.FORMAT}, tmp_path / "file" / "last.pt")
     with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoint .*file/last.pt"):
         writer.wait()
     writer.wait()  # reported once
+    # A failure is reported by the next save, which is still tried (storage may recover).
+    writer.save({"format": checkpoint.FORMAT}, tmp_path / "file" / "last.pt")
+    writer.save({"format": checkpoint.FORMAT, "n": 2}, tmp_path / "ok" / "last.pt")
+    writer.wait()
+    assert checkpoint.load(tmp_path / "ok" / "last.pt")["n"] == 2
+    assert "warning: cannot write checkpoint" in capfd.readouterr().err
+
+
+def test_an_exit_without_wait_still_finishes_the_write_in_flight(tmp_path):
+    script = f"""
+import torch
+from pathlib import Path
+from ddp import dist
+from ddp.checkpoint import BackgroundWriter, FORMAT
+state = {{"format": FORMAT, "w": torch.randn(20_000_000)}}
+BackgroundWriter().save(state, Path({str(tmp_path / "last.pt")!r}))
+dist.exit_process(1)  # an error elsewhere: no wait(), straight to os._exit
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1, out.stderr
+    assert checkpoint.load(tmp_path / "last.pt")["w"].numel() == 20_000_000
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_snapshots_keep_state_dict_metadata_and_namedtuples():
+    from collections import namedtuple
+
+    model = torch.nn.Linear(2, 2)
+    pair = namedtuple("Pair", "a b")(torch.zeros(1), 2)
+    copy = checkpoint._snapshot({"model": model.state_dict(), "pair": pair})
+    assert copy["model"]._metadata == model.state_dict()._metadata
+    assert type(copy["pair"]) is type(pair) and copy["pair"].b == 2
 
 
 @pytest.mark.parametrize("content", [b"not a checkpoint", None])
@@ -355,3 +387,10 @@ def test_a_port_in_use_is_named(job):
         )
         out = harness.run([sys.executable, "-m", "ddp.train", *job("z")], timeout=60, **env)
     assert out.returncode == 2 and f"127.0.0.1:{port} is already in use" in out.stderr
+
+
+def test_stale_temporaries_of_cut_writes_are_removed(tmp_path):
+    (tmp_path / "last.pt").write_bytes(b"kept")
+    (tmp_path / ".last.pt.x1y2.tmp").write_bytes(b"half a write")
+    checkpoint.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

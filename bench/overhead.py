@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
     scale = None
     if do_scaling:
         cnn = next(c for c in cases if c.name == "cnn")
-        scaled = [p for p in ("ours", "ours-nchw", "raw") if p in programs or p != "ours-nchw"]
+        scaled = ["ours", *(["ours-nchw"] if "ours-nchw" in programs else []), "raw"]
         for rep in range(repeats):
             for program in scaled:
                 go(cnn, program, rep, 1)

@@ -72,11 +72,12 @@ def test_num_samples_comes_from_the_manifest(digits: Path) -> None:
     assert num_samples(digits / "val") == 359
 
 
-def test_every_sample_once_per_epoch_across_ranks(digits: Path) -> None:
+@pytest.mark.parametrize("options", [SHARDS, {}], ids=["shards", "memory"])
+def test_every_sample_once_per_epoch_across_ranks(digits: Path, options) -> None:
     plan = make_plan(1438, 96, 16, 3)
     seen: Counter = Counter()
     for rank in range(3):
-        batches = epoch_batches(digits / "train", plan, rank)
+        batches = epoch_batches(digits / "train", plan, rank, **options)
         assert len(batches) == plan.micro_batches_per_epoch
         for b in batches:
             seen.update(b.indices[b.valid].tolist())
@@ -118,9 +119,10 @@ def test_resume_gives_exactly_the_rest_of_the_epoch(digits: Path, options) -> No
     assert same(rest, full[30 * plan.accumulate :])
 
 
-def test_padded_samples_are_invalid(digits: Path) -> None:
+@pytest.mark.parametrize("options", [SHARDS, {}], ids=["shards", "memory"])
+def test_padded_samples_are_invalid(digits: Path, options) -> None:
     plan = make_plan(1438, 100, 25, 2)  # 15 iterations, 62 padded samples
-    batches = [b for r in range(2) for b in epoch_batches(digits / "train", plan, r)]
+    batches = [b for r in range(2) for b in epoch_batches(digits / "train", plan, r, **options)]
     assert sum(int((~b.valid).sum()) for b in batches) == plan.padded_samples == 62
 
 

@@ -89,6 +89,10 @@ def train_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in records(run_dir, "train")]
 
 
+def epoch_metrics(run_dir: Path) -> list[tuple[float, float]]:
+    return [(r["train/epoch_loss"], r["train/epoch_accuracy"]) for r in records(run_dir, "val")]
+
+
 @pytest.fixture
 def job(digits_root, tmp_path):
     """Overrides for a short digits job with dropout (so RNG state matters) in run `name`."""
@@ -149,6 +153,9 @@ def test_preemption_signal_on_one_rank_checkpoints_exits_and_resumes(job, refere
     assert again.returncode == 0, again.stderr[-3000:]
     assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
     assert train_steps(run_dir) == list(range(1, 4 * 23 + 1))
+    # The resumed epoch's train loss/accuracy are the uninterrupted run's: the epoch sums
+    # carried in the checkpoint are over all ranks, counted once.
+    assert epoch_metrics(run_dir) == epoch_metrics(reference)
 
 
 def test_sigterm_single_process_exits_75_with_checkpoint(job, tmp_path):

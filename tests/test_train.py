@@ -43,10 +43,14 @@ def test_default_experiment_trains_digits_to_97_percent(digits_root, tmp_path):
         assert key in text, key
 
 
-def test_ranks_run_the_same_steps_and_every_sample_once(digits_root, tmp_path, base_overrides):
+@pytest.mark.parametrize("memory_mb", [256, 0], ids=["memory", "shards"])
+def test_ranks_run_the_same_steps_and_every_sample_once(
+    digits_root, tmp_path, base_overrides, memory_mb
+):
     out = harness.train(
         [
             *base_overrides,
+            f"data.in_memory_max_mb={memory_mb}",
             "trainer.audit_samples=true",
             "batch.global_size=100",
             "batch.micro_size=25",

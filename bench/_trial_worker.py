@@ -66,31 +66,40 @@ def main_naive(args: argparse.Namespace) -> None:
 
 
 def main_ddp(args: argparse.Namespace) -> None:
-    from ddp import dist as ddist  # not imported by the naive variant: it owes nothing to it
+    # Not imported by the naive variant: it owes nothing to ddp.
+    from dataclasses import asdict
 
-    env = ddist.init_distributed("cpu", timeout_s=60)
+    from ddp.dist import collectives as comm
+    from ddp.dist.env import detect
+    from ddp.dist.exit import exit_process
+    from ddp.dist.group import init_distributed, shutdown
+
+    launch = detect()
+    env = init_distributed(launch, torch.device("cpu"), timeout_s=60)
     torch.manual_seed(0)
     model = DDP(torch.nn.Linear(8, 1))
     loss = train(model, args.steps, args.crash_rank, args.crash_step, env.rank)
     last = env.rank == env.world_size - 1
     seen = {
-        "detect": ddist.detect(),
-        "attempt": ddist.restart_count(),
-        "all_agree": ddist.all_agree(last, env),
-        "any_rank": ddist.any_rank(last, env),
-        "world_from_sum": int(ddist.all_reduce_sum(torch.ones(1), env).item()),
-        "from_rank0": ddist.broadcast_object(f"hello from {env.rank}", env),
-        "gathered": [b.hex() for b in ddist.all_gather_bytes(bytes([env.rank] * 3), env)],
+        "detect": {
+            k: v for k, v in asdict(launch).items() if k not in ("launcher", "restart_count")
+        },
+        "attempt": launch.restart_count,
+        "all_agree": comm.all_agree(last, env),
+        "any_rank": comm.any_rank(last, env),
+        "world_from_sum": int(comm.all_reduce_sum(torch.ones(1), env).item()),
+        "from_rank0": comm.broadcast_object(f"hello from {env.rank}", env),
+        "gathered": [b.hex() for b in comm.all_gather_bytes(bytes([env.rank] * 3), env)],
         # over the capacity on the last rank: every rank takes all_gather_object
         "gathered_sizes": [
-            len(b) for b in ddist.all_gather_bytes(bytes(60 if last else 5), env, capacity=50)
+            len(b) for b in comm.all_gather_bytes(bytes(60 if last else 5), env, capacity=50)
         ],
         "loss": loss,
     }
-    ddist.shutdown(env)
+    shutdown(env)
     print(f"rank {env.rank}: done {json.dumps(seen)}", flush=True)
     if args.variant == "fixed":
-        ddist.exit_process(0)
+        exit_process(0)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from ddp.data import LoaderOptions, build_train_loader, num_samples
+from ddp.data.batch import LoaderOptions
+from ddp.data.loaders import build_train_loader
 from ddp.plan import make_plan
 from ddp.shards import read_manifest
 from ddp.shards.prepare import prepare_synthetic
@@ -52,11 +53,11 @@ def floor(split: Path) -> float:
     start = time.perf_counter()
     total = sum(len(Path(p).read_bytes()) for p in shard_paths(split))
     assert total > 0
-    return num_samples(split) / (time.perf_counter() - start)
+    return read_manifest(split).num_samples / (time.perf_counter() - start)
 
 
 def ours(split: Path, fmt: str) -> float:
-    n = num_samples(split)
+    n = read_manifest(split).num_samples
     plan = make_plan(n, MICRO, MICRO, 1)
     loader = build_train_loader(split, plan, 0, 0, LoaderOptions(input_key=fmt))
     start = time.perf_counter()
@@ -87,7 +88,7 @@ def webdataset(split: Path, fmt: str) -> float:
 
 
 def first_batch_seconds(split: Path, fmt: str, fraction: float) -> float:
-    n = num_samples(split)
+    n = read_manifest(split).num_samples
     plan = make_plan(n, MICRO, MICRO, 1)
     step = int(fraction * plan.iterations_per_epoch)
     start = time.perf_counter()

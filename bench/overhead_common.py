@@ -65,7 +65,7 @@ def build_model(args: argparse.Namespace, in_features: int) -> torch.nn.Module:
 
 def load_split(split_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample of a split in memory (inputs as the trainer sees them, labels)."""
-    from ddp.data import ShardDataset
+    from ddp.data.dataset import ShardDataset
 
     ds = ShardDataset(split_dir)
     batch = ds.fetch(np.arange(len(ds)), np.zeros(len(ds), dtype=bool))

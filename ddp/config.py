@@ -1,165 +1,252 @@
-"""Typed config schemas, registered in Hydra's ConfigStore.
+"""The typed config schemas: types, ranges and documentation; the values live in `conf/`.
 
-The values live in `conf/*.yaml`; these dataclasses give them types and ranges.
-OmegaConf rejects a wrong type with the key's name; `__post_init__` rejects a
-value out of range the same way. The entry point converts the composed config
-once (`OmegaConf.to_object`) and below it no module sees omegaconf.
+Every field is MISSING here and set by the YAML files under conf/, so there is one
+place for each value. Hydra composes conf/ against these dataclasses (registered by
+`ddp.compose`): OmegaConf rejects a wrong type naming the key, `__post_init__` a value
+out of range, the same way. The entry point converts the composed config once; below
+it, code receives these dataclasses (or plain values) and no module imports omegaconf.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from ddp.validate import ConfigError, integer_at_least, one_of, positive_or_none, require
 
-from ddp.plateau import PlateauConfig
-from ddp.tracking import WandbConfig
+MISSING: Any = "???"  # OmegaConf's marker for a mandatory value (omegaconf.MISSING)
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-"""The config tree beside the package (an editable install or a clone)."""
-
-
-class ConfigError(ValueError):
-    """A config value out of range; the message names the key."""
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
-    _require(value in choices, f"{key}={value!r} must be one of {', '.join(choices)}")
+__all__ = [
+    "BatchConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LoggerConfig",
+    "PlateauConfig",
+    "RunConfig",
+    "ScheduleConfig",
+    "TrainerConfig",
+    "WandbConfig",
+]
 
 
 @dataclass
 class DataConfig:
-    root: str = "data/digits"
+    root: str = MISSING
     """Directory holding one sub-directory of shards + manifest.json per split."""
-    train_split: str = "train"
-    val_split: str = "val"
-    num_workers: int = 0
+    train_split: str = MISSING
+    val_split: str = MISSING
+    num_workers: int = MISSING
     """DataLoader worker processes per rank (0: load in the training process)."""
-    pin_memory: bool = True
+    pin_memory: bool = MISSING
     """Page-locked host batches; only takes effect on CUDA."""
-    prefetch_factor: int = 2
-    on_error: str = "raise"
+    prefetch_factor: int = MISSING
+    on_error: str = MISSING
     """raise: a bad sample stops the job; skip: it is counted, logged and masked out."""
-    input_key: str = "npy"
-    target_key: str = "cls"
-    urls: Any = None
-    """Streaming mode: shard URLs (list or brace pattern; pipe:, http(s), paths), read in order."""
-    num_samples: int | None = None
+    input_key: str = MISSING
+    """Member extension holding the input (npy, png, jpg, ...)."""
+    target_key: str = MISSING
+    """Member extension holding the integer label."""
+    urls: Any = MISSING
+    """Streaming mode: shard URLs (list or brace pattern; pipe:, http(s), paths), read in
+    order; null: the indexed splits under `root`."""
+    num_samples: int | None = MISSING
     """Training samples behind `urls` when no manifest.json sits beside them."""
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = MISSING
     """Streaming mode: samples in each stream's shuffle buffer."""
-    transform: Any = None
+    transform: Any = MISSING
     """`_target_` of a callable applied to each training input tensor (e.g. torchvision's)."""
-    in_memory_max_mb: float = 256.0
+    in_memory_max_mb: float = MISSING
     """A split whose decoded inputs fit in this many MiB is decoded once and served from
     memory by each process (0: always read the shards)."""
 
     def __post_init__(self) -> None:
-        _require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
-        _require(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
-        _one_of("data.on_error", self.on_error, ("raise", "skip"))
-        _require(self.in_memory_max_mb >= 0, "data.in_memory_max_mb must be >= 0")
+        require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        require(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
+        one_of("data.on_error", self.on_error, ("raise", "skip"))
+        require(self.in_memory_max_mb >= 0, "data.in_memory_max_mb must be >= 0")
+        require(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
+        require(
+            self.num_samples is None or self.num_samples >= 1,
+            f"data.num_samples={self.num_samples} must be >= 1 or null",
+        )
 
 
 @dataclass
 class BatchConfig:
-    global_size: int = 64
+    global_size: int = MISSING
     """G: samples behind one optimizer update, fixed whatever the world size."""
-    micro_size: int = 32
+    micro_size: int = MISSING
     """Samples one process runs forward/backward at once; accumulation is derived."""
-    drop_last: bool = False
+    drop_last: bool = MISSING
     """Drop the remainder of N / G, or pad the last global batch with the epoch's first samples."""
 
 
 @dataclass
 class ScheduleConfig:
-    name: str = "warmup_cosine"
+    name: str = MISSING
     """warmup_cosine | constant | plateau (constant; the plateau tracker lowers it)."""
-    warmup_iterations: int = 0
-    min_lr_ratio: float = 0.0
+    warmup_iterations: int = MISSING
+    min_lr_ratio: float = MISSING
     """Cosine floor as a fraction of the peak learning rate."""
-    lr_scaling: str = "none"
+    lr_scaling: str = MISSING
     """none | linear | sqrt: scale optim.lr by global_size / base_global_size."""
-    base_global_size: int = 64
+    base_global_size: int = MISSING
     """The global batch that optim.lr was tuned for."""
 
     def __post_init__(self) -> None:
-        _one_of("schedule.name", self.name, ("warmup_cosine", "constant", "plateau"))
-        _one_of("schedule.lr_scaling", self.lr_scaling, ("none", "linear", "sqrt"))
-        _require(self.warmup_iterations >= 0, "schedule.warmup_iterations must be >= 0")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio must be in [0, 1]")
-        _require(self.base_global_size >= 1, "schedule.base_global_size must be >= 1")
+        one_of("schedule.name", self.name, ("warmup_cosine", "constant", "plateau"))
+        one_of("schedule.lr_scaling", self.lr_scaling, ("none", "linear", "sqrt"))
+        require(self.warmup_iterations >= 0, "schedule.warmup_iterations must be >= 0")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "schedule.min_lr_ratio must be in [0, 1]")
+        require(self.base_global_size >= 1, "schedule.base_global_size must be >= 1")
 
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int | None = None
-    """None: train until the plateau tracker stops the run."""
-    seed: int = 0
-    device: str = "auto"
+    max_epochs: int | None = MISSING
+    """null: train until the plateau tracker stops the run."""
+    seed: int = MISSING
+    device: str = MISSING
     """auto | cpu | cuda (auto: cuda when available)."""
-    precision: str = "fp32"
+    precision: str = MISSING
     """fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, CUDA only)."""
-    grad_clip: float | None = 1.0
-    """Max global gradient norm; None disables clipping."""
-    channels_last: bool | None = None
+    grad_clip: float | None = MISSING
+    """Max global gradient norm; null disables clipping."""
+    channels_last: bool | None = MISSING
     """Keep conv weights and 4-D inputs in channels-last (NHWC) memory order, which
-    oneDNN and cuDNN convolutions run faster; None: on for models with a Conv2d."""
-    timeout_s: float = 300.0
+    oneDNN and cuDNN convolutions run faster; null: on for models with a Conv2d."""
+    timeout_s: float = MISSING
     """Collective timeout: a dead or stuck peer ends the job after this long."""
-    progress: bool = True
-    log_every_steps: int = 10
-    checkpoint_every_steps: int | None = None
-    checkpoint_every_minutes: float | None = None
-    nonfinite: str = "stop"
+    progress: bool = MISSING
+    """A progress bar per epoch on rank 0 (shown only when stderr is a terminal)."""
+    log_every_steps: int = MISSING
+    checkpoint_every_steps: int | None = MISSING
+    checkpoint_every_minutes: float | None = MISSING
+    nonfinite: str = MISSING
     """stop | skip: what all ranks do when the loss is not finite on any rank."""
-    max_skipped_steps: int = 10
-    resume: bool = True
+    max_skipped_steps: int = MISSING
+    resume: bool = MISSING
     """Continue from the run directory's last checkpoint when there is one."""
-    max_steps: int | None = None
+    max_steps: int | None = MISSING
     """Stop after this many optimizer updates (for smoke tests and benchmarks)."""
-    restart_epoch_on_plan_change: bool = False
+    restart_epoch_on_plan_change: bool = MISSING
     """Resume a checkpoint whose global batch or data set differs, from the start of its epoch."""
-    audit_samples: bool = False
+    audit_samples: bool = MISSING
     """Count every sample's uses per epoch over all ranks and log coverage (one all_reduce of N)."""
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.max_epochs is None or self.max_epochs >= 1,
             f"trainer.max_epochs={self.max_epochs} must be >= 1 or null",
         )
-        _one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
-        _one_of("trainer.precision", self.precision, ("fp32", "bf16", "fp16"))
-        _one_of("trainer.nonfinite", self.nonfinite, ("stop", "skip"))
-        _require(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip must be > 0")
-        _require(self.timeout_s > 0, f"trainer.timeout_s={self.timeout_s} must be > 0")
-        _require(self.log_every_steps >= 1, "trainer.log_every_steps must be >= 1")
+        one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
+        one_of("trainer.precision", self.precision, ("fp32", "bf16", "fp16"))
+        one_of("trainer.nonfinite", self.nonfinite, ("stop", "skip"))
+        require(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip must be > 0")
+        require(self.timeout_s > 0, f"trainer.timeout_s={self.timeout_s} must be > 0")
+        require(self.log_every_steps >= 1, "trainer.log_every_steps must be >= 1")
         for key in ("checkpoint_every_steps", "checkpoint_every_minutes", "max_steps"):
-            value = getattr(self, key)
-            _require(value is None or value > 0, f"trainer.{key}={value} must be > 0 or null")
+            positive_or_none(f"trainer.{key}", getattr(self, key))
+
+
+@dataclass
+class PlateauConfig:
+    """What to watch and what to do when it stops improving (the plateau tracker's input)."""
+
+    monitor: str = MISSING
+    """Validation metric to watch (a key the trainer logs)."""
+    mode: str = MISSING
+    """"max": higher is better (accuracy); "min": lower is better (loss)."""
+    patience: int = MISSING
+    """Epochs without improvement that make a plateau (0: the first one does)."""
+    min_delta: float = MISSING
+    """Smallest change that counts as an improvement."""
+    min_delta_mode: str = MISSING
+    """"abs": min_delta in metric units; "rel": a fraction of |best|."""
+    cooldown: int = MISSING
+    """Epochs after an LR reduction (or a report) during which no bad epoch is counted."""
+    max_reductions: int | None = MISSING
+    """With action=reduce_lr: after this many reductions the next plateau stops training."""
+    warmup_epochs: int = MISSING
+    """Epochs ignored at the start (0..warmup_epochs-1): noisy early values set no best."""
+    factor: float = MISSING
+    """LR multiplier applied on each reduction."""
+    min_lr: float = MISSING
+    """Floor for the reduced learning rate (see PlateauTracker.scaled_lr)."""
+    action: str = MISSING
+    """What a plateau does: stop training, reduce the LR, or only report it."""
+    alert: bool = MISSING
+    """Send a W&B alert on each plateau event."""
+    alert_level: str = MISSING
+
+    def __post_init__(self) -> None:
+        one_of("plateau.mode", self.mode, ("min", "max"))
+        one_of("plateau.min_delta_mode", self.min_delta_mode, ("abs", "rel"))
+        one_of("plateau.action", self.action, ("stop", "reduce_lr", "none"))
+        one_of("plateau.alert_level", self.alert_level, ("INFO", "WARN", "ERROR"))
+        require(bool(self.monitor), "plateau.monitor must name a metric, e.g. val/accuracy")
+        for key in ("patience", "cooldown", "warmup_epochs"):
+            integer_at_least(f"plateau.{key}", getattr(self, key), 0)
+        if self.max_reductions is not None:
+            integer_at_least("plateau.max_reductions", self.max_reductions, 0)
+        require(
+            math.isfinite(self.min_delta) and self.min_delta >= 0,
+            f"plateau.min_delta={self.min_delta} must be a finite value >= 0",
+        )
+        require(0.0 < self.factor < 1.0, f"plateau.factor={self.factor} must be in (0, 1)")
+        require(
+            math.isfinite(self.min_lr) and self.min_lr >= 0,
+            f"plateau.min_lr={self.min_lr} must be a finite value >= 0",
+        )
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = MISSING
+    mode: str = MISSING
+    """offline | online | disabled. Offline by default (clusters rarely reach the
+    internet); the environment's WANDB_MODE wins when set."""
+    project: str = MISSING
+    entity: str | None = MISSING
+    name: str | None = MISSING
+    """Run name; null: the experiment and its overrides."""
+    group: str | None = MISSING
+    """Runs of one sweep share a group; null: the Hydra sweep's name."""
+    job_type: str = MISSING
+    tags: list[str] = MISSING
+    dir: str | None = MISSING
+    """Where wandb writes its files; null: the run directory."""
+    system_metrics: bool = MISSING
+    """Let W&B sample CPU/GPU/memory use in the background (costs CPU on busy nodes)."""
+
+    def __post_init__(self) -> None:
+        one_of("logger.wandb.mode", self.mode, ("offline", "online", "disabled"))
+
+    def resolved_mode(self) -> str:
+        mode = os.environ.get("WANDB_MODE") or self.mode
+        # "dryrun" and "run" are W&B's old spellings of offline and online.
+        return {"dryrun": "offline", "run": "online"}.get(mode, mode)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.resolved_mode() != "disabled"
 
 
 @dataclass
 class LoggerConfig:
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    curves: bool = True
+    wandb: WandbConfig = MISSING
+    curves: bool = MISSING
     """Save the learning-curve PNG in the run directory (and log it to W&B)."""
 
 
 @dataclass
 class RunConfig:
-    root: str = "runs"
-    name: str | None = None
-    """Run directory name; default: from SLURM_JOB_ID, then TORCHELASTIC_RUN_ID."""
+    root: str = MISSING
+    name: str | None = MISSING
+    """Run directory name; null: from SLURM_JOB_ID, then TORCHELASTIC_RUN_ID."""
 
 
 @dataclass
@@ -168,65 +255,23 @@ class Config:
     """`_target_` + kwargs of an nn.Module: ours (ddp.models) or the user's."""
     optim: Any = MISSING
     """`_target_` + kwargs of a torch.optim.Optimizer (lr required); params are passed in."""
-    data: DataConfig = field(default_factory=DataConfig)
-    batch: BatchConfig = field(default_factory=BatchConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    plateau: PlateauConfig = field(default_factory=PlateauConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    experiment_name: str = "default"
+    data: DataConfig = MISSING
+    batch: BatchConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    plateau: PlateauConfig = MISSING
+    logger: LoggerConfig = MISSING
+    run: RunConfig = MISSING
+    experiment_name: str = MISSING
 
     def __post_init__(self) -> None:
         for group in ("model", "optim"):
             spec = getattr(self, group)
-            _require(
+            require(
                 isinstance(spec, dict) and "_target_" in spec,
                 f"{group}._target_ is missing: name the class to build",
             )
         lr = self.optim.get("lr")
-        _require(
+        require(
             isinstance(lr, int | float) and lr > 0, f"optim.lr={lr!r} must be a positive number"
         )
-
-
-def run_id() -> str:
-    """The run directory's name: the same on every rank and across restarts.
-
-    SLURM's job id survives a requeue; torchrun's run id survives --max-restarts.
-    A single plain-python process falls back to a timestamp (give run.name to resume).
-    """
-    if job := os.environ.get("SLURM_JOB_ID"):
-        task = os.environ.get("SLURM_ARRAY_TASK_ID")
-        return f"slurm-{job}" + (f"_{task}" if task else "")
-    if rdzv := os.environ.get("TORCHELASTIC_RUN_ID"):
-        return f"torchrun-{rdzv}"
-    import datetime as dt
-
-    return dt.datetime.now().strftime("local-%Y%m%d-%H%M%S")
-
-
-def register() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="config_schema", node=Config)
-    if not OmegaConf.has_resolver("ddp.run_name"):
-        # Cached: a timestamp fallback must not change between two reads.
-        OmegaConf.register_new_resolver(
-            "ddp.run_name", lambda name=None: name or run_id(), use_cache=True
-        )
-
-
-def to_config(cfg: Any) -> Config:
-    """Compose-time DictConfig -> typed Config (raises ConfigError / ValidationError)."""
-    try:
-        obj = OmegaConf.to_object(cfg)  # runs every schema's __post_init__
-    except ConfigError:
-        raise
-    except ValueError as exc:  # a schema owned by its module (plateau, tracking)
-        raise ConfigError(str(exc)) from exc
-    for group in ("model", "optim"):  # plain dicts below this point
-        value = getattr(obj, group)
-        if not isinstance(value, dict):
-            setattr(obj, group, OmegaConf.to_container(value, resolve=True))
-    obj.__post_init__()
-    return obj

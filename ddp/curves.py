@@ -143,8 +143,8 @@ def diagnose(
     metric, higher_better = _watched(rows)
     if metric is None or len(rows) < 2:
         return Diagnosis("improving", None, "too few validated epochs to judge")
-    values = [r[metric] for r in rows if _finite(r.get(metric))]
-    epochs = [r["epoch"] for r in rows if _finite(r.get(metric))]
+    values = [r[metric] for r in rows if finite(r.get(metric))]
+    epochs = [r["epoch"] for r in rows if finite(r.get(metric))]
     if not values:
         return Diagnosis("underfit", None, f"{metric} was never finite (diverged?)")
     best_i = (max if higher_better else min)(range(len(values)), key=values.__getitem__)
@@ -171,8 +171,31 @@ def diagnose(
     return Diagnosis("converged", plateau_epoch, f"{metric} flat since epoch {epochs[best_i]}")
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
+def finite(value: Any) -> bool:
+    """A real number that is not NaN or infinite (metrics.jsonl stores those as null)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def best_of(
+    records: list[dict[str, Any]], monitor: str, mode: str
+) -> tuple[float | None, int | None]:
+    """The best finite `monitor` value among the validation records, and its epoch."""
+    values = [
+        (r[monitor], r["epoch"])
+        for r in records
+        if r.get("kind") == "val" and finite(r.get(monitor))
+    ]
+    if not values:
+        return None, None
+    return (max if mode == "max" else min)(values, key=lambda v: v[0])
+
+
+def plateau_span(records: list[dict[str, Any]]) -> tuple[int, int] | None:
+    """(first flat epoch, epoch of the decision) of the last plateau event."""
+    events = [r for r in records if r.get("kind") == "event"]
+    if not events or events[-1].get("plateau_start_epoch") is None:
+        return None
+    return events[-1]["plateau_start_epoch"], events[-1]["epoch"]
 
 
 def _watched(rows: list[dict[str, Any]]) -> tuple[str | None, bool]:
@@ -204,15 +227,15 @@ def _train_improved(rows, best_i: int, tol: float) -> bool:
 def _train_poor(rows, poor_accuracy: float) -> str:
     """A reason string when the final training accuracy is below the bar, else ""."""
     last = rows[-1].get("train/accuracy")
-    if _finite(last) and last < poor_accuracy:
+    if finite(last) and last < poor_accuracy:
         return f"train/accuracy {last:.3g} < {poor_accuracy:g}"
     return ""
 
 
 def _gap(row: dict[str, Any]) -> float | None:
-    if _finite(row.get("train/accuracy")) and _finite(row.get("val/accuracy")):
+    if finite(row.get("train/accuracy")) and finite(row.get("val/accuracy")):
         return row["train/accuracy"] - row["val/accuracy"]
-    if _finite(row.get("train/loss")) and _finite(row.get("val/loss")):
+    if finite(row.get("train/loss")) and finite(row.get("val/loss")):
         return _relative(row["val/loss"], row["train/loss"])
     return None
 

@@ -81,10 +81,7 @@ def rank_micro_batches(
     Resuming costs one permutation, whatever the position in the epoch.
     """
     _check_rank(rank, plan.world_size)
-    if not 0 <= start_step <= plan.iterations_per_epoch:
-        raise ValueError(
-            f"start_step={start_step} is outside the epoch's {plan.iterations_per_epoch} iterations"
-        )
+    check_start_step(plan, start_step)
     sequence, padded = global_sequence(plan, seed, epoch)
     per_rank = plan.samples_per_rank_per_iteration
     micro = plan.micro_size
@@ -119,6 +116,14 @@ def eval_micro_batches(
     padded = np.arange(total) >= hi - lo
     cuts = [slice(k, k + micro_size) for k in range(0, total, micro_size)]
     return [MicroBatch(0, j, indices[cut], padded[cut]) for j, cut in enumerate(cuts)]
+
+
+def check_start_step(plan: BatchPlan, start_step: int) -> None:
+    """A resume point must lie within the epoch (its end included: nothing left)."""
+    if not 0 <= start_step <= plan.iterations_per_epoch:
+        raise ValueError(
+            f"start_step={start_step} is outside the epoch's {plan.iterations_per_epoch} iterations"
+        )
 
 
 def _check_rank(rank: int, world_size: int) -> None:

@@ -12,73 +12,12 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from ddp.config import PlateauConfig
+from ddp.validate import ConfigError
+
 Mode = Literal["min", "max"]
 Action = Literal["stop", "reduce_lr", "none"]
 EventKind = Literal["plateau", "reduce_lr", "stop"]
-
-
-@dataclass
-class PlateauConfig:
-    """What to watch and what to do when it stops improving.
-
-    Also the `plateau` config schema: plain `str` fields (OmegaConf has no Literal),
-    checked in `__post_init__`."""
-
-    monitor: str = "val/accuracy"
-    """Validation metric to watch (a key the trainer logs)."""
-    mode: str = "max"
-    """"max": higher is better (accuracy); "min": lower is better (loss)."""
-    patience: int = 5
-    """Epochs without improvement that make a plateau (0: the first one does)."""
-    min_delta: float = 0.0
-    """Smallest change that counts as an improvement."""
-    min_delta_mode: str = "abs"
-    """"abs": min_delta in metric units; "rel": a fraction of |best|."""
-    cooldown: int = 0
-    """Epochs after an LR reduction (or a report) during which no bad epoch is counted."""
-    max_reductions: int | None = 3
-    """With action=reduce_lr: after this many reductions the next plateau stops training."""
-    warmup_epochs: int = 0
-    """Epochs ignored at the start (0..warmup_epochs-1): noisy early values set no best."""
-    factor: float = 0.1
-    """LR multiplier applied on each reduction."""
-    min_lr: float = 0.0
-    """Floor for the reduced learning rate (see PlateauTracker.scaled_lr)."""
-    action: str = "stop"
-    """What a plateau does: stop training, reduce the LR, or only report it."""
-    alert: bool = True
-    """Send a W&B alert on each plateau event."""
-    alert_level: str = "WARN"
-
-    def __post_init__(self) -> None:
-        _check_choice("mode", self.mode, ("min", "max"))
-        _check_choice("min_delta_mode", self.min_delta_mode, ("abs", "rel"))
-        _check_choice("action", self.action, ("stop", "reduce_lr", "none"))
-        _check_choice("alert_level", self.alert_level, ("INFO", "WARN", "ERROR"))
-        if not self.monitor:
-            raise ValueError("plateau.monitor must name a metric, e.g. val/accuracy")
-        _check_at_least("patience", self.patience, 0)
-        _check_at_least("cooldown", self.cooldown, 0)
-        _check_at_least("warmup_epochs", self.warmup_epochs, 0)
-        if self.max_reductions is not None:
-            _check_at_least("max_reductions", self.max_reductions, 0)
-        if not math.isfinite(self.min_delta) or self.min_delta < 0:
-            raise ValueError(f"plateau.min_delta={self.min_delta} must be a finite value >= 0")
-        if not 0.0 < self.factor < 1.0:
-            raise ValueError(f"plateau.factor={self.factor} must be in (0, 1)")
-        if not math.isfinite(self.min_lr) or self.min_lr < 0:
-            raise ValueError(f"plateau.min_lr={self.min_lr} must be a finite value >= 0")
-
-
-def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"plateau.{key}={value!r} must be one of {', '.join(choices)}")
-
-
-def _check_at_least(key: str, value: int, low: int) -> None:
-    # bool is an int subclass; patience=True is a config mistake, not 1.
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"plateau.{key}={value!r} must be an integer >= {low}")
 
 
 @dataclass(frozen=True)
@@ -243,7 +182,7 @@ class PlateauTracker:
         # A best value of another metric (or direction) would make every decision wrong.
         for key in ("monitor", "mode"):
             if state.get(key, getattr(self.config, key)) != getattr(self.config, key):
-                raise ValueError(
+                raise ConfigError(
                     f"plateau.{key}={getattr(self.config, key)!r} differs from the checkpoint's "
                     f"{state[key]!r}; resume with the same plateau.{key}"
                 )

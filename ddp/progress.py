@@ -1,4 +1,4 @@
-"""Rank-0 console output: the progress bar and one-line messages."""
+"""Rank-0 console output: the progress bar and the one-line messages of a run."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import sys
 import time
 
 from tqdm import tqdm
+
+from ddp.plateau import PlateauTracker
 
 
 class Progress:
@@ -51,3 +53,20 @@ class Progress:
     def print(self, message: str) -> None:
         if self.enabled:
             print(message, flush=True)
+
+
+def epoch_line(epoch: int, m: dict[str, float], plateau: PlateauTracker) -> str:
+    best = "-" if plateau.best is None else f"{plateau.best:.4f} @ epoch {plateau.best_epoch}"
+    return (
+        f"epoch {epoch}: train loss {m['train/epoch_loss']:.4f} acc {m['train/epoch_accuracy']:.4f}"
+        f" | val loss {m['val/loss']:.4f} acc {m['val/accuracy']:.4f}"
+        f" | {m['train/samples_per_s']:,.0f} samples/s | best {best}"
+    )
+
+
+def final_line(stop_reason: str, plateau: PlateauTracker, global_step: int) -> str:
+    best = plateau.best if plateau.best is None else f"{plateau.best:.4f}"
+    return (
+        f"done ({stop_reason}) after {global_step} iterations; "
+        f"best {plateau.config.monitor}={best} at epoch {plateau.best_epoch}"
+    )

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ddp.curves import epoch_records, matplotlib_figure
-from ddp.tracking import METRICS_FILE
+from ddp.curves import best_of, epoch_records, matplotlib_figure
+from ddp.tracking.metrics_file import METRICS_FILE, read_records
 
 SWEEP_PLOT = "sweep.png"
 
@@ -44,17 +44,6 @@ class RunSummary:
     """The W&B group: the sweep directory's name for the runs of one sweep."""
     monitor: str
     path: Path
-
-
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The records of one metrics.jsonl; a torn last line (killed writer) is skipped."""
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def find_run_dirs(roots: list[Path]) -> list[Path]:
@@ -86,7 +75,7 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
         # (a gain below plateau.min_delta is no improvement there).
         best, best_epoch = final["best_value"], final.get("best_epoch")
     else:  # unfinished or killed run: the best validation record so far
-        best, best_epoch = _best(records, monitor, mode)
+        best, best_epoch = best_of(records, monitor, mode)
     return RunSummary(
         name=name or run_dir.name,
         global_batch=plan.get("global_size"),
@@ -103,17 +92,6 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
         monitor=monitor,
         path=run_dir,
     )
-
-
-def _best(records, monitor: str, mode: str) -> tuple[float | None, int | None]:
-    vals = [
-        (r[monitor], r["epoch"])
-        for r in records
-        if r.get("kind") == "val" and isinstance(r.get(monitor), (int, float))
-    ]
-    if not vals:
-        return None, None
-    return (max if mode == "max" else min)(vals, key=lambda v: v[0])
 
 
 def _epochs_to_plateau(records) -> int | None:

@@ -1,4 +1,4 @@
-"""Guarantees of the loader (ddp.data): exact epochs, resumable, worker-independent,
+"""Guarantees of the indexed loader (ddp.data.loaders): exact epochs, resumable, worker-independent,
 and clear errors on bad data."""
 
 from __future__ import annotations
@@ -10,17 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddp.data import (
-    Batch,
-    DataError,
-    LoaderOptions,
-    ShardDataset,
-    build_eval_loader,
-    build_train_loader,
-    num_samples,
-)
+from ddp.data.batch import Batch, LoaderOptions
+from ddp.data.dataset import ShardDataset
+from ddp.data.loaders import build_eval_loader, build_train_loader
 from ddp.plan import make_plan
-from ddp.shards import index_split, read_manifest
+from ddp.shards import DataError, index_split, read_manifest
 from ddp.shards.prepare import prepare_digits, prepare_synthetic
 
 
@@ -68,8 +62,8 @@ SHARDS = {"in_memory_max_mb": 0}
 
 
 def test_num_samples_comes_from_the_manifest(digits: Path) -> None:
-    assert num_samples(digits / "train") == 1438
-    assert num_samples(digits / "val") == 359
+    assert read_manifest(digits / "train").num_samples == 1438
+    assert read_manifest(digits / "val").num_samples == 359
 
 
 @pytest.mark.parametrize("options", [SHARDS, {}], ids=["shards", "memory"])
@@ -156,7 +150,7 @@ def test_batch_moves_to_a_device(digits: Path) -> None:
 
 def test_missing_manifest_is_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="manifest.json: manifest missing"):
-        num_samples(tmp_path)
+        read_manifest(tmp_path)
 
 
 def test_missing_shard_is_named(digits: Path, tmp_path: Path) -> None:

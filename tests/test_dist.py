@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
-from ddp import dist as ddist
+from ddp.dist import collectives
+from ddp.dist.env import Launch, detect
+from ddp.dist.group import init_distributed, shutdown
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "bench" / "_trial_worker.py"
@@ -89,7 +92,7 @@ def clear_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_detect_local(monkeypatch: pytest.MonkeyPatch) -> None:
     clear_launcher_env(monkeypatch)
-    assert ddist.detect() == {"rank": 0, "local_rank": 0, "world_size": 1, "local_world_size": 1}
+    assert detect() == Launch("python", rank=0, local_rank=0, world_size=1, local_world_size=1)
 
 
 def test_detect_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,8 +100,8 @@ def test_detect_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"TORCHELASTIC_RUN_ID": "x", "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}
     for key, value in (env | {"LOCAL_WORLD_SIZE": "4", "SLURM_PROCID": "0"}).items():
         monkeypatch.setenv(key, value)
-    want = {"rank": 5, "local_rank": 1, "world_size": 8, "local_world_size": 4}
-    assert ddist.detect() == want  # torchrun inside an sbatch allocation wins over SLURM
+    want = Launch("torchrun", rank=5, local_rank=1, world_size=8, local_world_size=4)
+    assert detect() == want  # torchrun inside an sbatch allocation wins over SLURM
 
 
 def test_detect_srun(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,16 +109,17 @@ def test_detect_srun(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {"SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_NTASKS": "4"}
     for key, value in (env | {"SLURM_NTASKS_PER_NODE": "2(x2)"}).items():
         monkeypatch.setenv(key, value)
-    assert ddist.detect() == {"rank": 3, "local_rank": 1, "world_size": 4, "local_world_size": 2}
-    assert ddist.world_size_from_env() == 4
+    want = Launch("slurm", rank=3, local_rank=1, world_size=4, local_world_size=2)
+    assert detect() == want
 
 
 def test_single_process_needs_no_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
     clear_launcher_env(monkeypatch)
-    env = ddist.init_distributed("cpu")
+    env = init_distributed(detect(), torch.device("cpu"))
     assert not env.distributed and env.is_main
-    assert ddist.all_agree(False, env) is False and ddist.any_rank(True, env) is True
-    ddist.shutdown(env)
+    assert collectives.all_agree(False, env) is False
+    assert collectives.any_rank(True, env) is True
+    shutdown(env)
 
 
 @pytest.fixture(scope="module")

@@ -257,11 +257,11 @@ def test_an_exit_without_wait_still_finishes_the_write_in_flight(tmp_path):
     script = f"""
 import torch
 from pathlib import Path
-from ddp import dist
+from ddp.dist.exit import exit_process
 from ddp.checkpoint import BackgroundWriter, FORMAT
 state = {{"format": FORMAT, "w": torch.randn(20_000_000)}}
 BackgroundWriter().save(state, Path({str(tmp_path / "last.pt")!r}))
-dist.exit_process(1)  # an error elsewhere: no wait(), straight to os._exit
+exit_process(1)  # an error elsewhere: no wait(), straight to os._exit
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 1, out.stderr

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddp.plateau import PlateauConfig, PlateauTracker
+from ddp.plateau import PlateauTracker
+from tests.configs import plateau_config
 
 
 def run(tracker: PlateauTracker, values: list[float], start: int = 0) -> list:
@@ -24,7 +25,7 @@ def run(tracker: PlateauTracker, values: list[float], start: int = 0) -> list:
 
 
 def test_stops_after_patience_epochs_without_improvement():
-    tracker = PlateauTracker(PlateauConfig(patience=3))
+    tracker = PlateauTracker(plateau_config(patience=3))
     assert run(tracker, [0.5, 0.6, 0.6, 0.59, 0.6, 0.7]) == [(4, "stop")]
     assert tracker.stopped
     assert tracker.best == 0.6 and tracker.best_epoch == 1
@@ -33,38 +34,38 @@ def test_stops_after_patience_epochs_without_improvement():
 
 
 def test_no_update_after_stop():
-    tracker = PlateauTracker(PlateauConfig(patience=1))
+    tracker = PlateauTracker(plateau_config(patience=1))
     run(tracker, [0.5, 0.4])
     assert tracker.update(2, 0.9) is None
     assert tracker.best == 0.5
 
 
 def test_patience_zero_stops_on_first_bad_epoch():
-    tracker = PlateauTracker(PlateauConfig(patience=0))
+    tracker = PlateauTracker(plateau_config(patience=0))
     assert run(tracker, [0.5, 0.6, 0.6]) == [(2, "stop")]
 
 
 def test_improvement_resets_patience():
-    tracker = PlateauTracker(PlateauConfig(patience=2))
+    tracker = PlateauTracker(plateau_config(patience=2))
     assert run(tracker, [0.5, 0.5, 0.6, 0.6, 0.7, 0.7]) == []
     assert tracker.bad_epochs == 1
 
 
 def test_mode_min_watches_a_loss():
-    tracker = PlateauTracker(PlateauConfig(monitor="val/loss", mode="min", patience=2))
+    tracker = PlateauTracker(plateau_config(monitor="val/loss", mode="min", patience=2))
     assert run(tracker, [1.0, 0.8, 0.9, 0.85]) == [(3, "stop")]
     assert tracker.best == 0.8
 
 
 def test_min_delta_abs_ignores_small_gains():
-    tracker = PlateauTracker(PlateauConfig(patience=2, min_delta=0.05))
+    tracker = PlateauTracker(plateau_config(patience=2, min_delta=0.05))
     # +0.01 steps are below min_delta: not improvements.
     assert run(tracker, [0.5, 0.51, 0.52]) == [(2, "stop")]
     assert tracker.best == 0.5
 
 
 def test_min_delta_rel_scales_with_best():
-    cfg = PlateauConfig(
+    cfg = plateau_config(
         monitor="val/loss", mode="min", patience=1, min_delta=0.1, min_delta_mode="rel"
     )
     tracker = PlateauTracker(cfg)
@@ -74,20 +75,20 @@ def test_min_delta_rel_scales_with_best():
 
 
 def test_nan_never_improves():
-    tracker = PlateauTracker(PlateauConfig(patience=2))
+    tracker = PlateauTracker(plateau_config(patience=2))
     assert run(tracker, [0.5, math.nan, math.nan]) == [(2, "stop")]
     assert tracker.best == 0.5
 
 
 def test_warmup_epochs_are_ignored():
-    tracker = PlateauTracker(PlateauConfig(patience=1, warmup_epochs=3))
+    tracker = PlateauTracker(plateau_config(patience=1, warmup_epochs=3))
     # A high noisy value in warmup must not become the best.
     assert run(tracker, [0.9, 0.1, 0.1, 0.2, 0.3]) == []
     assert tracker.best == 0.3 and tracker.best_epoch == 4
 
 
 def test_reduce_lr_then_stop_after_max_reductions():
-    cfg = PlateauConfig(action="reduce_lr", patience=1, max_reductions=2, factor=0.5)
+    cfg = plateau_config(action="reduce_lr", patience=1, max_reductions=2, factor=0.5)
     tracker = PlateauTracker(cfg)
     events = run(tracker, [0.5, 0.4, 0.4, 0.4])
     assert events == [(1, "reduce_lr"), (2, "reduce_lr"), (3, "stop")]
@@ -97,7 +98,9 @@ def test_reduce_lr_then_stop_after_max_reductions():
 
 
 def test_reduce_lr_event_carries_factor_and_scale():
-    tracker = PlateauTracker(PlateauConfig(action="reduce_lr", patience=1, factor=0.1, min_lr=1e-4))
+    tracker = PlateauTracker(
+        plateau_config(action="reduce_lr", patience=1, factor=0.1, min_lr=1e-4)
+    )
     tracker.update(0, 0.5)
     event = tracker.update(1, 0.5)
     assert event.kind == "reduce_lr" and event.factor == 0.1
@@ -107,34 +110,34 @@ def test_reduce_lr_event_carries_factor_and_scale():
 
 
 def test_unlimited_reductions_never_stop():
-    tracker = PlateauTracker(PlateauConfig(action="reduce_lr", patience=1, max_reductions=None))
+    tracker = PlateauTracker(plateau_config(action="reduce_lr", patience=1, max_reductions=None))
     events = run(tracker, [0.5] + [0.4] * 20)
     assert [kind for _, kind in events] == ["reduce_lr"] * 20
     assert not tracker.stopped
 
 
 def test_cooldown_skips_bad_epochs_after_reduction():
-    cfg = PlateauConfig(action="reduce_lr", patience=1, cooldown=2, max_reductions=None)
+    cfg = plateau_config(action="reduce_lr", patience=1, cooldown=2, max_reductions=None)
     tracker = PlateauTracker(cfg)
     # Reduction at 1; epochs 2 and 3 are cooldown; next reduction at 4.
     assert run(tracker, [0.5, 0.4, 0.4, 0.4, 0.4]) == [(1, "reduce_lr"), (4, "reduce_lr")]
 
 
 def test_action_none_only_reports():
-    tracker = PlateauTracker(PlateauConfig(action="none", patience=2))
+    tracker = PlateauTracker(plateau_config(action="none", patience=2))
     events = run(tracker, [0.5, 0.4, 0.4, 0.4, 0.4])
     assert events == [(2, "plateau"), (4, "plateau")]
     assert not tracker.stopped
 
 
 def test_alert_level_travels_with_the_event():
-    def stop_event(config: PlateauConfig):
+    def stop_event(config):
         tracker = PlateauTracker(config)
         tracker.update(0, 0.5)
         return tracker.update(1, 0.5)
 
-    assert stop_event(PlateauConfig(patience=0, alert_level="ERROR")).alert_level == "ERROR"
-    assert stop_event(PlateauConfig(patience=0, alert=False)).alert_level is None
+    assert stop_event(plateau_config(patience=0, alert_level="ERROR")).alert_level == "ERROR"
+    assert stop_event(plateau_config(patience=0, alert=False)).alert_level is None
 
 
 @pytest.mark.parametrize(
@@ -156,29 +159,29 @@ def test_alert_level_travels_with_the_event():
 )
 def test_bad_config_names_the_key(kwargs, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.").replace("(", r"\(")):
-        PlateauConfig(**kwargs)
+        plateau_config(**kwargs)
 
 
 def test_state_dict_loads_with_weights_only():
-    tracker = PlateauTracker(PlateauConfig(action="reduce_lr", patience=1))
+    tracker = PlateauTracker(plateau_config(action="reduce_lr", patience=1))
     run(tracker, [0.5, 0.4, math.nan])
     buffer = io.BytesIO()
     torch.save({"plateau": tracker.state_dict()}, buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)["plateau"]
-    restored = PlateauTracker(PlateauConfig(action="reduce_lr", patience=1))
+    restored = PlateauTracker(plateau_config(action="reduce_lr", patience=1))
     restored.load_state_dict(state)
     assert restored.state_dict() == tracker.state_dict()
 
 
 def test_state_from_another_metric_is_rejected():
-    state = PlateauTracker(PlateauConfig(monitor="val/loss", mode="min")).state_dict()
+    state = PlateauTracker(plateau_config(monitor="val/loss", mode="min")).state_dict()
     with pytest.raises(ValueError, match="plateau.monitor"):
-        PlateauTracker(PlateauConfig()).load_state_dict(state)
+        PlateauTracker(plateau_config()).load_state_dict(state)
 
 
 configs = st.builds(
-    PlateauConfig,
+    plateau_config,
     mode=st.sampled_from(["min", "max"]),
     patience=st.integers(0, 4),
     min_delta=st.sampled_from([0.0, 0.01, 0.1]),

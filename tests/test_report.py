@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from ddp.curves import diagnose, epoch_records, plot_learning_curves
-from ddp.plateau import PlateauConfig, PlateauTracker
+from ddp.plateau import PlateauTracker
 from ddp.report import SWEEP_PLOT, find_run_dirs, main
-from ddp.tracking import METRICS_FILE, Tracker, WandbConfig
+from ddp.tracking.metrics_file import METRICS_FILE
+from ddp.tracking.tracker import Tracker
+from tests.configs import plateau_config, wandb_config
 
 NUM_SAMPLES = 200
 
@@ -23,9 +25,9 @@ def fake_run(
     """A run as the trainer leaves it (no W&B), stopped by the plateau tracker."""
     iters = NUM_SAMPLES // global_size
     plan = {"num_samples": NUM_SAMPLES, "global_size": global_size, "iterations_per_epoch": iters}
-    plateau = PlateauTracker(PlateauConfig(patience=2))
-    with Tracker(
-        run_dir, {"batch": {"global_size": global_size}}, plan, WandbConfig(enabled=False)
+    plateau = PlateauTracker(plateau_config(patience=2))
+    with Tracker.start(
+        run_dir, {"batch": {"global_size": global_size}}, plan, wandb_config(enabled=False)
     ) as tr:
         for epoch, acc in enumerate(val_acc):
             for i in range(iters):
@@ -123,8 +125,8 @@ def test_table_shows_stop_reason_diagnosis_and_wandb_name(sweep, capsys):
 def test_best_is_the_summarys_when_the_run_finished(tmp_path, capsys):
     """A gain below plateau.min_delta is no new best for the tracker (nor for best.pt)."""
     run_dir = tmp_path / "sweep" / "0"
-    wandb = WandbConfig(enabled=False, name="exp-batch.global_size=5", group="sweep")
-    with Tracker(run_dir, {}, {"global_size": 5, "iterations_per_epoch": 40}, wandb) as tr:
+    wandb = wandb_config(enabled=False, name="exp-batch.global_size=5", group="sweep")
+    with Tracker.start(run_dir, {}, {"global_size": 5, "iterations_per_epoch": 40}, wandb) as tr:
         for epoch, acc in enumerate([0.5, 0.8, 0.805]):
             tr.log_val(epoch, 40 * (epoch + 1), {"val/accuracy": acc})
         tr.summary(best_value=0.8, best_epoch=1, stop_reason="max_epochs")

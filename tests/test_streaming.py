@@ -1,4 +1,4 @@
-"""Guarantees of streaming mode (ddp.streaming): exactly equal micro-batch counts on
+"""Guarantees of streaming mode (ddp.data.streaming): exactly equal micro-batch counts on
 every rank whatever the shards and workers, full coverage when counts divide,
 determinism per (seed, epoch), and clear errors naming a missing shard."""
 
@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from ddp.data import Batch, DataError, LoaderOptions
+from ddp.data.batch import Batch, LoaderOptions
+from ddp.data.splits import stream_num_samples
+from ddp.data.streaming import build_stream_loader, stream_share
 from ddp.plan import make_plan
-from ddp.shards import index_split
-from ddp.streaming import build_stream_loader, stream_num_samples, stream_share
+from ddp.shards import DataError, index_split
 
 UNEVEN = (30, 7, 19, 1, 25, 12, 8)
 """102 samples in 7 shards: fewer shards than ranks x workers for 4 x 2."""

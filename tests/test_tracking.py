@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from ddp.plateau import PlateauConfig, PlateauTracker
-from ddp.tracking import CURVES_FILE, METRICS_FILE, Tracker, WandbConfig
+from ddp.plateau import PlateauTracker
+from ddp.tracking.metrics_file import METRICS_FILE
+from ddp.tracking.tracker import CURVES_FILE, Tracker
+from tests.configs import plateau_config, wandb_config
 
 WANDB = str(Path(sys.executable).with_name("wandb"))
 PLAN = {"num_samples": 200, "global_size": 5, "micro_size": 5, "world_size": 1}
@@ -84,9 +86,9 @@ def finished_run(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
-        wandb_cfg = WandbConfig(group="sweep-a", tags=["test"], mode="online")  # env wins
-        tracker = Tracker(run_dir, CONFIG, PLAN, wandb_cfg, monitor="val/accuracy")
-        plateau = PlateauTracker(PlateauConfig(patience=2))
+        wandb_cfg = wandb_config(group="sweep-a", tags=["test"], mode="online")  # env wins
+        tracker = Tracker.start(run_dir, CONFIG, PLAN, wandb_cfg, monitor="val/accuracy")
+        plateau = PlateauTracker(plateau_config(patience=2))
         train_epochs(tracker, plateau, range(5))
         tracker.summary(
             best=plateau.best, best_epoch=plateau.best_epoch, stop_reason=plateau.stop_reason
@@ -172,8 +174,8 @@ def test_metrics_file_records_the_same_numbers(finished_run):
 
 def test_other_ranks_write_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    tracker = Tracker(run_dir, CONFIG, PLAN, enabled=False)
-    train_epochs(tracker, PlateauTracker(PlateauConfig(patience=1)), range(3))
+    tracker = Tracker.start(run_dir, CONFIG, PLAN, wandb_config(), main=False)
+    train_epochs(tracker, PlateauTracker(plateau_config(patience=1)), range(3))
     tracker.summary(best=1.0)
     assert tracker.save_curves() is None and tracker.run_id is None
     tracker.finish()
@@ -181,8 +183,8 @@ def test_other_ranks_write_nothing(tmp_path):
 
 
 def test_without_wandb_the_metrics_file_is_still_written(tmp_path):
-    with Tracker(tmp_path, CONFIG, PLAN, WandbConfig(enabled=False)) as tracker:
-        train_epochs(tracker, PlateauTracker(PlateauConfig(patience=9)), range(2))
+    with Tracker.start(tmp_path, CONFIG, PLAN, wandb_config(enabled=False)) as tracker:
+        train_epochs(tracker, PlateauTracker(plateau_config(patience=9)), range(2))
         assert tracker.run_id is None
         tracker.save_curves()
     kinds = [r["kind"] for r in read_metrics(tmp_path)]
@@ -192,20 +194,20 @@ def test_without_wandb_the_metrics_file_is_still_written(tmp_path):
 
 def test_wandb_mode_env_overrides_config(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert WandbConfig(mode="online").resolved_mode() == "disabled"
+    assert wandb_config(mode="online").resolved_mode() == "disabled"
     monkeypatch.delenv("WANDB_MODE")
-    assert WandbConfig(mode="online").resolved_mode() == "online"
+    assert wandb_config(mode="online").resolved_mode() == "online"
 
 
 def test_resume_continues_the_same_run_without_duplicated_steps(tmp_path):
-    plateau_cfg = PlateauConfig(patience=9)
-    first = Tracker(tmp_path, CONFIG, PLAN, WandbConfig(group="g"))
+    plateau_cfg = plateau_config(patience=9)
+    first = Tracker.start(tmp_path, CONFIG, PLAN, wandb_config(group="g"))
     train_epochs(first, PlateauTracker(plateau_cfg), range(3))  # steps 1..12
     run_id = first.run_id
     first.finish(exit_code=1)  # preempted; the checkpoint was at the end of epoch 1 (step 8)
 
-    resumed = Tracker(
-        tmp_path, CONFIG, PLAN, WandbConfig(group="g"), resume_run_id=run_id, resume_from_step=8
+    resumed = Tracker.start(
+        tmp_path, CONFIG, PLAN, wandb_config(group="g"), resume_run_id=run_id, resume_from_step=8
     )
     assert resumed.run_id == run_id
     kept = read_metrics(tmp_path)[1:]
@@ -230,7 +232,7 @@ def test_online_without_login_falls_back_to_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login
     monkeypatch.setenv("WANDB_API_KEY", "")
     with pytest.warns(UserWarning, match="logging offline"):  # from W&B's start, a thread
-        tracker = Tracker(tmp_path / "run", CONFIG, PLAN, WandbConfig(mode="online"))
+        tracker = Tracker.start(tmp_path / "run", CONFIG, PLAN, wandb_config(mode="online"))
         tracker.finish()
     assert inspect_summary(tmp_path / "run")["run_id"] == tracker.run_id
 

@@ -9,22 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from ddp.shards.manifest import DataError, Manifest, ShardInfo, read_manifest, write_manifest
+from ddp.shards.tar import split_member_name
 
-# webdataset's own key/extension split: the key ends at the first dot of the file name.
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 SHARD_GLOB = "*.tar"
-
-
-def split_member_name(name: str) -> tuple[str, str] | None:
-    """(key, ext) as webdataset groups members, or None for members it ignores."""
-    match = _KEY_EXT.match(name)
-    return (match.group(1), match.group(2)) if match else None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -4,7 +4,8 @@ For shards that cannot be seeked (`pipe:` commands, http(s), object stores throu
 webdataset's `gopen`), the exact loader's random access is out of reach. This
 loader trades exact coverage for sequential reads and keeps the one guarantee DDP
 cannot live without: every rank yields exactly `plan.micro_batches_per_epoch`
-micro-batches (fewer after a resume), whatever the shards and the worker count.
+micro-batches (fewer after a resume), whatever the shards and the worker count
+(it is a `ddp.data.batch.TrainBatches`).
 
 Per epoch, a pure function of (seed, epoch, rank, worker) decides what a stream
 reads (`stream_share`):
@@ -28,157 +29,29 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shlex
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ddp.data import (
-    Batch,
-    LoaderOptions,
-    _as_input_tensor,
-    _npy_header,
-    _shutdown_workers,
-    loader_for,
-)
-from ddp.order import epoch_order
+from ddp.data.batch import Batch, LoaderOptions, Transform, make_batch
+from ddp.data.loaders import micro_batch_loader, stop_workers
+from ddp.data.samples import check_shape, decode_input, decode_target
+from ddp.data.splits import StreamIndex, StreamShards, open_stream
+from ddp.order import check_start_step, epoch_order
 from ddp.plan import BatchPlan
-from ddp.shards.decode import decode_member
-from ddp.shards.index import split_member_name
-from ddp.shards.manifest import MANIFEST_NAME, DataError, Manifest, read_manifest
+from ddp.shards.manifest import DataError
+from ddp.shards.tar import iter_members, split_member_name
 
-__all__ = [
-    "StreamLoader",
-    "StreamShare",
-    "build_stream_loader",
-    "expand_urls",
-    "stream_num_samples",
-    "stream_share",
-]
-
-Transform = Callable[[torch.Tensor], torch.Tensor]
+__all__ = ["StreamLoader", "StreamShare", "build_stream_loader", "stream_share"]
 
 _MAX_SKIPPED_IN_A_ROW = 1000
 """on_error="skip" gives up on a stream that yields nothing decodable (it would
 otherwise cycle over its shards for ever)."""
-
-
-# --------------------------------------------------------------------------- urls
-
-
-def expand_urls(urls: Sequence[str] | str) -> list[str]:
-    """A list as it is; a string through webdataset's expansion (brace patterns,
-    `::`-separated lists): "pipe:cat /d/shard-{000000..000003}.tar" gives four."""
-    if isinstance(urls, str):
-        from webdataset.shardlists import expand_urls as wds_expand
-
-        expanded = list(wds_expand(urls))
-    else:
-        expanded = [str(u) for u in urls]
-    if not expanded:
-        raise DataError(f"no shard URLs in {urls!r}")
-    return expanded
-
-
-def local_path(url: str) -> Path | None:
-    """The file behind a plain path, a file:// URL or `pipe:cat PATH`; None otherwise."""
-    if url.startswith("pipe:"):
-        try:
-            words = shlex.split(url[5:])
-        except ValueError:
-            return None
-        return Path(words[1]) if len(words) == 2 and words[0] == "cat" else None
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
-    return Path(url) if parsed.scheme == "" else None
-
-
-def _opened_directly(url: str) -> bool:
-    """gopen opens plain paths and file:// URLs itself: those can be checked up front."""
-    return urlparse(url).scheme in ("", "file") and not url.startswith("pipe:")
-
-
-@dataclass(frozen=True)
-class _ShardIndex:
-    """What a manifest beside local shards tells: per URL, its sample keys and the
-    index of its first sample in the split."""
-
-    manifest_path: Path
-    keys: list[list[str]]
-    starts: list[int]
-
-    @property
-    def counts(self) -> list[int]:
-        return [len(k) for k in self.keys]
-
-
-def _find_index(urls: list[str], manifest_dir: str | os.PathLike | None) -> _ShardIndex | None:
-    """The manifest describing `urls` (given, or beside local shards), matched by name."""
-    paths = [local_path(u) for u in urls]
-    auto = manifest_dir is None
-    if auto:
-        if any(p is None for p in paths):
-            return None
-        manifest_dir = paths[0].parent  # type: ignore[union-attr]
-        if not (Path(manifest_dir) / MANIFEST_NAME).is_file():
-            return None
-    manifest_dir = Path(manifest_dir)
-    manifest: Manifest = read_manifest(manifest_dir)
-    starts, start = {}, 0
-    for shard in manifest.shards:
-        starts[shard.name] = (start, shard)
-        start += shard.num_samples
-    keys, first = [], []
-    for url, path in zip(urls, paths, strict=True):
-        name = _name_in(path, manifest_dir) if path is not None else None
-        if name is None and auto:
-            return None  # the shards are not all beside the manifest: it is not theirs
-        if name is None:
-            name = url.rstrip("/").rsplit("/", 1)[-1]
-        if name not in starts:
-            raise DataError(
-                f"{url}: not listed in {manifest_dir / MANIFEST_NAME} (re-run "
-                f"`ddp-shards index {manifest_dir}`, or leave the manifest out)"
-            )
-        begin, shard = starts[name]
-        if path is not None and path.is_file() and path.stat().st_size != shard.size:
-            raise DataError(
-                f"{path}: {path.stat().st_size:,} bytes but the manifest says {shard.size:,} "
-                f"(re-run `ddp-shards index {manifest_dir}`)"
-            )
-        keys.append(shard.keys)
-        first.append(begin)
-    return _ShardIndex(manifest_dir / MANIFEST_NAME, keys, first)
-
-
-def _name_in(path: Path, directory: Path) -> str | None:
-    try:
-        return str(path.resolve().relative_to(directory.resolve()))
-    except ValueError:
-        return None
-
-
-def stream_num_samples(
-    urls: Sequence[str] | str, manifest_dir: str | os.PathLike | None = None
-) -> int:
-    """N of the streamed shards, from the manifest beside them (or in `manifest_dir`);
-    DataError when there is none: then the config must declare data.num_samples."""
-    url_list = expand_urls(urls)
-    index = _find_index(url_list, manifest_dir)
-    if index is None:
-        raise DataError(
-            f"{url_list[0]}: no manifest beside the shards to count their samples; "
-            "set data.num_samples"
-        )
-    return sum(index.counts)
 
 
 # --------------------------------------------------------------------------- shares
@@ -252,7 +125,7 @@ def _read_shard(url: str, keys: list[str] | None, start: int) -> Iterator[_Raw]:
     try:
         stream = gopen(url, "rb")
         key, members = None, {}
-        for name, data in _tar_members(stream, url):
+        for name, data in iter_members(stream, url):
             parts = split_member_name(name)
             if parts is None:
                 continue
@@ -277,98 +150,6 @@ def _read_shard(url: str, keys: list[str] | None, start: int) -> Iterator[_Raw]:
         with contextlib.suppress(Exception):
             if stream is not None:
                 stream.close()
-
-
-_COMPRESSED = (".gz", ".tgz", ".bz2", ".xz")
-
-
-def _tar_members(stream: Any, url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the regular members, in order. Plain tars go through a small
-    header parser (about five times faster than tarfile's stream mode, which the
-    loader would otherwise spend most of its time in); compressed ones through tarfile."""
-    if url.endswith(_COMPRESSED):
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if info.isreg():
-                    yield info.name, tar.extractfile(info).read()  # type: ignore[union-attr]
-        return
-    long_name: str | None = None
-    pax: dict[str, str] = {}
-    first = True
-    while True:
-        header = _read_exactly(stream, 512)
-        if not header and first:
-            raise EOFError("empty shard")
-        if not header or header == _ZERO_BLOCK:
-            return  # end of archive (a missing end marker is tolerated, as tarfile does)
-        first = False
-        _check_header(header)
-        size = int(pax["size"]) if "size" in pax else _tar_number(header[124:136])
-        data = _read_exactly(stream, size)
-        if len(data) != size or len(_read_exactly(stream, -size % 512)) != -size % 512:
-            raise EOFError("unexpected end of data (truncated tar)")
-        kind = header[156:157]
-        if kind == b"L":  # GNU long name for the next member
-            long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
-        elif kind == b"x":  # pax header for the next member
-            pax = _pax_records(data)
-        elif kind != b"g":
-            if kind in (b"0", b"\0", b"7"):
-                yield pax.get("path") or long_name or _ustar_name(header), data
-            long_name, pax = None, {}
-
-
-_ZERO_BLOCK = bytes(512)
-
-
-def _read_exactly(stream: Any, size: int) -> bytes:
-    """`size` bytes, fewer only at the end of the stream."""
-    data = stream.read(size) if size else b""
-    while 0 < len(data) < size:
-        more = stream.read(size - len(data))
-        if not more:
-            break
-        data += more
-    return data
-
-
-def _check_header(header: bytes) -> None:
-    if len(header) != 512:
-        raise EOFError("unexpected end of data (truncated tar header)")
-    try:
-        stored = _tar_number(header[148:156])
-    except ValueError:
-        stored = -1
-    if stored != sum(header[:148]) + 256 + sum(header[156:]):
-        raise tarfile.HeaderError("bad tar header checksum (not a tar, or corrupt)")
-
-
-def _tar_number(field: bytes) -> int:
-    """An octal (or GNU base-256) number field of a tar header."""
-    if field[:1] and field[0] & 0x80:
-        return int.from_bytes(field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    return int(text, 8) if text else 0
-
-
-def _ustar_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0]
-    if header[257:262] == b"ustar":
-        prefix = header[345:500].split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
-    return name.decode("utf-8", "replace")
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """pax extended header records: "LEN key=value\n" each."""
-    records, at = {}, 0
-    while at < len(data) and data[at : at + 1] != b"\0":
-        length = int(data[at : data.index(b" ", at)])
-        key, _, value = data[data.index(b" ", at) + 1 : at + length - 1].partition(b"=")
-        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-        at += length
-    return records
 
 
 def _close(stream: Any) -> str | None:
@@ -445,7 +226,7 @@ class _StreamDataset(IterableDataset):
     def __init__(
         self,
         urls: list[str],
-        index: _ShardIndex | None,
+        index: StreamIndex | None,
         plan: BatchPlan,
         rank: int,
         seed: int,
@@ -554,30 +335,22 @@ class _StreamDataset(IterableDataset):
             passes.append(number)
         if not decode:
             return None, passes
-        tensor = _as_input_tensor(np.stack(inputs))
-        if self.transform is not None:
-            tensor = torch.stack([self.transform(x) for x in tensor])
-        batch = Batch(
-            inputs=tensor,
-            targets=torch.tensor(targets, dtype=torch.int64),
-            valid=torch.ones(len(targets), dtype=torch.bool),
-            indices=torch.tensor(indices, dtype=torch.int64),
-            num_skipped=skipped,
+        valid = np.ones(len(targets), dtype=bool)
+        batch = make_batch(
+            inputs, np.array(targets), valid, np.array(indices), skipped, self.transform
         )
         return batch, passes
 
     def _decode(self, sample: _Raw, like: np.ndarray | None) -> tuple[np.ndarray, int] | None:
         """(input, label), or None for a bad sample when on_error="skip"."""
+        input_key, target_key = self.options.input_key, self.options.target_key
         try:
-            values = []
-            for ext in (self.options.input_key, self.options.target_key):
+            for ext in (input_key, target_key):
                 if ext not in sample.members:
                     found = ", ".join(sorted(sample.members)) or "none"
                     raise LookupError(f"no .{ext} member (members: {found})")
-                values.append(_decode(ext, sample.members[ext]))
-            array, label = np.asarray(values[0]), int(values[1])
-            if like is not None and array.shape != like.shape:
-                raise ValueError(f"shape {array.shape} differs from the batch's {like.shape}")
+            array = check_shape(decode_input(input_key, sample.members[input_key]), like)
+            label = decode_target(target_key, sample.members[target_key])
         except Exception as err:  # noqa: BLE001 - any decode failure is bad data
             if self.options.on_error == "raise":
                 kind = "" if isinstance(err, LookupError) else f"{type(err).__name__}: "
@@ -586,24 +359,13 @@ class _StreamDataset(IterableDataset):
         return array, label
 
 
-def _decode(ext: str, data: bytes) -> Any:
-    """decode_member, with the exact loader's fast path for plain npy members."""
-    if ext == "npy":
-        header = _npy_header(memoryview(data))
-        if header is not None:
-            head, dtype, shape = header
-            if len(head) + dtype.itemsize * int(np.prod(shape)) == len(data):
-                return np.frombuffer(data, dtype, offset=len(head)).reshape(shape)
-    return decode_member(ext, data)
-
-
 # --------------------------------------------------------------------------- loader
 
 
 class StreamLoader:
     """One rank's training micro-batches from streamed shards, epoch by epoch.
 
-    The same interface as `ddp.data.TrainLoader`. `valid` is all True: repeats
+    A `TrainBatches`, like `ddp.data.loaders.TrainLoader`. `valid` is all True: repeats
     are real training samples, counted in `repeats`. `indices` are the samples'
     indices in the split when a manifest describes the shards (`indexed`), else -1.
     After each epoch: `samples_read` (first-pass samples used), `repeats`, and
@@ -619,11 +381,11 @@ class StreamLoader:
         self.samples_read = 0
         self.repeats = 0
         self.dropped: int | None = None
-        self._loader = loader_for(dataset, options, batch_size=None)
+        self._loader = micro_batch_loader(dataset, options, batch_size=None)
 
     def close(self) -> None:
         """Stop the DataLoader workers (persistent ones otherwise live with the loader)."""
-        _shutdown_workers(self._loader)
+        stop_workers(self._loader)
 
     def rank_samples(self, epoch: int) -> int | None:
         """Samples in this rank's share of the epoch (None without a manifest)."""
@@ -637,11 +399,7 @@ class StreamLoader:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         """Exactly (iterations_per_epoch - start_step) * accumulate micro-batches."""
         plan = self.plan
-        if not 0 <= start_step <= plan.iterations_per_epoch:
-            raise ValueError(
-                f"start_step={start_step} is outside the epoch's "
-                f"{plan.iterations_per_epoch} iterations"
-            )
+        check_start_step(plan, start_step)
         if epoch < 0:
             raise ValueError(f"epoch={epoch} must be >= 0")
         self.dataset.set_epoch(epoch, start_step)
@@ -651,7 +409,7 @@ class StreamLoader:
         waiting: dict[int, Batch] = {}
         for item in self._loader:
             if item.error is not None:
-                _shutdown_workers(self._loader)
+                stop_workers(self._loader)
                 raise DataError(item.error)
             self.samples_read += item.fresh
             self.repeats += item.repeats
@@ -679,7 +437,7 @@ class StreamLoader:
 
 
 def build_stream_loader(
-    urls: list[str] | str,
+    urls: list[str] | str | StreamShards,
     plan: BatchPlan,
     rank: int,
     seed: int,
@@ -688,7 +446,8 @@ def build_stream_loader(
     transform: Transform | None = None,
     manifest_dir: str | os.PathLike | None = None,
 ) -> StreamLoader:
-    """A StreamLoader over `urls` (a list, or a brace pattern for webdataset).
+    """A StreamLoader over `urls` (a list, a brace pattern for webdataset, or the
+    `StreamShards` the trainer opened already).
 
     Local shards (plain paths, file:// URLs) are checked now: a missing one raises
     DataError naming it. A manifest beside local shards (or in `manifest_dir`, for
@@ -701,16 +460,14 @@ def build_stream_loader(
         raise ValueError(f"rank={rank} must be in [0, world_size={plan.world_size})")
     if shuffle_buffer < 0:
         raise ValueError(f"shuffle_buffer={shuffle_buffer} must be >= 0")
-    url_list = expand_urls(urls)
-    for url in url_list:
-        path = local_path(url)
-        if _opened_directly(url) and path is not None and not path.is_file():
-            raise DataError(f"{url}: shard missing")
-    index = _find_index(url_list, manifest_dir)
+    shards = urls if isinstance(urls, StreamShards) else open_stream(urls, manifest_dir)
+    index = shards.index
     if index is not None and sum(index.counts) != plan.num_samples:
         raise DataError(
             f"{index.manifest_path}: the plan is for {plan.num_samples:,} samples but the "
             f"streamed shards hold {sum(index.counts):,}"
         )
-    dataset = _StreamDataset(url_list, index, plan, rank, seed, options, shuffle_buffer, transform)
+    dataset = _StreamDataset(
+        shards.urls, index, plan, rank, seed, options, shuffle_buffer, transform
+    )
     return StreamLoader(dataset, options)

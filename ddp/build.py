@@ -1,0 +1,126 @@
+"""Set-up from config: the model and its DDP wrapper, the optimizer and schedule, the
+loaders, precision, and the W&B names. Everything here runs once, before the loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ddp.config import Config, WandbConfig
+from ddp.data.batch import Batch, LoaderOptions, TrainBatches
+from ddp.data.loaders import EvalLoader, build_eval_loader, build_train_loader
+from ddp.data.splits import Splits
+from ddp.data.streaming import build_stream_loader
+from ddp.dist.group import DistEnv
+from ddp.plan import BatchPlan
+from ddp.plateau import PlateauTracker
+from ddp.schedule import LRSchedule, scaled_lr
+from ddp.state import Training
+
+
+def build_model(config: Config, device: torch.device) -> torch.nn.Module:
+    """The user's module on `device`, conv layouts as `channels_last` decides."""
+    model = instantiate(config.model)
+    if channels_last(config, model):  # before DDP: its buckets follow the parameters' layout
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device)
+
+
+def channels_last(config: Config, model: torch.nn.Module) -> bool:
+    """trainer.channels_last, or (null) whether the model has a 2-D convolution: on CPU
+    (oneDNN) a small CNN's step took 0.75x the time (bench/overhead.py)."""
+    if config.trainer.channels_last is not None:
+        return config.trainer.channels_last
+    return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+def build_training(
+    config: Config, plan: BatchPlan, device: torch.device
+) -> tuple[Training, LRSchedule]:
+    """Model, optimizer, grad scaler and plateau tracker (no DDP yet: that needs the
+    process group), and the learning-rate schedule."""
+    model = build_model(config, device)
+    s = config.schedule
+    peak = scaled_lr(config.optim["lr"], plan.global_size, s.base_global_size, s.lr_scaling)
+    optimizer = instantiate(config.optim, params=model.parameters(), lr=peak)
+    epochs = config.trainer.max_epochs
+    total = epochs * plan.iterations_per_epoch if epochs else None
+    schedule = LRSchedule(peak, s.name, s.warmup_iterations, total, s.min_lr_ratio)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.trainer.precision == "fp16")
+    training = Training(model, model, optimizer, scaler, PlateauTracker(config.plateau))
+    return training, schedule
+
+
+def wrap_ddp(training: Training, env: DistEnv) -> None:
+    """Give the model its DDP wrapper (with a process group; else it trains as is)."""
+    if env.distributed:
+        device_ids = [env.device.index] if env.device.type == "cuda" else None
+        training.ddp_model = DDP(training.model, device_ids=device_ids)
+
+
+def autocast_for(config: Config, device: torch.device) -> Callable[[], object]:
+    precision = config.trainer.precision
+    if precision == "fp32":
+        return nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def input_mover(device: torch.device, channels_last: bool) -> Callable[[Batch], Batch]:
+    """Batch -> the batch on `device`, 4-D inputs in the model's memory order."""
+
+    def move(batch: Batch) -> Batch:
+        batch = batch.to(device)
+        if channels_last and batch.inputs.dim() == 4:
+            batch.inputs = batch.inputs.contiguous(memory_format=torch.channels_last)
+        return batch
+
+    return move
+
+
+def loader_options(config: Config, device: torch.device) -> LoaderOptions:
+    d = config.data
+    return LoaderOptions(
+        num_workers=d.num_workers,
+        pin_memory=d.pin_memory and device.type == "cuda",
+        prefetch_factor=d.prefetch_factor,
+        on_error=d.on_error,
+        input_key=d.input_key,
+        target_key=d.target_key,
+        in_memory_max_mb=d.in_memory_max_mb,
+    )
+
+
+def build_loaders(
+    config: Config, plan: BatchPlan, rank: int, splits: Splits, device: torch.device
+) -> tuple[TrainBatches, EvalLoader]:
+    """Open the shards (a missing or mismatched one fails here, before any collective)."""
+    d, seed = config.data, config.trainer.seed
+    options = loader_options(config, device)
+    transform = instantiate(d.transform) if d.transform else None  # per sample, training only
+    if splits.stream is not None:  # streaming: sequential reads, exact batch counts
+        train: TrainBatches = build_stream_loader(
+            splits.stream, plan, rank, seed, options, d.shuffle_buffer, transform
+        )
+    else:
+        train = build_train_loader(
+            splits.train_dir, plan, rank, seed, options, transform, splits.train
+        )
+    val = build_eval_loader(
+        splits.val_dir, plan.micro_size, rank, plan.world_size, options, splits.val
+    )
+    return train, val
+
+
+def wandb_config(config: Config, sweep_dir: Path | None, overrides: str) -> WandbConfig:
+    """Group = the Hydra sweep; name = the experiment and its overrides (unless set)."""
+    w = config.logger.wandb
+    group = w.group or (sweep_dir.name if sweep_dir is not None else None)
+    name = w.name or config.experiment_name + (f"-{overrides}" if overrides else "")
+    return replace(w, group=group, name=name)

@@ -1,0 +1,11 @@
+"""Micro-batches for the trainer, in small modules (import the one you need):
+
+- `splits`: which splits a config names and how many samples they hold (no torch).
+- `batch`: `Batch`, `LoaderOptions`, and `TrainBatches`, the contract every training
+  loader meets.
+- `samples`: member bytes -> arrays, shared by both loaders.
+- `dataset`: `ShardDataset`, random access into tar shards by manifest offsets.
+- `memory`: `MemorySplit`, a small split decoded once and served from memory.
+- `loaders`: `TrainLoader` and `EvalLoader` over a dataset or a memory split.
+- `streaming`: `StreamLoader`, shards behind URLs read front to back.
+"""

@@ -1,0 +1,185 @@
+"""Which data a config names, read once: the manifests, or the streamed shard URLs.
+
+No torch here: `ddp-plan` needs the number of training samples and nothing else, and
+the trainer reads each manifest once, here, then hands it to the loaders.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from ddp.config import DataConfig
+from ddp.shards.manifest import MANIFEST_NAME, DataError, Manifest, read_manifest
+
+
+@dataclass(frozen=True)
+class StreamIndex:
+    """What a manifest beside streamed shards tells: per URL, its sample keys and the
+    index of its first sample in the split."""
+
+    manifest_path: Path
+    keys: list[list[str]]
+    starts: list[int]
+
+    @property
+    def counts(self) -> list[int]:
+        return [len(k) for k in self.keys]
+
+
+@dataclass(frozen=True)
+class StreamShards:
+    """Shards read front to back (streaming mode), with their index when one is known."""
+
+    urls: list[str]
+    index: StreamIndex | None
+
+    def num_samples(self) -> int:
+        """N, from the manifest; DataError when there is none (set data.num_samples)."""
+        if self.index is None:
+            raise DataError(
+                f"{self.urls[0]}: no manifest beside the shards to count their samples; "
+                "set data.num_samples"
+            )
+        return sum(self.index.counts)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The training and validation data of a config."""
+
+    train_dir: Path
+    train: Manifest | None
+    """None in streaming mode."""
+    stream: StreamShards | None
+    val_dir: Path
+    val: Manifest
+    num_train_samples: int
+
+
+def open_splits(data: DataConfig, with_val: bool = True) -> Splits:
+    """Read what `data` points at; DataError naming the file when something is missing."""
+    root = Path(data.root)
+    train_dir, val_dir = root / data.train_split, root / data.val_split
+    if data.urls:
+        stream = open_stream(data.urls)
+        train, num = None, data.num_samples or stream.num_samples()
+    else:
+        stream, train = None, read_manifest(train_dir)
+        num = train.num_samples
+    val = read_manifest(val_dir) if with_val else None
+    return Splits(train_dir, train, stream, val_dir, val, num)  # type: ignore[arg-type]
+
+
+def train_samples(data: DataConfig) -> int:
+    """N of the training split: what the plan needs before any data is read."""
+    return open_splits(data, with_val=False).num_train_samples
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def expand_urls(urls: Sequence[str] | str) -> list[str]:
+    """A list as it is; a string through webdataset's expansion (brace patterns,
+    `::`-separated lists): "pipe:cat /d/shard-{000000..000003}.tar" gives four."""
+    if isinstance(urls, str):
+        from webdataset.shardlists import expand_urls as wds_expand
+
+        expanded = list(wds_expand(urls))
+    else:
+        expanded = [str(u) for u in urls]
+    if not expanded:
+        raise DataError(f"no shard URLs in {urls!r}")
+    return expanded
+
+
+def local_path(url: str) -> Path | None:
+    """The file behind a plain path, a file:// URL or `pipe:cat PATH`; None otherwise."""
+    if url.startswith("pipe:"):
+        try:
+            words = shlex.split(url[5:])
+        except ValueError:
+            return None
+        return Path(words[1]) if len(words) == 2 and words[0] == "cat" else None
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    return Path(url) if parsed.scheme == "" else None
+
+
+def opened_directly(url: str) -> bool:
+    """gopen opens plain paths and file:// URLs itself: those can be checked up front."""
+    return urlparse(url).scheme in ("", "file") and not url.startswith("pipe:")
+
+
+def open_stream(
+    urls: Sequence[str] | str, manifest_dir: str | os.PathLike | None = None
+) -> StreamShards:
+    """The URLs, checked where they are local files, and the manifest that describes them
+    (given, or found beside local shards)."""
+    url_list = expand_urls(urls)
+    for url in url_list:
+        path = local_path(url)
+        if opened_directly(url) and path is not None and not path.is_file():
+            raise DataError(f"{url}: shard missing")
+    return StreamShards(url_list, find_stream_index(url_list, manifest_dir))
+
+
+def stream_num_samples(
+    urls: Sequence[str] | str, manifest_dir: str | os.PathLike | None = None
+) -> int:
+    """N of the streamed shards, from the manifest beside them (or in `manifest_dir`)."""
+    url_list = expand_urls(urls)
+    return StreamShards(url_list, find_stream_index(url_list, manifest_dir)).num_samples()
+
+
+def find_stream_index(
+    urls: list[str], manifest_dir: str | os.PathLike | None
+) -> StreamIndex | None:
+    """The manifest describing `urls` (given, or beside local shards), matched by name."""
+    paths = [local_path(u) for u in urls]
+    auto = manifest_dir is None
+    if auto:
+        if any(p is None for p in paths):
+            return None
+        manifest_dir = paths[0].parent  # type: ignore[union-attr]
+        if not (Path(manifest_dir) / MANIFEST_NAME).is_file():
+            return None
+    manifest_dir = Path(manifest_dir)
+    manifest = read_manifest(manifest_dir)
+    starts, start = {}, 0
+    for shard in manifest.shards:
+        starts[shard.name] = (start, shard)
+        start += shard.num_samples
+    keys, first = [], []
+    for url, path in zip(urls, paths, strict=True):
+        name = _name_in(path, manifest_dir) if path is not None else None
+        if name is None and auto:
+            return None  # the shards are not all beside the manifest: it is not theirs
+        if name is None:
+            name = url.rstrip("/").rsplit("/", 1)[-1]
+        if name not in starts:
+            raise DataError(
+                f"{url}: not listed in {manifest_dir / MANIFEST_NAME} (re-run "
+                f"`ddp-shards index {manifest_dir}`, or leave the manifest out)"
+            )
+        begin, shard = starts[name]
+        if path is not None and path.is_file() and path.stat().st_size != shard.size:
+            raise DataError(
+                f"{path}: {path.stat().st_size:,} bytes but the manifest says {shard.size:,} "
+                f"(re-run `ddp-shards index {manifest_dir}`)"
+            )
+        keys.append(shard.keys)
+        first.append(begin)
+    return StreamIndex(manifest_dir / MANIFEST_NAME, keys, first)
+
+
+def _name_in(path: Path, directory: Path) -> str | None:
+    try:
+        return str(path.resolve().relative_to(directory.resolve()))
+    except ValueError:
+        return None

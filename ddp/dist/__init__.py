@@ -1,0 +1,8 @@
+"""The process environment, in small modules (import the one you need):
+
+- `env`: which launcher started us, as one frozen `Launch` value (no torch).
+- `group`: the process group and device (`DistEnv`), started and torn down.
+- `collectives`: the named decisions every rank takes together (`any_rank`, ...).
+- `step_sums`: per-step numbers carried by the gradient all-reduce.
+- `exit`: exit codes and a process exit that gloo's threads cannot abort.
+"""

@@ -1,0 +1,178 @@
+"""One optimizer update, one evaluation, and the per-epoch accounting.
+
+- `Stepper`: the micro-batches of a step (DDP syncs gradients only on the last), then
+  the update, or no update when the loss was not finite on some rank.
+- `evaluate`: loss and accuracy over the whole validation set, reduced exactly.
+- `SampleAudit`: how often each training sample was used this epoch, over all ranks.
+- `epoch_metrics`: the epoch's train numbers from the sums the steps carried.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ddp.data.batch import Batch
+from ddp.dist import collectives
+from ddp.dist.group import DistEnv
+from ddp.dist.step_sums import StepSums
+from ddp.state import EPOCH_SUMS, Position, Training
+
+DEVICE_SUMS = ("loss", "correct", "count")
+HOST_SUMS = ("skipped", "preempt", "save")
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """A step's numbers summed over all ranks (the same on every rank)."""
+
+    loss: float
+    """Sum of the per-sample losses: NaN or inf if any rank's loss was."""
+    correct: float
+    count: float
+    """Valid samples (padding and skipped bad samples excluded)."""
+    skipped: float
+    """Bad samples skipped (data.on_error=skip)."""
+    preempt: float
+    """> 0: some rank was asked to stop (SIGTERM / SIGUSR1)."""
+    save: float
+    """> 0: some rank found a checkpoint due."""
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss)
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(self.count, 1)
+
+    def epoch_sums(self) -> dict[str, float]:
+        """What this step adds to the epoch's sums (a skipped update adds no loss)."""
+        counted = EPOCH_SUMS if self.finite else ("skipped",)
+        return {key: getattr(self, key) for key in counted}
+
+
+class Stepper:
+    """Forward/backward over a step's micro-batches, then the update.
+
+    Padding repeats and skipped bad samples (valid=False) add nothing to the gradient,
+    so each sample counts once per epoch. This rank's [loss sum, correct, samples] go
+    to the step sums before the last backward, whose gradient all-reduce sums them over
+    the ranks along with the host flags (no collective of its own).
+    """
+
+    def __init__(
+        self,
+        training: Training,
+        env: DistEnv,
+        autocast: Callable[[], object],
+        grad_clip: float | None,
+    ) -> None:
+        self.training, self.autocast, self.grad_clip = training, autocast, grad_clip
+        self.sums = StepSums(env, training.ddp_model, DEVICE_SUMS, HOST_SUMS)
+        self._stats: list[torch.Tensor] = []
+
+    def begin(self, lr: float, **host_values: float) -> None:
+        for group in self.training.optimizer.param_groups:
+            group["lr"] = lr
+        self.sums.set_host(**host_values)
+        self._stats = []
+
+    def forward_backward(self, batch: Batch, accumulate: int, last: bool) -> None:
+        """One micro-batch: its share (1 / accumulate) of the rank's gradient."""
+        ddp_model = self.training.ddp_model
+        sync = nullcontext() if last or not isinstance(ddp_model, DDP) else ddp_model.no_sync()
+        with sync:
+            with self.autocast():
+                logits = ddp_model(batch.inputs)
+            losses = F.cross_entropy(logits.float(), batch.targets, reduction="none")
+            loss = (losses * batch.valid).sum()
+            with torch.no_grad():
+                hits = (logits.argmax(dim=1) == batch.targets).logical_and_(batch.valid)
+                self._stats.append(torch.stack([loss, hits.sum(), batch.valid.sum()]))
+                if last:
+                    self.sums.set_device(torch.stack(self._stats).sum(dim=0))
+            # Sum over the micro-batch / its size / accumulate: this rank's share of the mean
+            # over the global batch; DDP averages the ranks.
+            self.training.scaler.scale(loss / (len(losses) * accumulate)).backward()
+
+    def finish(self) -> StepTotals:
+        """The step's totals over all ranks; the update applied only if the loss was
+        finite everywhere (no rank applies a poisoned update)."""
+        totals = StepTotals(**self.sums.result())
+        t = self.training
+        if totals.finite:
+            if self.grad_clip is not None:
+                t.scaler.unscale_(t.optimizer)
+                torch.nn.utils.clip_grad_norm_(t.model.parameters(), self.grad_clip)
+            t.scaler.step(t.optimizer)
+            t.scaler.update()
+        t.optimizer.zero_grad(set_to_none=True)
+        return totals
+
+
+@torch.no_grad()
+def evaluate(model, loader, env: DistEnv, autocast, move) -> dict[str, float]:
+    """Loss and accuracy over the whole validation set, reduced exactly across ranks."""
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, samples
+    for batch in loader:
+        batch = move(batch)
+        with autocast():
+            logits = model(batch.inputs)
+        valid = batch.valid
+        losses = F.cross_entropy(logits.float(), batch.targets, reduction="none")
+        sums[0] += losses[valid].sum().double()
+        sums[1] += (logits.argmax(dim=1) == batch.targets)[valid].sum().double()
+        sums[2] += valid.sum().double()
+    model.train()
+    collectives.all_reduce_sum(sums, env)
+    loss, correct, count = sums.tolist()
+    return {"val/loss": loss / count, "val/accuracy": correct / count, "val/samples": count}
+
+
+class SampleAudit:
+    """Counts how often each training sample was used this epoch, over all ranks.
+
+    Opt-in (trainer.audit_samples): one all_reduce of N counters per epoch proves
+    the epoch guarantee on the real run: every sample once, plus the padding.
+    """
+
+    def __init__(self, num_samples: int) -> None:
+        self.counts = torch.zeros(num_samples, dtype=torch.int64)
+
+    def record(self, batches: list[Batch]) -> None:
+        if len(self.counts):
+            for batch in batches:
+                indices = batch.indices.cpu()
+                self.counts.index_add_(0, indices, torch.ones_like(indices))
+
+    def finish_epoch(self, env: DistEnv) -> dict[str, float]:
+        if not len(self.counts):
+            return {}
+        counts = collectives.all_reduce_sum(self.counts.to(env.device, copy=True), env).cpu()
+        self.counts.zero_()
+        used = int((counts > 0).sum())
+        return {
+            "audit/unique_samples": used,
+            "audit/missing_samples": len(counts) - used,
+            "audit/repeated_samples": int(counts.sum()) - used,
+        }
+
+
+def epoch_metrics(pos: Position, samples_per_s: float) -> dict[str, float]:
+    """Train loss and accuracy of the epoch over all ranks (its step sums already are),
+    bad samples skipped, throughput."""
+    loss, correct, count, skipped = (pos.epoch_sums.get(k, 0.0) for k in EPOCH_SUMS)
+    return {
+        "train/epoch_loss": loss / max(count, 1),
+        "train/epoch_accuracy": correct / max(count, 1),
+        "train/samples_per_s": samples_per_s,
+        "data/skipped_samples": skipped,
+    }

@@ -7,7 +7,8 @@ VENV ?= .venv
 # The torch to install when the venv has none. Clusters: create $(VENV) with your
 # own CUDA build first (or set TORCH=...); it is kept.
 TORCH ?= torch==2.13.0
-NPROC ?= 2
+# Processes: one per visible GPU on a CUDA machine, else 2 CPU processes (launch/local.sh).
+NPROC ?=
 ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ddp-installed
@@ -25,9 +26,10 @@ $(STAMP): pyproject.toml
 data: setup
 	test -f data/digits/train/manifest.json || $(BIN)/ddp-shards prepare digits --out data/digits
 
+# The exit code is the trainer's (0 done, 2 bad input, 3 non-finite, 75 preempted,
+# 130 interrupted); running it again continues the same run (runs/digits).
 train: data
-	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) \
-		-m ddp.train experiment=digits $(ARGS)
+	DDP_PYTHON=$(BIN)/python NPROC=$(NPROC) launch/local.sh experiment=digits $(ARGS)
 
 # DDP_TEST_SLURM=1: the SLURM tests may start the local one-node cluster (as root;
 # slurm/cluster.sh installs Debian's packages); elsewhere they skip with the reason.

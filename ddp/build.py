@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp.config import Config, WandbConfig
+from ddp.config import Config, ConfigError, WandbConfig
 from ddp.data.batch import Batch, LoaderOptions, TrainBatches
 from ddp.data.loaders import EvalLoader, build_eval_loader, build_train_loader
 from ddp.data.splits import Splits
@@ -24,9 +24,30 @@ from ddp.schedule import LRSchedule, scaled_lr
 from ddp.state import Training
 
 
+def build(spec: dict, key: str, **kwargs):
+    """`instantiate(spec)`, or ConfigError naming the key: a typo in `_target_`, a wrong
+    argument or a constructor that raises is bad input, found before any process group."""
+    try:
+        return instantiate(spec, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - whatever the user's constructor raises
+        target = spec.get("_target_") if isinstance(spec, dict) else spec
+        raise ConfigError(f"{key}: cannot build {target}: {_reason(exc)}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """One line from Hydra's message (or the constructor's own error)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("full_key:")]
+    text = " ".join(lines).replace(", set env var HYDRA_FULL_ERROR=1 to see chained exception", "")
+    cause = exc.__cause__
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+    return text
+
+
 def build_model(config: Config, device: torch.device) -> torch.nn.Module:
     """The user's module on `device`, conv layouts as `channels_last` decides."""
-    model = instantiate(config.model)
+    model = build(config.model, "model")
     if channels_last(config, model):  # before DDP: its buckets follow the parameters' layout
         model = model.to(memory_format=torch.channels_last)
     return model.to(device)
@@ -48,7 +69,7 @@ def build_training(
     model = build_model(config, device)
     s = config.schedule
     peak = scaled_lr(config.optim["lr"], plan.global_size, s.base_global_size, s.lr_scaling)
-    optimizer = instantiate(config.optim, params=model.parameters(), lr=peak)
+    optimizer = build(config.optim, "optim", params=model.parameters(), lr=peak)
     epochs = config.trainer.max_epochs
     total = epochs * plan.iterations_per_epoch if epochs else None
     schedule = LRSchedule(peak, s.name, s.warmup_iterations, total, s.min_lr_ratio)
@@ -93,6 +114,7 @@ def loader_options(config: Config, device: torch.device) -> LoaderOptions:
         on_error=d.on_error,
         input_key=d.input_key,
         target_key=d.target_key,
+        num_classes=config.model.get("num_classes"),
         in_memory_max_mb=d.in_memory_max_mb,
     )
 
@@ -103,7 +125,7 @@ def build_loaders(
     """Open the shards (a missing or mismatched one fails here, before any collective)."""
     d, seed = config.data, config.trainer.seed
     options = loader_options(config, device)
-    transform = instantiate(d.transform) if d.transform else None  # per sample, training only
+    transform = build(d.transform, "data.transform") if d.transform else None  # training only
     if splits.stream is not None:  # streaming: sequential reads, exact batch counts
         train: TrainBatches = build_stream_loader(
             splits.stream, plan, rank, seed, options, d.shuffle_buffer, transform

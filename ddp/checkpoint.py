@@ -87,6 +87,12 @@ class BackgroundWriter:
             finally:
                 self._idle.set()
 
+    @property
+    def failure(self) -> str | None:
+        """The failure of the last write, not yet reported by `save` or `wait`."""
+        error = self._error
+        return None if error is None else str(error)
+
     def wait(self) -> None:
         """Until the last write is on disk; raise its failure, if any."""
         self._idle.wait()
@@ -145,13 +151,24 @@ def load(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt or unsafe to load: {first_line}"
-        ) from exc
+        raise CheckpointError(f"checkpoint {path} {_unreadable(exc)}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} was not written by ddp ({FORMAT} expected)")
     return state
+
+
+def _unreadable(exc: Exception) -> str:
+    """Why torch.load refused a file, in our words (torch's advice to load it with
+    weights_only=False, i.e. to run whatever code it holds, is not ours to give)."""
+    if "Weights only load failed" in str(exc):
+        # A pickle that is not a plain archive of tensors: a torch file, but not ours.
+        return "is not a ddp checkpoint: it holds objects other than tensors and containers"
+    return f"is corrupt or not a torch file ({type(exc).__name__}: {_first_sentence(exc)})"
+
+
+def _first_sentence(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text.split(". ", 1)[0] if text else type(exc).__name__
 
 
 def rng_state() -> dict[str, Any]:

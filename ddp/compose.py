@@ -13,11 +13,12 @@ from typing import Any
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from ddp.config import Config, ConfigError
-from ddp.run_dir import default_run_name
+from ddp.run_dir import default_run_name, default_sweep_name
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 """The config tree beside the package (an editable install or a clone)."""
@@ -26,10 +27,18 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def register() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
     if not OmegaConf.has_resolver("ddp.run_name"):
-        # Cached: a timestamp fallback must not change between two reads.
+        OmegaConf.register_new_resolver("ddp.run_name", _run_name)
         OmegaConf.register_new_resolver(
-            "ddp.run_name", lambda name=None: name or default_run_name(), use_cache=True
+            "ddp.sweep_name", lambda name=None: name or default_sweep_name()
         )
+
+
+def _run_name(name: str | None = None, experiment: str = "default") -> str:
+    """run.name, else the stable default for this command line (see ddp.run_dir)."""
+    if name:
+        return name
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return default_run_name(experiment, list(overrides))
 
 
 def to_config(cfg: Any) -> Config:

@@ -128,8 +128,10 @@ class TrainerConfig:
     nonfinite: str = MISSING
     """stop | skip: what all ranks do when the loss is not finite on any rank."""
     max_skipped_steps: int = MISSING
-    resume: bool = MISSING
-    """Continue from the run directory's last checkpoint when there is one."""
+    resume: str = MISSING
+    """auto: continue from the run directory's last checkpoint when there is one, else
+    start a new run; never: start a new run, and refuse a directory that holds one;
+    require: continue, and refuse a directory without a checkpoint."""
     max_steps: int | None = MISSING
     """Stop after this many optimizer updates (for smoke tests and benchmarks)."""
     restart_epoch_on_plan_change: bool = MISSING
@@ -145,6 +147,7 @@ class TrainerConfig:
         one_of("trainer.device", self.device, ("auto", "cpu", "cuda"))
         one_of("trainer.precision", self.precision, ("fp32", "bf16", "fp16"))
         one_of("trainer.nonfinite", self.nonfinite, ("stop", "skip"))
+        one_of("trainer.resume", self.resume, ("auto", "never", "require"))
         require(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip must be > 0")
         require(self.timeout_s > 0, f"trainer.timeout_s={self.timeout_s} must be > 0")
         require(self.log_every_steps >= 1, "trainer.log_every_steps must be >= 1")

@@ -54,6 +54,11 @@ class Progress:
         if self.enabled:
             print(message, flush=True)
 
+    def error(self, message: str) -> None:
+        """One `error: ...` line on stderr, as a refusal at start-up reads."""
+        if self.enabled:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+
 
 def epoch_line(epoch: int, m: dict[str, float], plateau: PlateauTracker) -> str:
     best = "-" if plateau.best is None else f"{plateau.best:.4f} @ epoch {plateau.best_epoch}"

@@ -22,6 +22,8 @@ from ddp.dist import collectives
 from ddp.dist.group import DistEnv
 from ddp.plan import BatchPlan
 from ddp.plateau import PlateauTracker
+from ddp.run_dir import RunLock
+from ddp.tracking.metrics_file import METRICS_FILE
 from ddp.validate import ConfigError
 
 EPOCH_SUMS = ("loss", "correct", "count", "skipped")
@@ -58,19 +60,52 @@ class Position:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption, torchrun shutdown) set a flag; the loop agrees on it."""
+    """Signals that ask the run to stop at the next step boundary, after a checkpoint.
+
+    SIGTERM and SIGUSR1 (SLURM preemption, torchrun's shutdown) mean "preempted: run again
+    to continue" (exit 75); SIGINT (Ctrl-C) means "interrupted" (exit 130), and a second
+    Ctrl-C stops the process at once. The loop agrees on the flags across ranks.
+    """
 
     def __init__(self) -> None:
-        self.signal: int | None = None
+        self.preempt = False
+        self.interrupt = False
         for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+            signal.signal(sig, self._preempted)
+        signal.signal(signal.SIGINT, self._interrupted)
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
+    def _preempted(self, signum: int, frame: Any) -> None:
+        self.preempt = True
 
-    @property
-    def requested(self) -> bool:
-        return self.signal is not None
+    def _interrupted(self, signum: int, frame: Any) -> None:
+        if self.interrupt:  # the second Ctrl-C: no more waiting
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGINT)
+        self.interrupt = True
+        print("interrupted: stopping after this step (Ctrl-C again to stop now)", flush=True)
+
+
+def claim_run_dir(run_dir: Path, env: DistEnv) -> RunLock | None:
+    """Rank 0 takes the run directory's lock for the job; every rank refuses together
+    (one line, from rank 0) when another job holds it."""
+    lock, refusal = None, None
+    if env.is_main:
+        try:
+            lock = RunLock.acquire(run_dir)
+        except ConfigError as exc:
+            refusal = str(exc)
+    refusal = collectives.broadcast_object(refusal, env)
+    if refusal is not None:
+        raise Refusal(refusal, shown=env.is_main)
+    return lock
+
+
+class Refusal(ConfigError):
+    """Bad input that all ranks agreed on: only the rank that saw it prints it."""
+
+    def __init__(self, message: str, shown: bool) -> None:
+        super().__init__(message)
+        self.shown = shown
 
 
 PLAN_KEYS = ("global_size", "num_samples", "drop_last")
@@ -78,11 +113,21 @@ PLAN_KEYS = ("global_size", "num_samples", "drop_last")
 
 
 def load_resume_point(
-    ckpt_dir: Path, trainer: TrainerConfig, plan: BatchPlan
+    run_dir: Path, trainer: TrainerConfig, plan: BatchPlan
 ) -> dict[str, Any] | None:
-    """The checkpoint to continue from (None: start fresh), checked against the new plan."""
-    path = ckpt_dir / "last.pt"
-    if not trainer.resume or not path.exists():
+    """The checkpoint to continue from (None: start a new run), checked against the new
+    plan and `trainer.resume`; ConfigError naming the file otherwise. Reads only."""
+    path = run_dir / "checkpoints" / "last.pt"
+    if trainer.resume == "never":
+        if path.exists() or (run_dir / METRICS_FILE).exists():
+            raise ConfigError(
+                f"run directory {run_dir} already holds a run and trainer.resume=never; give "
+                "another run.name, or trainer.resume=auto to continue it"
+            )
+        return None
+    if not path.exists():
+        if trainer.resume == "require":
+            raise ConfigError(f"trainer.resume=require but there is no {path} to continue from")
         return None
     state = checkpoint.load(path)
     saved = state["plan"]
@@ -95,6 +140,7 @@ def load_resume_point(
         )
     if changed:  # the saved position means nothing in the new plan: restart the epoch
         state["position"].update(step_in_epoch=0, epoch_sums={})
+    state["path"] = str(path)
     return state
 
 
@@ -111,14 +157,48 @@ class Training:
     plateau: PlateauTracker
 
     def restore(self, state: dict[str, Any], rank: int, world_size: int) -> Position:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.plateau.load_state_dict(state["plateau"])
+        """Continue from `state`; ConfigError naming the checkpoint when it belongs to
+        another model, optimizer or plateau metric (checked before anything is written)."""
+        path = state.get("path", "the checkpoint")
+        saved_optimizer = state.get("optimizer_class")  # absent from older checkpoints
+        if saved_optimizer is not None and saved_optimizer != class_name(self.optimizer):
+            raise ConfigError(
+                f"cannot resume {path}: it was trained with optimizer {saved_optimizer}, "
+                f"now {class_name(self.optimizer)} (keep optim, or use a new run.name)"
+            )
+        try:
+            self.model.load_state_dict(state["model"])
+            if saved_optimizer is None:
+                _check_param_groups(self.optimizer, state["optimizer"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.plateau.load_state_dict(state["plateau"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            reason = " ".join(str(exc).split())  # torch lists mismatches over many lines
+            raise ConfigError(f"cannot resume {path}: {_shorten(reason)}") from exc
         rngs = state["rng"]
         if len(rngs) == world_size:  # elastic resume: same data order, fresh dropout streams
             checkpoint.set_rng_state(rngs[rank])
         return Position(**state["position"])
+
+
+def class_name(obj: object) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _check_param_groups(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """torch would take another optimizer's hyper-parameters silently (and fail at the
+    first step): the saved groups must have this optimizer's keys."""
+    for group, old in zip(optimizer.param_groups, saved["param_groups"], strict=False):
+        missing = sorted(set(group) - set(old) - {"params"})
+        if missing:
+            raise ValueError(
+                f"the optimizer state lacks {', '.join(missing)}: it belongs to another optimizer"
+            )
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Checkpointer:
@@ -142,6 +222,7 @@ class Checkpointer:
         self.wandb_run_id = wandb_run_id
         self.writer = checkpoint.BackgroundWriter()
         self._last_save = time.monotonic()
+        self._failure: str | None = None
 
     def due(self, next_step: int) -> bool:
         """By steps or by minutes; the caller shares the answer so all ranks save together."""
@@ -159,6 +240,7 @@ class Checkpointer:
             "format": checkpoint.FORMAT,
             "model": training.model.state_dict(),
             "optimizer": training.optimizer.state_dict(),
+            "optimizer_class": class_name(training.optimizer),
             "scaler": training.scaler.state_dict(),
             "position": asdict(pos),
             "plateau": training.plateau.state_dict(),
@@ -181,8 +263,16 @@ class Checkpointer:
         if leaving:
             self.close()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the last write failed (rank 0), e.g. a full disk; None while all is well."""
+        return self._failure or self.writer.failure
+
     def close(self) -> None:
-        """The last checkpoint is on disk before anyone reports or leaves (or is killed
-        by torchrun while rank 0 writes)."""
-        self.writer.wait()
+        """The last checkpoint is on disk (or its failure known) before anyone reports or
+        leaves (or is killed by torchrun while rank 0 writes)."""
+        try:
+            self.writer.wait()
+        except checkpoint.CheckpointError as exc:
+            self._failure = str(exc)
         collectives.barrier(self.env)

@@ -25,7 +25,7 @@ from ddp.dist.step_sums import StepSums
 from ddp.state import EPOCH_SUMS, Position, Training
 
 DEVICE_SUMS = ("loss", "correct", "count")
-HOST_SUMS = ("skipped", "preempt", "save")
+HOST_SUMS = ("skipped", "preempt", "interrupt", "save", "failed")
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,12 @@ class StepTotals:
     """Bad samples skipped (data.on_error=skip)."""
     preempt: float
     """> 0: some rank was asked to stop (SIGTERM / SIGUSR1)."""
+    interrupt: float
+    """> 0: some rank was interrupted (SIGINT, Ctrl-C)."""
     save: float
     """> 0: some rank found a checkpoint due."""
+    failed: float
+    """> 0: some rank could not write (a full disk): metrics or a checkpoint."""
 
     @property
     def finite(self) -> bool:

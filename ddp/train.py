@@ -10,16 +10,11 @@ rank runs as `plan.accumulate` micro-batches of `plan.micro_size`.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
-import sys
 import time
 from pathlib import Path
 
-import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
 
 from ddp import checkpoint
 from ddp.build import (
@@ -31,47 +26,48 @@ from ddp.build import (
     wandb_config,
     wrap_ddp,
 )
-from ddp.compose import CONF_DIR, as_record, register, to_config
+from ddp.compose import as_record
 from ddp.config import Config, TrainerConfig
 from ddp.data.splits import open_splits
 from ddp.dist import collectives
 from ddp.dist.env import detect
-from ddp.dist.exit import ExitCode, exit_process, retire
+from ddp.dist.exit import ExitCode, retire
 from ddp.dist.group import init_distributed, pick_device, shutdown
-from ddp.plan import PlanError, plan_for
+from ddp.plan import plan_for
 from ddp.progress import Progress, epoch_line, final_line
 from ddp.run_dir import check_writable
-from ddp.shards.manifest import DataError
-from ddp.state import Checkpointer, Position, StopRequest, load_resume_point
+from ddp.state import (
+    Checkpointer,
+    Position,
+    StopRequest,
+    claim_run_dir,
+    load_resume_point,
+)
 from ddp.step import SampleAudit, Stepper, StepTotals, epoch_metrics, evaluate
 from ddp.tracking.tracker import Tracker
-from ddp.validate import ConfigError
-
-register()
-
-BAD_INPUT = (ConfigError, PlanError, DataError, checkpoint.CheckpointError)
-EXIT_CODES = {"preempted": ExitCode.PREEMPTED, "nonfinite_loss": ExitCode.NONFINITE}
 
 
 def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, overrides: str = "") -> int:
-    # Everything a process can check alone is checked before any process group exists,
-    # so bad input fails fast with one message instead of a hang or a timeout.
+    # Everything that can be checked is checked before any process group exists and
+    # before anything is written: a refused start leaves every file of a run as it was.
     launch = detect()
-    splits = open_splits(config.data)  # each manifest read once, here
+    num_classes = config.model.get("num_classes")  # checked against the labels, if given
+    splits = open_splits(config.data, num_classes=num_classes)  # each manifest read once
     plan = plan_for(config.batch, launch.world_size, splits.num_train_samples)
-    device = pick_device(config.trainer.device, launch.local_rank)
+    device = pick_device(config.trainer.device, launch)
     train_loader, val_loader = build_loaders(config, plan, launch.rank, splits, device)
     check_writable(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    if launch.is_main and ckpt_dir.is_dir():
-        checkpoint.remove_stale_temporaries(ckpt_dir)
-    resumed = load_resume_point(ckpt_dir, config.trainer, plan)
+    resumed = load_resume_point(run_dir, config.trainer, plan)
     torch.manual_seed(config.trainer.seed + launch.rank)
     training, schedule = build_training(config, plan, device)
     pos = training.restore(resumed, launch.rank, launch.world_size) if resumed else Position()
-    stop = StopRequest()
 
     env = init_distributed(launch, device, config.trainer.timeout_s)
+    lock = claim_run_dir(run_dir, env)  # one job per run directory, from here to the exit
+    stop = StopRequest()
+    ckpt_dir = run_dir / "checkpoints"
+    if env.is_main and ckpt_dir.is_dir():
+        checkpoint.remove_stale_temporaries(ckpt_dir)
     wrap_ddp(training, env)
     config_record = as_record(config)  # once: it costs tens of ms
     tracker = Tracker.start(  # W&B starts on a thread while the rest is set up
@@ -96,11 +92,11 @@ def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, override
     plateau = training.plateau
     progress = Progress(env.is_main, plan.iterations_per_epoch, plan.global_size)
     progress.print(f"batch plan ({env.world_size} process(es), {device.type}):\n{plan.table()}")
-    progress.print(f"run directory: {run_dir}")
     if resumed:
-        progress.print(
-            f"resumed at epoch {pos.epoch} step {pos.step_in_epoch} ({ckpt_dir}/last.pt)"
-        )
+        where = f"epoch {pos.epoch} step {pos.step_in_epoch}"
+        progress.print(f"run directory: {run_dir} (continuing at {where} from {resumed['path']})")
+    else:
+        progress.print(f"run directory: {run_dir} (new run)")
     tracker.ready()  # a W&B that failed to start stops us here, before training
 
     reason: str | None = None
@@ -117,8 +113,10 @@ def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, override
             stepper.begin(
                 lr,
                 skipped=sum(b.num_skipped for b in micro_batches),
-                preempt=stop.requested,
+                preempt=stop.preempt,
+                interrupt=stop.interrupt,
                 save=checkpoints.due(pos.global_step + 1),
+                failed=io_failure(tracker, checkpoints) is not None,
             )
             for micro, batch in enumerate(micro_batches):
                 stepper.forward_backward(batch, plan.accumulate, last=micro == plan.accumulate - 1)
@@ -129,7 +127,7 @@ def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, override
                 metrics = {"train/loss": totals.mean_loss, "train/lr": lr}
                 tracker.log_train(pos.global_step, metrics, epoch=epoch)
             reason = stop_decision(config.trainer, totals, pos, epoch, step, progress)
-            if reason in ("preempted", "max_steps") or totals.save:
+            if reason in SAVED_ON_STOP or totals.save:
                 checkpoints.save(pos, leaving=reason is not None)
             if reason:
                 break
@@ -152,8 +150,12 @@ def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, override
             reason = "plateau"
             break
 
-    reason = reason or "max_epochs"
     checkpoints.close()  # the last checkpoint is on disk before anyone reports or leaves
+    failure = io_failure(tracker, checkpoints)
+    if collectives.any_rank(failure is not None, env):  # e.g. the last write met a full disk
+        reason = "io_error"
+        progress.error(f"{failure}; stopping (the last good checkpoint is kept)")
+    reason = reason or "max_epochs"
     exit_code = EXIT_CODES.get(reason, ExitCode.OK)
     tracker.summary(
         best_value=plateau.best,
@@ -168,10 +170,27 @@ def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, override
     shutdown(env)
     retire(training.ddp_model)
     # Rank 0 alone from here on: the others may leave (no collective waits on the plot).
-    if reason != "preempted" and config.logger.curves:
+    if reason not in SAVED_ON_STOP + ("io_error",) and config.logger.curves:
         tracker.save_curves()
     tracker.finish(exit_code)
+    if lock is not None:
+        lock.release()
     return exit_code
+
+
+SAVED_ON_STOP = ("preempted", "interrupted", "max_steps")
+"""Stops that checkpoint first (a non-finite loss or a failed write keeps the last good one)."""
+EXIT_CODES = {
+    "preempted": ExitCode.PREEMPTED,
+    "interrupted": ExitCode.INTERRUPTED,
+    "nonfinite_loss": ExitCode.NONFINITE,
+    "io_error": ExitCode.BAD_INPUT,
+}
+
+
+def io_failure(tracker: Tracker, checkpoints: Checkpointer) -> str | None:
+    """What this rank could not write (metrics.jsonl or a checkpoint), if anything."""
+    return tracker.failure or checkpoints.failure
 
 
 def epochs_from(first: int, max_epochs: int | None):
@@ -184,6 +203,10 @@ def stop_decision(
 ) -> str | None:
     """Why the run stops after this step, or None; the same answer on every rank, since
     `totals` are sums over all ranks."""
+    if totals.failed:
+        return "io_error"
+    if totals.interrupt:
+        return "interrupted"
     if totals.preempt:
         return "preempted"
     if not totals.finite:
@@ -199,47 +222,7 @@ def stop_decision(
     return None
 
 
-# An absolute path: a console script imports ddp.train as a package module, where a
-# relative config_path would be looked up as a Python package named conf.
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def _hydra_entry(cfg: DictConfig) -> None:
-    hc = HydraConfig.get()
-    sweep_dir = Path(hc.sweep.dir) if hc.mode.name == "MULTIRUN" else None
-    try:
-        run_dir = Path(hc.runtime.output_dir)
-        code = train(to_config(cfg), run_dir, sweep_dir, hc.job.override_dirname)
-    except BAD_INPUT as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        code = ExitCode.BAD_INPUT
-    if code != ExitCode.OK:
-        sys.exit(int(code))  # Hydra returns nothing: the exit code travels as SystemExit
+if __name__ == "__main__":  # python -m ddp.train ...: the same command as ddp-train
+    from ddp.cli import main
 
-
-def keep_freed_memory() -> None:
-    """Keep freed blocks in glibc's heap instead of handing them back to the OS.
-
-    Above glibc's mmap threshold every step's activations would land on fresh pages
-    and be zero-filled again on first touch: 2.7 M page faults and a third of the
-    steps/s of a CPU CNN (bench/overhead.py). No-op without glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum
-    libc.mallopt(m_trim_threshold, 256 << 20)
-
-
-def main() -> None:
-    keep_freed_memory()
-    try:
-        _hydra_entry()
-        code = ExitCode.OK
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    exit_process(code)
-
-
-if __name__ == "__main__":
     main()

@@ -4,8 +4,9 @@
 # launcher starts the same thing the same way:
 #   DDP_PYTHON       interpreter (default: python on PATH if it imports torch,
 #                    else the repository's .venv)
-#   TORCHRUN         array: "$DDP_PYTHON -m torch.distributed.run" (same interpreter
-#                    as the workers, whatever `torchrun` on PATH belongs to)
+#   TORCHRUN         array: "$DDP_PYTHON -m ddp.launch", torchrun itself but ending with
+#                    the workers' exit code (2 bad input, 3 non-finite, 75 preempted,
+#                    130 interrupted), and the same interpreter as the workers
 #   TRAIN_ENTRY      array: what torchrun starts on every worker (-m ddp.train)
 # shellcheck shell=bash disable=SC2034  # the arrays are used by the sourcing scripts
 
@@ -27,7 +28,7 @@ ddp_pick_python() {
 
 ddp_pick_entry() {
     ddp_pick_python
-    TORCHRUN=("$DDP_PYTHON" -m torch.distributed.run)
+    TORCHRUN=("$DDP_PYTHON" -m ddp.launch)
     # `-m ddp.train` is what the `ddp-train` console script runs, with the same
     # interpreter as torchrun and no dependence on PATH or on an install
     # (PYTHONPATH below makes the repository importable).

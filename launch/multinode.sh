@@ -9,8 +9,8 @@
 # --head      host:port of the rendezvous; the host is one of the nodes (its agent
 #             serves the store), reachable from all; the port free there
 # --nnodes    number of nodes (agents), or MIN:MAX for an elastic range
-# --run-id    the same on all nodes, unique per job (it also names the run
-#             directory: runs/torchrun-<id>, unless run.name is given)
+# --run-id    the same on all nodes, unique per job (the rendezvous id; the run
+#             directory is <experiment>[-<hash>], or run.name when given)
 # --nproc     processes per node (default: visible GPUs, else 2 CPU processes)
 # --node-rank not needed with c10d (ranks are assigned at rendezvous); accepted
 #             for symmetry with static launchers and passed through

@@ -99,6 +99,8 @@ class LoaderOptions:
     """Member extension holding the input (npy, png, jpg, ...)."""
     target_key: str = "cls"
     """Member extension holding the integer label."""
+    num_classes: int | None = None
+    """Labels must lie in [0, num_classes): one outside is bad data (raise or skip)."""
     in_memory_max_mb: float = 256.0
     """Decode a split once and keep it in this process when its decoded inputs take at
     most this many MiB (0: always read the shards). Micro-batches are then gathers from

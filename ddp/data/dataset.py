@@ -49,6 +49,7 @@ class ShardDataset(Dataset):
         transform: Transform | None = None,
         on_error: Literal["raise", "skip"] = "raise",
         manifest: Manifest | None = None,
+        num_classes: int | None = None,
     ):
         self.split_dir = Path(split_dir)
         manifest = manifest if manifest is not None else read_manifest(self.split_dir)
@@ -56,6 +57,7 @@ class ShardDataset(Dataset):
         self.input_key, self.target_key = input_key, target_key
         self.transform = transform
         self.on_error = on_error
+        self.num_classes = num_classes
         self.num_errors = 0
         """Bad samples met in this process (workers keep their own; see Batch.num_skipped)."""
         self._buffers: dict[int, memoryview] = {}
@@ -196,16 +198,21 @@ class ShardDataset(Dataset):
         if self.target_key in LABEL_EXTS:
             members = self._members(indices, self.target_key)
             fast = parse_labels(members, len(indices)) if members is not None else None
-            if fast is not None:
+            if fast is not None and self._in_range(fast):
                 return fast, ok
         targets = np.zeros(len(indices), dtype=np.int64)
         for i, index in enumerate(indices):
             try:
-                targets[i] = decode_target(self.target_key, self.raw(index, self.target_key))
+                raw = self.raw(index, self.target_key)
+                targets[i] = decode_target(self.target_key, raw, self.num_classes)
             except Exception as err:  # noqa: BLE001 - any decode failure is bad data
                 self._fail(int(index), f"undecodable .{self.target_key}: {describe(err)}")
                 ok[i] = False
         return targets, ok
+
+    def _in_range(self, labels: np.ndarray) -> bool:
+        n = self.num_classes
+        return n is None or len(labels) == 0 or (labels.min() >= 0 and labels.max() < n)
 
     def _decode_inputs(self, indices: np.ndarray) -> tuple[np.ndarray | list, np.ndarray]:
         if self.input_key == "npy":

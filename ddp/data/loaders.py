@@ -218,7 +218,13 @@ def open_dataset(
     manifest: Manifest | None = None,
 ) -> ShardDataset:
     return ShardDataset(
-        split_dir, options.input_key, options.target_key, transform, options.on_error, manifest
+        split_dir,
+        options.input_key,
+        options.target_key,
+        transform,
+        options.on_error,
+        manifest,
+        options.num_classes,
     )
 
 

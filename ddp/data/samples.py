@@ -27,8 +27,15 @@ def decode_input(ext: str, data: Member) -> np.ndarray:
     return np.asarray(decode_member(ext, bytes(data)))
 
 
-def decode_target(ext: str, data: Member) -> int:
-    return int(decode_member(ext, bytes(data)))
+def decode_target(ext: str, data: Member, num_classes: int | None = None) -> int:
+    return check_label(int(decode_member(ext, bytes(data))), num_classes)
+
+
+def check_label(label: int, num_classes: int | None) -> int:
+    """`label`, if it names one of the model's classes (or they are not known)."""
+    if num_classes is not None and not 0 <= label < num_classes:
+        raise ValueError(f"label {label} is outside [0, {num_classes})")
+    return label
 
 
 def check_shape(array: np.ndarray, like: np.ndarray | None) -> np.ndarray:

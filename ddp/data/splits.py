@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ddp.config import DataConfig
+from ddp.shards.index import find_shards
 from ddp.shards.manifest import MANIFEST_NAME, DataError, Manifest, read_manifest
 
 
@@ -61,18 +62,56 @@ class Splits:
     num_train_samples: int
 
 
-def open_splits(data: DataConfig, with_val: bool = True) -> Splits:
-    """Read what `data` points at; DataError naming the file when something is missing."""
+def open_splits(data: DataConfig, with_val: bool = True, num_classes: int | None = None) -> Splits:
+    """Read what `data` points at; DataError naming the file (and key) when something is
+    missing, unlisted, or labelled outside [0, num_classes) (unless data.on_error=skip)."""
     root = Path(data.root)
     train_dir, val_dir = root / data.train_split, root / data.val_split
     if data.urls:
         stream = open_stream(data.urls)
         train, num = None, data.num_samples or stream.num_samples()
     else:
-        stream, train = None, read_manifest(train_dir)
+        stream, train = None, open_split(train_dir)
         num = train.num_samples
-    val = read_manifest(val_dir) if with_val else None
+    val = open_split(val_dir) if with_val else None
+    if num_classes is not None and data.on_error == "raise":
+        for split_dir, manifest in ((train_dir, train), (val_dir, val)):
+            if manifest is not None:
+                check_labels(split_dir, manifest, data.target_key, num_classes)
     return Splits(train_dir, train, stream, val_dir, val, num)  # type: ignore[arg-type]
+
+
+def open_split(split_dir: Path) -> Manifest:
+    """The split's manifest, which must list every shard in the directory: a tar it
+    does not list would silently never be trained on."""
+    manifest = read_manifest(split_dir)
+    listed = {shard.name for shard in manifest.shards}
+    for path in find_shards(split_dir):
+        if str(path.relative_to(split_dir)) not in listed:
+            raise DataError(
+                f"{path}: a shard that {split_dir}/{MANIFEST_NAME} does not list (re-run "
+                f"`ddp-shards index {split_dir}` to include it, or move it out)"
+            )
+    return manifest
+
+
+def check_labels(split_dir: Path, manifest: Manifest, target_key: str, num_classes: int) -> None:
+    """Every label the indexer recorded lies in [0, num_classes); else DataError naming
+    the first sample outside (read from its shard: only that shard's labels)."""
+    for shard in manifest.shards:
+        low, high = shard.label_ranges.get(target_key, (0, 0))
+        if 0 <= low and high < num_classes:
+            continue
+        path = split_dir / shard.name
+        col = shard.members[target_key]
+        with open(path, "rb") as f:
+            for key, offset, size in zip(shard.keys, col["offsets"], col["sizes"], strict=True):
+                label = int(os.pread(f.fileno(), size, offset)) if offset >= 0 else 0
+                if not 0 <= label < num_classes:
+                    raise DataError(
+                        f"{path}: key {key}: label {label} is outside [0, {num_classes}) "
+                        f"(model.num_classes={num_classes})"
+                    )
 
 
 def train_samples(data: DataConfig) -> int:

@@ -350,7 +350,7 @@ class _StreamDataset(IterableDataset):
                     found = ", ".join(sorted(sample.members)) or "none"
                     raise LookupError(f"no .{ext} member (members: {found})")
             array = check_shape(decode_input(input_key, sample.members[input_key]), like)
-            label = decode_target(target_key, sample.members[target_key])
+            label = decode_target(target_key, sample.members[target_key], self.options.num_classes)
         except Exception as err:  # noqa: BLE001 - any decode failure is bad data
             if self.options.on_error == "raise":
                 kind = "" if isinstance(err, LookupError) else f"{type(err).__name__}: "

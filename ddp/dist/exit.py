@@ -33,6 +33,8 @@ class ExitCode(enum.IntEnum):
     """The loss was not finite (trainer.nonfinite=stop, or too many skipped steps)."""
     PREEMPTED = 75
     """EX_TEMPFAIL: a checkpoint was written on request; run again (requeue) to continue."""
+    INTERRUPTED = 130
+    """Ctrl-C (SIGINT, 128 + 2, as shells report it): a checkpoint was written; run again."""
 
 
 _retired: list[Any] = []

@@ -44,14 +44,22 @@ class DistEnv:
         return self.backend is not None
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
+def pick_device(requested: str, launch: Launch) -> torch.device:
+    """This process's device: GPU `local_rank` on CUDA (one process per GPU), else the CPU.
+    ConfigError when there is no GPU for this process (before any process group)."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("trainer.device=cuda but CUDA is not available")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+            raise ConfigError("trainer.device=cuda but CUDA is not available")
+        gpus = torch.cuda.device_count()
+        if launch.local_world_size > gpus:
+            raise ConfigError(
+                f"{launch.local_world_size} processes on this node but {gpus} GPU(s) visible: "
+                f"start at most {gpus} (one per GPU), or trainer.device=cpu"
+            )
+        torch.cuda.set_device(launch.local_rank)
+        return torch.device("cuda", launch.local_rank)
     return torch.device(requested)
 
 

@@ -13,6 +13,7 @@ import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from ddp.shards.decode import LABEL_EXTS
 from ddp.shards.manifest import DataError, Manifest, ShardInfo, read_manifest, write_manifest
 from ddp.shards.tar import split_member_name
 
@@ -79,7 +80,27 @@ def index_shard(path: Path, name: str | None = None, checksum: bool = True) -> S
         sha256=sha256_file(path) if checksum else "",
         keys=keys,
         members=dict(sorted(columns.items())),
+        label_ranges=label_ranges(path, columns),
     )
+
+
+def label_ranges(path: Path, columns: dict[str, dict[str, list[int]]]) -> dict[str, list[int]]:
+    """[smallest, largest] of every label column whose members are all plain integers."""
+    ranges = {}
+    with open(path, "rb") as f:
+        for ext in sorted(set(columns) & set(LABEL_EXTS)):
+            col = columns[ext]
+            try:
+                labels = [
+                    int(os.pread(f.fileno(), size, offset))
+                    for offset, size in zip(col["offsets"], col["sizes"], strict=True)
+                    if offset >= 0
+                ]
+            except ValueError:  # not integers: the loader judges them per sample
+                continue
+            if labels:
+                ranges[ext] = [min(labels), max(labels)]
+    return ranges
 
 
 def find_shards(split_dir: Path) -> list[Path]:

@@ -43,6 +43,9 @@ class ShardInfo:
     members: dict[str, dict[str, list[int]]]
     """ext -> {"offsets": [...], "sizes": [...]}, one entry per sample; -1 where a
     sample has no member with that extension."""
+    label_ranges: dict[str, list[int]] = field(default_factory=dict)
+    """ext -> [smallest, largest] integer label of a label column (cls, ...), recorded by
+    the indexer so a start-up can check them against the model's classes."""
 
     @property
     def num_samples(self) -> int:
@@ -56,6 +59,7 @@ class ShardInfo:
             "num_samples": self.num_samples,
             "keys": self.keys,
             "members": self.members,
+            "label_ranges": self.label_ranges,
         }
 
     @classmethod
@@ -69,6 +73,7 @@ class ShardInfo:
                 ext: {"offsets": list(col["offsets"]), "sizes": list(col["sizes"])}
                 for ext, col in data["members"].items()
             },
+            {ext: list(r) for ext, r in data.get("label_ranges", {}).items()},
         )
         if data.get("num_samples", shard.num_samples) != shard.num_samples:
             raise ValueError(f"shard {shard.name}: num_samples does not match its keys")

@@ -51,7 +51,12 @@ class MetricsFile:
         """Every record of the run so far, earlier attempts' included."""
         self._elapsed_offset = max((r.get("elapsed_s") or 0.0 for r in self.records), default=0.0)
         self._t0 = time.monotonic()
-        self._file = None
+        self._fd = -1
+        self._size = 0
+        """Bytes of whole lines in the file: a failed write is cut back to this."""
+
+    def __str__(self) -> str:
+        return str(self.path)
 
     def _kept(self, resume_step: int) -> list[Record]:
         if not self.path.exists():
@@ -71,28 +76,42 @@ class MetricsFile:
         if record["kind"] == "plan":
             self._rewrite([record, *self.records])
             return
+        self._append((_dumps(record) + "\n").encode())
         self.records.append(record)
-        # Flushed per line: a crash loses at most the line being written.
-        self._file.write(_dumps(record) + "\n")
-        self._file.flush()
+
+    def _append(self, line: bytes) -> None:
+        """One whole line, or none: a write cut short (a full disk) is truncated away, so
+        the file never holds half a line. Unbuffered: a crash loses no finished line."""
+        try:
+            done = 0
+            while done < len(line):
+                done += os.write(self._fd, line[done:])
+        except OSError:
+            os.ftruncate(self._fd, self._size)
+            raise
+        self._size += len(line)
 
     def _rewrite(self, records: list[Record]) -> None:
         # Atomic replace: a kill now leaves either the old file or the new one, never half.
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(_dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for rec in records:
+                    f.write(_dumps(rec) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
         self.records = records
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._size = os.fstat(self._fd).st_size
 
     def finish(self, exit_code: int) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _dumps(record: Record) -> str:

@@ -47,6 +47,8 @@ class Tracker:
         self.monitor, self.monitor_mode = monitor, monitor_mode
         self._step, self._epoch = 0, None
         self._finished = False
+        self.failure: str | None = None
+        """Why a sink could not write (e.g. a full disk); that sink is dropped."""
 
     @classmethod
     def start(
@@ -108,8 +110,14 @@ class Tracker:
             self._wandb.run  # noqa: B018 - the property waits
 
     def log(self, record: Record) -> None:
-        for sink in self.sinks:
-            sink.log(record)
+        for sink in list(self.sinks):
+            try:
+                sink.log(record)
+            except OSError as exc:  # the loop agrees to stop on it at the next step
+                self.failure = (
+                    self.failure or f"cannot write {exc.filename or sink}: {exc.strerror}"
+                )
+                self.sinks.remove(sink)
 
     def log_train(self, step: int, metrics: dict[str, float], epoch: int | None = None) -> None:
         """Train metrics against the global step; the epoch may also come as metrics["epoch"]."""

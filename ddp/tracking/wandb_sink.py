@@ -49,6 +49,9 @@ class WandbSink:
             self._init, config, Path(run_dir), resuming, init_config, monitor, monitor_mode
         )
 
+    def __str__(self) -> str:
+        return "the W&B run"
+
     @property
     def run(self):
         if self._starting is not None:

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,6 +33,11 @@ HOST_SUMS = ("skipped", "preempt", "interrupt", "save", "failed")
 class StepTotals:
     """A step's numbers summed over all ranks (the same on every rank)."""
 
+    step: int
+    """The step's index in its epoch."""
+    lr: float
+    micro_batches: int
+    """This rank's micro-batches in the step (its accumulation)."""
     loss: float
     """Sum of the per-sample losses: NaN or inf if any rank's loss was."""
     correct: float
@@ -50,6 +56,7 @@ class StepTotals:
 
     @property
     def finite(self) -> bool:
+        """Whether the update was applied (it is not when the loss was not finite)."""
         return math.isfinite(self.loss)
 
     @property
@@ -69,6 +76,13 @@ class Stepper:
     so each sample counts once per epoch. This rank's [loss sum, correct, samples] go
     to the step sums before the last backward, whose gradient all-reduce sums them over
     the ranks along with the host flags (no collective of its own).
+
+    A loss that is not finite on any rank skips the update. With a fused optimizer (the
+    default AdamW and SGD configs) and no fp16 grad scaler, the skip happens on the
+    device, as GradScaler's does (`found_inf`), and the host need not wait for the
+    step: it reads a step's totals `lag` steps later (1 on a GPU: the next step is
+    already queued, so the GPU never idles on the host), from pinned memory the step
+    copied them to. Otherwise (lag 0) the host reads them at once and decides.
     """
 
     def __init__(
@@ -77,16 +91,32 @@ class Stepper:
         env: DistEnv,
         autocast: Callable[[], object],
         grad_clip: float | None,
+        lag: int = 0,
     ) -> None:
         self.training, self.autocast, self.grad_clip = training, autocast, grad_clip
         self.sums = StepSums(env, training.ddp_model, DEVICE_SUMS, HOST_SUMS)
+        self.device_skip = skips_on_device(training)
+        if lag and not self.device_skip:
+            raise ValueError("reading a step's totals late needs a fused optimizer, no fp16")
+        self.lag = lag
+        cuda = env.device.type == "cuda"
+        self._staging = [torch.zeros(len(self.sums.keys), pin_memory=cuda) for _ in range(lag + 1)]
+        self._turn = 0
+        self._pending: deque[tuple[dict, torch.Tensor, torch.cuda.Event | None]] = deque()
         self._stats: list[torch.Tensor] = []
+        self._step, self._lr = 0, 0.0
 
-    def begin(self, lr: float, **host_values: float) -> None:
+    @property
+    def in_flight(self) -> int:
+        """Steps queued whose totals have not been read yet."""
+        return len(self._pending)
+
+    def begin(self, step: int, lr: float, **host_values: float) -> None:
         for group in self.training.optimizer.param_groups:
             group["lr"] = lr
         self.sums.set_host(**host_values)
         self._stats = []
+        self._step, self._lr = step, lr
 
     def forward_backward(self, batch: Batch, accumulate: int, last: bool) -> None:
         """One micro-batch: its share (1 / accumulate) of the rank's gradient."""
@@ -106,19 +136,57 @@ class Stepper:
             # over the global batch; DDP averages the ranks.
             self.training.scaler.scale(loss / (len(losses) * accumulate)).backward()
 
-    def finish(self) -> StepTotals:
-        """The step's totals over all ranks; the update applied only if the loss was
-        finite everywhere (no rank applies a poisoned update)."""
-        totals = StepTotals(**self.sums.result())
+    def finish(self) -> None:
+        """Apply the step's update, unless its loss was not finite on some rank (then no
+        rank applies it), and queue its totals for `results`."""
+        reduced = self.sums.reduced()
         t = self.training
-        if totals.finite:
-            if self.grad_clip is not None:
-                t.scaler.unscale_(t.optimizer)
-                torch.nn.utils.clip_grad_norm_(t.model.parameters(), self.grad_clip)
+        if self.device_skip:
+            self._clip()
+            t.optimizer.found_inf = (~torch.isfinite(reduced[0])).float()  # read by the kernel
+            t.optimizer.step()
+            del t.optimizer.found_inf
+        elif math.isfinite(reduced[0].item()):
+            self._clip()
             t.scaler.step(t.optimizer)
             t.scaler.update()
         t.optimizer.zero_grad(set_to_none=True)
-        return totals
+        staging = self._staging[self._turn]
+        self._turn = (self._turn + 1) % len(self._staging)
+        staging.copy_(reduced, non_blocking=True)
+        event = None
+        if reduced.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        meta = {"step": self._step, "lr": self._lr, "micro_batches": len(self._stats)}
+        self._pending.append((meta, staging, event))
+
+    def _clip(self) -> None:
+        if self.grad_clip is not None:
+            t = self.training
+            t.scaler.unscale_(t.optimizer)
+            torch.nn.utils.clip_grad_norm_(t.model.parameters(), self.grad_clip)
+
+    def results(self, drain: bool = False) -> list[StepTotals]:
+        """Totals of finished steps, oldest first: all but the last `lag` queued, or all."""
+        keep = 0 if drain else self.lag
+        done = []
+        while len(self._pending) > keep:
+            meta, staging, event = self._pending.popleft()
+            if event is not None:
+                event.synchronize()  # waits for that step only, not for the ones behind it
+            values = dict(zip(self.sums.keys, staging.tolist(), strict=True))
+            done.append(StepTotals(**meta, **values))
+        return done
+
+
+def skips_on_device(training: Training) -> bool:
+    """Whether the optimizer can skip an update on the device (fused kernels take a
+    `found_inf` flag, as GradScaler uses them), with no fp16 scaler in the way."""
+    optimizer = training.optimizer
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    supports = getattr(optimizer, "_step_supports_amp_scaling", False)
+    return bool(fused and supports and not training.scaler.is_enabled())
 
 
 @torch.no_grad()
@@ -130,10 +198,10 @@ def evaluate(model, loader, env: DistEnv, autocast, move) -> dict[str, float]:
         batch = move(batch)
         with autocast():
             logits = model(batch.inputs)
-        valid = batch.valid
+        valid = batch.valid  # masks, not boolean indexing: no host sync per batch
         losses = F.cross_entropy(logits.float(), batch.targets, reduction="none")
-        sums[0] += losses[valid].sum().double()
-        sums[1] += (logits.argmax(dim=1) == batch.targets)[valid].sum().double()
+        sums[0] += torch.where(valid, losses, 0.0).sum().double()
+        sums[1] += (logits.argmax(dim=1) == batch.targets).logical_and_(valid).sum().double()
         sums[2] += valid.sum().double()
     model.train()
     collectives.all_reduce_sum(sums, env)
@@ -153,9 +221,8 @@ class SampleAudit:
 
     def record(self, batches: list[Batch]) -> None:
         if len(self.counts):
-            for batch in batches:
-                indices = batch.indices.cpu()
-                self.counts.index_add_(0, indices, torch.ones_like(indices))
+            for batch in batches:  # the indices stay on the host: no device sync
+                self.counts.index_add_(0, batch.indices, torch.ones_like(batch.indices))
 
     def finish_epoch(self, env: DistEnv) -> dict[str, float]:
         if not len(self.counts):

@@ -21,13 +21,15 @@ from ddp.build import (
     autocast_for,
     build_loaders,
     build_training,
-    channels_last,
-    input_mover,
+    input_pipeline,
+    set_numerics,
+    step_lag,
     wandb_config,
     wrap_ddp,
 )
 from ddp.compose import as_record
 from ddp.config import Config, TrainerConfig
+from ddp.data.device import Prefetcher
 from ddp.data.splits import open_splits
 from ddp.dist import collectives
 from ddp.dist.env import detect
@@ -54,7 +56,8 @@ def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, override
     num_classes = config.model.get("num_classes")  # checked against the labels, if given
     splits = open_splits(config.data, num_classes=num_classes)  # each manifest read once
     plan = plan_for(config.batch, launch.world_size, splits.num_train_samples)
-    device = pick_device(config.trainer.device, launch)
+    device = pick_device(config.trainer.device, launch, config.trainer.backend)
+    set_numerics(config, device)
     train_loader, val_loader = build_loaders(config, plan, launch.rank, splits, device)
     check_writable(run_dir)
     resumed = load_resume_point(run_dir, config.trainer, plan)
@@ -62,13 +65,13 @@ def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, override
     training, schedule = build_training(config, plan, device)
     pos = training.restore(resumed, launch.rank, launch.world_size) if resumed else Position()
 
-    env = init_distributed(launch, device, config.trainer.timeout_s)
+    env = init_distributed(launch, device, config.trainer.timeout_s, config.trainer.backend)
     lock = claim_run_dir(run_dir, env)  # one job per run directory, from here to the exit
     stop = StopRequest()
     ckpt_dir = run_dir / "checkpoints"
     if env.is_main and ckpt_dir.is_dir():
         checkpoint.remove_stale_temporaries(ckpt_dir)
-    wrap_ddp(training, env)
+    wrap_ddp(training, env, config)
     config_record = as_record(config)  # once: it costs tens of ms
     tracker = Tracker.start(  # W&B starts on a thread while the rest is set up
         run_dir,
@@ -85,8 +88,9 @@ def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, override
         ckpt_dir, config.trainer, config_record, plan, training, env, tracker.run_id
     )
     autocast = autocast_for(config, device)
-    stepper = Stepper(training, env, autocast, config.trainer.grad_clip)
-    move = input_mover(device, channels_last(config, training.model))
+    lag = step_lag(config, training, device)  # on a GPU, read a step's totals a step late
+    stepper = Stepper(training, env, autocast, config.trainer.grad_clip, lag)
+    pipeline = input_pipeline(config, training.model, device)  # uint8 -> float on the device
     auditable = config.trainer.audit_samples and train_loader.indexed
     audit = SampleAudit(plan.num_samples if auditable else 0)
     plateau = training.plateau
@@ -100,35 +104,39 @@ def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, override
     tracker.ready()  # a W&B that failed to start stops us here, before training
 
     reason: str | None = None
+    t = config.trainer
     training.ddp_model.train()
-    for epoch in epochs_from(pos.epoch, config.trainer.max_epochs):
+    for epoch in epochs_from(pos.epoch, t.max_epochs):
         progress.start_epoch(epoch, pos.step_in_epoch)
         t0, first_step = time.perf_counter(), pos.step_in_epoch
-        batches = iter(train_loader.epoch(epoch, pos.step_in_epoch))
+        batches = Prefetcher(train_loader.epoch(epoch, pos.step_in_epoch), pipeline)
         for step in range(pos.step_in_epoch, plan.iterations_per_epoch):
-            micro_batches = [move(next(batches)) for _ in range(plan.accumulate)]
+            micro_batches = [next(batches) for _ in range(plan.accumulate)]
             audit.record(micro_batches)
-            lr = plateau.scaled_lr(schedule.lr_at(pos.global_step))
+            queued = pos.global_step + stepper.in_flight  # steps before this one
+            lr = plateau.scaled_lr(schedule.lr_at(queued))
             # What the ranks must share this step rides on its gradient all-reduce.
             stepper.begin(
+                step,
                 lr,
                 skipped=sum(b.num_skipped for b in micro_batches),
                 preempt=stop.preempt,
                 interrupt=stop.interrupt,
-                save=checkpoints.due(pos.global_step + 1),
+                save=checkpoints.due(queued + 1),
                 failed=io_failure(tracker, checkpoints) is not None,
             )
             for micro, batch in enumerate(micro_batches):
                 stepper.forward_backward(batch, plan.accumulate, last=micro == plan.accumulate - 1)
-            totals = stepper.finish()  # summed over all ranks; no update if not finite
-            pos.advance(step, len(micro_batches), totals.epoch_sums(), updated=totals.finite)
-            progress.step(totals.mean_loss)
-            if pos.global_step % config.trainer.log_every_steps == 0:
-                metrics = {"train/loss": totals.mean_loss, "train/lr": lr}
-                tracker.log_train(pos.global_step, metrics, epoch=epoch)
-            reason = stop_decision(config.trainer, totals, pos, epoch, step, progress)
-            if reason in SAVED_ON_STOP or totals.save:
-                checkpoints.save(pos, leaving=reason is not None)
+            stepper.finish()  # the update, or (loss not finite on some rank) none
+            last = step == plan.iterations_per_epoch - 1
+            # Steps whose totals are read now: this one, or (on a GPU) the one before.
+            reason, save = book(stepper.results(drain=last), pos, epoch, t, tracker, progress)
+            if t.max_steps and pos.global_step + stepper.in_flight >= t.max_steps:
+                reason = reason or "max_steps"
+            if reason or save:  # a stop or a checkpoint accounts for every step queued
+                reason = reason or book(stepper.results(True), pos, epoch, t, tracker, progress)[0]
+                if reason in SAVED_ON_STOP or save:
+                    checkpoints.save(pos, leaving=reason is not None)
             if reason:
                 break
         progress.end_epoch()
@@ -138,7 +146,7 @@ def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, override
         trained = (plan.iterations_per_epoch - first_step) * plan.global_size
         metrics = epoch_metrics(pos, trained / max(time.perf_counter() - t0, 1e-9))
         metrics.update(audit.finish_epoch(env))
-        metrics.update(evaluate(training.model, val_loader, env, autocast, move))
+        metrics.update(evaluate(training.model, val_loader, env, autocast, pipeline))
         event = plateau.update(epoch, metrics[config.plateau.monitor])
         tracker.log_val(epoch, pos.global_step, metrics)
         if event is not None:
@@ -198,11 +206,33 @@ def epochs_from(first: int, max_epochs: int | None):
     return itertools.count(first) if max_epochs is None else range(first, max_epochs)
 
 
+def book(
+    done: list[StepTotals],
+    pos: Position,
+    epoch: int,
+    t: TrainerConfig,
+    tracker: Tracker,
+    progress: Progress,
+) -> tuple[str | None, bool]:
+    """Account for steps whose totals were read: advance the position, show and log the
+    loss. Returns the first reason to stop among them and whether one asked for a
+    checkpoint: the same on every rank, since the totals are sums over all ranks."""
+    reason, save = None, False
+    for totals in done:
+        pos.advance(totals.step, totals.micro_batches, totals.epoch_sums(), updated=totals.finite)
+        progress.step(totals.mean_loss)
+        if pos.global_step % t.log_every_steps == 0:
+            metrics = {"train/loss": totals.mean_loss, "train/lr": totals.lr}
+            tracker.log_train(pos.global_step, metrics, epoch=epoch)
+        reason = reason or stop_decision(t, totals, pos, epoch, progress)
+        save = save or totals.save > 0
+    return reason, save
+
+
 def stop_decision(
-    t: TrainerConfig, totals: StepTotals, pos: Position, epoch: int, step: int, progress: Progress
+    t: TrainerConfig, totals: StepTotals, pos: Position, epoch: int, progress: Progress
 ) -> str | None:
-    """Why the run stops after this step, or None; the same answer on every rank, since
-    `totals` are sums over all ranks."""
+    """Why the run stops after this step, or None."""
     if totals.failed:
         return "io_error"
     if totals.interrupt:
@@ -210,15 +240,13 @@ def stop_decision(
     if totals.preempt:
         return "preempted"
     if not totals.finite:
-        where = f"epoch {epoch} step {step} (global step {pos.global_step})"
+        where = f"epoch {epoch} step {totals.step} (global step {pos.global_step})"
         if t.nonfinite == "stop" or pos.skipped_steps > t.max_skipped_steps:
             progress.print(
                 f"error: non-finite loss at {where}; stopping (trainer.nonfinite={t.nonfinite})"
             )
             return "nonfinite_loss"
         progress.print(f"warning: non-finite loss at {where}; update skipped ({pos.skipped_steps})")
-    if t.max_steps and pos.global_step >= t.max_steps:
-        return "max_steps"
     return None
 
 

@@ -12,6 +12,7 @@ import torch
 
 from ddp.data.batch import Batch, LoaderOptions
 from ddp.data.dataset import ShardDataset
+from ddp.data.device import InputPipeline
 from ddp.data.loaders import build_eval_loader, build_train_loader
 from ddp.plan import make_plan
 from ddp.shards import DataError, index_split, read_manifest
@@ -127,17 +128,40 @@ def test_eval_loader_covers_the_val_set_once_with_equal_counts(digits: Path) -> 
     assert sorted(seen) == list(range(359))
 
 
-def test_png_images_become_float_chw_in_unit_range(pngs: Path) -> None:
+def test_png_images_leave_as_uint8_and_become_float_chw_on_the_device(pngs: Path) -> None:
     options = LoaderOptions(input_key="png")
     (batch,) = list(build_eval_loader(pngs / "val", 16, 0, 1, options))
-    assert batch.inputs.shape == (16, 3, 5, 4) and batch.inputs.dtype == torch.float32
-    assert 0.0 <= batch.inputs.min() and batch.inputs.max() <= 1.0
+    assert batch.inputs.shape == (16, 5, 4, 3) and batch.inputs.dtype == torch.uint8  # as stored
+    ready = InputPipeline(torch.device("cpu"))(batch)
+    assert ready.inputs.shape == (16, 3, 5, 4) and ready.inputs.dtype == torch.float32
+    assert 0.0 <= ready.inputs.min() and ready.inputs.max() <= 1.0
+    torch.testing.assert_close(ready.inputs, batch.inputs.permute(0, 3, 1, 2).float() / 255)
     assert int(batch.valid.sum()) == 9
 
 
-def test_transform_is_applied_per_sample(digits: Path) -> None:
+def test_the_pipeline_normalises_per_channel_in_the_models_memory_order(pngs: Path) -> None:
+    options = LoaderOptions(input_key="png")
+    (batch,) = list(build_eval_loader(pngs / "val", 16, 0, 1, options))
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    pipeline = InputPipeline(torch.device("cpu"), channels_last=True, mean=mean, std=std)
+    ready = pipeline(batch)
+    plain = batch.inputs.permute(0, 3, 1, 2).float() / 255
+    expected = (plain - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(ready.inputs, expected)
+    assert ready.inputs.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_transform_is_applied_per_sample(digits: Path, pngs: Path) -> None:
     loader = build_eval_loader(digits / "val", 8, 0, 1, transform=lambda x: x.flatten())
     assert next(iter(loader)).inputs.shape == (8, 64)
+    # A transform takes what the model would: float CHW in [0, 1] (converted on the host).
+    options = LoaderOptions(input_key="png")
+    seen = []
+    loader = build_eval_loader(
+        pngs / "val", 4, 0, 1, options, transform=lambda x: seen.append(x) or x
+    )
+    next(iter(loader))
+    assert seen[0].shape == (3, 5, 4) and seen[0].dtype == torch.float32 and seen[0].max() <= 1
 
 
 def test_batch_moves_to_a_device(digits: Path) -> None:
@@ -282,10 +306,8 @@ def test_npy_images_arrive_exactly_as_stored(tmp_path: Path) -> None:
     keys = ShardDataset(tmp_path / "val").index.keys
     (batch,) = list(build_eval_loader(tmp_path / "val", 20, 0, 1))
     stored = [int(k.split("-")[1]) for k in keys]
-    expected = torch.from_numpy(images[stored]).permute(0, 3, 1, 2).float() / 255.0
-    assert (
-        torch.allclose(batch.inputs, expected) and batch.targets.tolist() == labels[stored].tolist()
-    )
+    assert torch.equal(batch.inputs, torch.from_numpy(images[stored]))  # the bytes, as stored
+    assert batch.targets.tolist() == labels[stored].tolist()
 
 
 def test_reads_shards_written_by_webdataset(digits: Path, tmp_path: Path) -> None:

@@ -131,7 +131,8 @@ def _memory_split(
         return None
     if not MemorySplit.fits(dataset, options.in_memory_max_mb):
         return None
-    return MemorySplit.load(dataset, options.pin_memory)
+    on_device = options.device if dataset.transform is None else None  # transforms: host
+    return MemorySplit.load(dataset, options.pin_memory, on_device)
 
 
 class EpochBatchSampler:

@@ -1,8 +1,9 @@
-"""A small split decoded once and kept in memory: a micro-batch is an index gather."""
+"""A small split decoded once and kept in memory (host or GPU): a micro-batch is a gather."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ddp.data.batch import Batch, Transform, make_batch
 from ddp.data.dataset import ShardDataset
@@ -13,23 +14,36 @@ from ddp.shards.manifest import DataError
 class MemorySplit:
     """A whole split decoded once and kept in memory: a micro-batch is an index gather.
 
-    Samples are kept as stored (uint8 images stay uint8: a quarter of float32) and go
-    through the same conversion and transform as `ShardDataset.fetch`, per micro-batch,
-    so order, masks and numbers do not depend on whether a split is held in memory; only
-    the per-step reading goes. On the digits MLP that reading was a tenth of every step
-    (bench/overhead.py). `load` declines a split with a bad or odd sample (another shape
-    or dtype): the shard path judges those per micro-batch, and stays the reference.
+    Samples are kept as stored (uint8 images stay uint8: a quarter of float32) and leave
+    as the shard path hands them over, so order, masks and numbers do not depend on
+    whether a split is held in memory; only the per-step reading goes. On the digits MLP
+    that reading was a tenth of every step (bench/overhead.py). With `device` set (a GPU:
+    data.on_device) the split lives there and the gather runs there: nothing crosses the
+    bus per step. `load` declines a split with a bad or odd sample (another shape or
+    dtype): the shard path judges those per micro-batch, and stays the reference.
     """
 
     def __init__(
-        self, inputs: np.ndarray, targets: np.ndarray, transform: Transform | None, pin: bool
+        self,
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        transform: Transform | None,
+        pin: bool,
+        device: torch.device | None = None,
     ):
-        self.inputs, self.targets = inputs, targets
+        self.device = device
         self.transform = transform
-        self.pin_memory = pin
+        self.pin_memory = pin and device is None
+        if device is not None:
+            self.inputs = torch.from_numpy(np.ascontiguousarray(inputs)).to(device)
+            self.targets = torch.from_numpy(targets.astype(np.int64)).to(device)
+        else:
+            self.inputs, self.targets = inputs, targets
 
     @classmethod
-    def load(cls, dataset: ShardDataset, pin_memory: bool = False) -> MemorySplit | None:
+    def load(
+        cls, dataset: ShardDataset, pin_memory: bool = False, device: torch.device | None = None
+    ) -> MemorySplit | None:
         inputs, targets, ok = dataset.decode(np.arange(len(dataset)))
         if not ok.all():
             return None
@@ -37,7 +51,7 @@ class MemorySplit:
             if len({(a.shape, a.dtype) for a in inputs}) != 1:
                 return None
             inputs = np.stack(inputs)
-        return cls(inputs, targets, dataset.transform, pin_memory)
+        return cls(inputs, targets, dataset.transform, pin_memory, device)
 
     @staticmethod
     def fits(dataset: ShardDataset, max_mb: float) -> bool:
@@ -52,11 +66,16 @@ class MemorySplit:
 
     def fetch(self, micro: MicroBatch) -> Batch:
         indices = np.asarray(micro.indices, dtype=np.int64)
+        valid = ~np.asarray(micro.padded, dtype=bool)
+        if self.device is not None:  # gathered where the split lives
+            where = torch.from_numpy(indices).to(self.device, non_blocking=True)
+            return Batch(
+                inputs=self.inputs.index_select(0, where),
+                targets=self.targets.index_select(0, where),
+                valid=torch.from_numpy(valid).to(self.device, non_blocking=True),
+                indices=torch.from_numpy(indices),
+            )
         batch = make_batch(
-            self.inputs[indices],
-            self.targets[indices],
-            ~np.asarray(micro.padded, dtype=bool),
-            indices,
-            transform=self.transform,
+            self.inputs[indices], self.targets[indices], valid, indices, transform=self.transform
         )
         return batch.pin_memory() if self.pin_memory else batch

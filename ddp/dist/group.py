@@ -44,8 +44,9 @@ class DistEnv:
         return self.backend is not None
 
 
-def pick_device(requested: str, launch: Launch) -> torch.device:
+def pick_device(requested: str, launch: Launch, backend: str = "auto") -> torch.device:
     """This process's device: GPU `local_rank` on CUDA (one process per GPU), else the CPU.
+    With the gloo backend several ranks may share a GPU (rank i on GPU i mod count).
     ConfigError when there is no GPU for this process (before any process group)."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,13 +54,14 @@ def pick_device(requested: str, launch: Launch) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError("trainer.device=cuda but CUDA is not available")
         gpus = torch.cuda.device_count()
-        if launch.local_world_size > gpus:
+        if launch.local_world_size > gpus and backend != "gloo":
             raise ConfigError(
                 f"{launch.local_world_size} processes on this node but {gpus} GPU(s) visible: "
                 f"start at most {gpus} (one per GPU), or trainer.device=cpu"
             )
-        torch.cuda.set_device(launch.local_rank)
-        return torch.device("cuda", launch.local_rank)
+        index = launch.local_rank % gpus
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(requested)
 
 
@@ -106,16 +108,20 @@ def _export_submitit_env() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def init_distributed(launch: Launch, device: torch.device, timeout_s: float = 600.0) -> DistEnv:
+def init_distributed(
+    launch: Launch, device: torch.device, timeout_s: float = 600.0, backend: str = "auto"
+) -> DistEnv:
     """Start the process group (world_size > 1) with a timeout on every collective.
 
     A rendezvous port already taken by another program is bad input, not a crash:
     ConfigError naming the address.
     """
-    backend = None
-    if launch.world_size > 1:
+    if launch.world_size == 1:
+        backend = None
+    else:
         _export_submitit_env()
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = dt.timedelta(seconds=timeout_s)
         try:
             dist.init_process_group(
@@ -124,7 +130,7 @@ def init_distributed(launch: Launch, device: torch.device, timeout_s: float = 60
                 rank=launch.rank,
                 world_size=launch.world_size,
                 timeout=timeout,
-                device_id=device if device.type == "cuda" else None,
+                device_id=device if backend == "nccl" else None,
             )
         except RuntimeError as exc:  # DistNetworkError & co. carry the store's message
             text = str(exc)

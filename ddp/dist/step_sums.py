@@ -65,17 +65,25 @@ class StepSums:
     def _packed(self, dtype: torch.dtype) -> torch.Tensor:
         return torch.cat([self._device_values.to(dtype), self._host_tensor.to(dtype)])
 
-    def result(self) -> dict[str, float]:
-        """Every value summed over the ranks; clears them for the next step."""
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return self.device_keys + self.host_keys
+
+    def reduced(self) -> torch.Tensor:
+        """Every value summed over the ranks, in `keys` order, on the device (no host
+        sync); clears them for the next step."""
         if self._reduced is not None:
             summed = self._reduced
         else:  # no process group, or a backward that reduced no gradient: sum alone
             summed = all_reduce_sum(self._packed(torch.float32), self._env)
-        values = summed.tolist()
         self._reduced = None
         self._host_values = [0.0] * len(self.host_keys)
         self._host_tensor = torch.zeros(len(self.host_keys), device=self._env.device)
-        return dict(zip(self.device_keys + self.host_keys, values, strict=True))
+        return summed
+
+    def result(self) -> dict[str, float]:
+        """`reduced()` read on the host, by key."""
+        return dict(zip(self.keys, self.reduced().tolist(), strict=True))
 
 
 def _all_reduce_with_sums(sums, bucket):  # unannotated: DDP checks annotations as objects

@@ -1,4 +1,4 @@
-"""One trial job for bench/exit_trials.py and tests/test_dist.py (run under torchrun).
+"""One trial job for tests/test_dist.py and bench/exit_trials.py (run under torchrun).
 
 A tiny DDP training of a few steps on gloo, in one of three variants:
   naive    the textbook calls: init_process_group from env://, barrier,
@@ -11,7 +11,7 @@ attempt only, so that `--max-restarts=1` must bring the job back and finish it.
 
 Each rank prints one line `rank R: done {json}` when it has finished, with what
 it saw (launcher ranks, attempt, the answers of all_agree/any_rank to a flag
-that only the last rank holds), for the tests to check.
+that only the last rank holds: `collectives`), for the tests to check.
 """
 
 from __future__ import annotations
@@ -54,6 +54,26 @@ def train(model: DDP, steps: int, crash_rank: int, crash_step: int, rank: int) -
     return loss.item()
 
 
+def collectives(env) -> dict:
+    """What this rank sees of the launcher and of each named collective of `ddp.dist`."""
+    from ddp import dist as ddist
+
+    last = env.rank == env.world_size - 1
+    return {
+        "detect": ddist.detect(),
+        "attempt": ddist.restart_count(),
+        "all_agree": ddist.all_agree(last, env),
+        "any_rank": ddist.any_rank(last, env),
+        "world_from_sum": int(ddist.all_reduce_sum(torch.ones(1), env).item()),
+        "from_rank0": ddist.broadcast_object(f"hello from {env.rank}", env),
+        "gathered": [b.hex() for b in ddist.all_gather_bytes(bytes([env.rank] * 3), env)],
+        # over the capacity on the last rank: every rank takes all_gather_object
+        "gathered_sizes": [
+            len(b) for b in ddist.all_gather_bytes(bytes(60 if last else 5), env, capacity=50)
+        ],
+    }
+
+
 def main_naive(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -72,21 +92,7 @@ def main_ddp(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = DDP(torch.nn.Linear(8, 1))
     loss = train(model, args.steps, args.crash_rank, args.crash_step, env.rank)
-    last = env.rank == env.world_size - 1
-    seen = {
-        "detect": ddist.detect(),
-        "attempt": ddist.restart_count(),
-        "all_agree": ddist.all_agree(last, env),
-        "any_rank": ddist.any_rank(last, env),
-        "world_from_sum": int(ddist.all_reduce_sum(torch.ones(1), env).item()),
-        "from_rank0": ddist.broadcast_object(f"hello from {env.rank}", env),
-        "gathered": [b.hex() for b in ddist.all_gather_bytes(bytes([env.rank] * 3), env)],
-        # over the capacity on the last rank: every rank takes all_gather_object
-        "gathered_sizes": [
-            len(b) for b in ddist.all_gather_bytes(bytes(60 if last else 5), env, capacity=50)
-        ],
-        "loss": loss,
-    }
+    seen = {**collectives(env), "loss": loss}
     ddist.shutdown(env)
     print(f"rank {env.rank}: done {json.dumps(seen)}", flush=True)
     if args.variant == "fixed":

@@ -4,12 +4,12 @@
     python bench/exit_trials.py --trials 50 --mode both --variant naive
     python bench/exit_trials.py --trials 50 --mode both --variant no-exit
 
-Each trial is `torchrun --standalone --nproc_per_node=2 bench/_trial_worker.py`
+Each trial is `torchrun --standalone --nproc_per_node=2 tests/workers/trial.py`
 (gloo, OMP_NUM_THREADS=1, a free rendezvous port chosen by --standalone).
   clean:   train a few steps, tear down; success = torchrun exits 0.
   restart: rank 1 dies in attempt 0; `--max-restarts=1`; success = exit 0 and
            both ranks report "done" from the restarted attempt.
-Variants (see _trial_worker.py): naive = textbook init/teardown; no-exit =
+Variants (see tests/workers/trial.py): naive = textbook init/teardown; no-exit =
 ddp.dist without exit_process; fixed = ddp.dist as the trainer uses it.
 Prints successes/N per mode and the failure signatures (exit code, telling
 stderr line) so that causes are visible.
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "bench" / "_trial_worker.py"
+WORKER = ROOT / "tests" / "workers" / "trial.py"
 LOGS = ROOT / "bench" / "results" / "exit_trials"
 TELLING = [  # most specific first: the first pattern found names the failure
     "terminate called",

@@ -83,13 +83,15 @@ def build_training(
     return training, schedule
 
 
-def wrap_ddp(training: Training, env: DistEnv, config: Config) -> None:
+def wrap_ddp(
+    training: Training, env: DistEnv, compile: bool = False, compile_mode: str | None = None
+) -> None:
     """The module that trains: the model, compiled if asked (torch.compile), in its DDP
     wrapper when there is a process group. Checkpoints keep using `training.model`, so
     they load with or without compilation."""
     module = training.model
-    if config.trainer.compile:
-        module = torch.compile(module, mode=config.trainer.compile_mode)
+    if compile:
+        module = torch.compile(module, mode=compile_mode)
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         module = DDP(module, device_ids=device_ids)

@@ -71,7 +71,7 @@ def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, override
     ckpt_dir = run_dir / "checkpoints"
     if env.is_main and ckpt_dir.is_dir():
         checkpoint.remove_stale_temporaries(ckpt_dir)
-    wrap_ddp(training, env, config)
+    wrap_ddp(training, env, config.trainer.compile, config.trainer.compile_mode)
     config_record = as_record(config)  # once: it costs tens of ms
     tracker = Tracker.start(  # W&B starts on a thread while the rest is set up
         run_dir,

@@ -1,6 +1,6 @@
 """Talk to the local SLURM cluster (slurm/cluster.sh) the way a user does: sbatch,
-scontrol, scancel. No accounting daemon runs, so job states come from
-`scontrol show job` (finished jobs stay visible for MinJobAge = 1 h)."""
+scontrol, scancel (through tests/harness.py). No accounting daemon runs, so job states
+come from `scontrol show job` (finished jobs stay visible for MinJobAge = 1 h)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests import harness
 from tests.harness import ROOT
 
 CLUSTER_SH = ROOT / "slurm" / "cluster.sh"
@@ -34,15 +35,20 @@ def cluster_up() -> bool:
     if shutil.which("sinfo") is None:
         return False
     try:
-        out = subprocess.run(
-            ["sinfo", "--noheader", "--format=%T"], capture_output=True, text=True, timeout=20
-        )
-    except subprocess.TimeoutExpired:
+        out = harness.run(["sinfo", "--noheader", "--format=%T"], timeout=20)
+    except AssertionError:  # timed out
         return False
     states = out.stdout.split()
     return out.returncode == 0 and any(
         s.rstrip("*~#") in ("idle", "mixed", "allocated", "completing") for s in states
     )
+
+
+def cluster_sh(action: str, timeout: float) -> subprocess.CompletedProcess:
+    """`slurm/cluster.sh ACTION`. Not through the harness, which kills whatever a command
+    leaves running: here, the daemons it starts."""
+    cmd = ["bash", str(CLUSTER_SH), action]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
 def ensure_cluster() -> str | None:
@@ -63,9 +69,7 @@ def ensure_cluster() -> str | None:
         )
     if os.geteuid() != 0:
         return "DDP_TEST_SLURM=1 but not root: slurm/cluster.sh start needs root"
-    proc = subprocess.run(
-        ["bash", str(CLUSTER_SH), "start"], capture_output=True, text=True, timeout=900
-    )
+    proc = cluster_sh("start", timeout=900)
     if proc.returncode != 0 or not cluster_up():
         raise RuntimeError(f"slurm/cluster.sh start failed:\n{proc.stdout}\n{proc.stderr}")
     return None
@@ -77,9 +81,7 @@ class Job:
     log: Path
 
     def info(self) -> dict[str, str]:
-        out = subprocess.run(
-            ["scontrol", "show", "job", "--oneliner", self.id], capture_output=True, text=True
-        )
+        out = harness.run(["scontrol", "show", "job", "--oneliner", self.id], timeout=30)
         if out.returncode != 0:
             return {}
         return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
@@ -121,31 +123,20 @@ class Job:
         raise AssertionError(f"log never matched {pattern!r}\n{self.describe()}")
 
     def signal(self, sig: str, *scancel_args: str) -> None:
-        subprocess.run(["scancel", f"--signal={sig}", *scancel_args, self.id], check=True)
+        out = harness.run(["scancel", f"--signal={sig}", *scancel_args, self.id], timeout=30)
+        assert out.returncode == 0, out.stderr
 
     def cancel(self) -> None:
-        subprocess.run(["scancel", self.id], capture_output=True)
-
-
-def job_env(**extra: str) -> dict[str, str]:
-    """The environment sbatch passes on to the job (it exports ours)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
+        harness.run(["scancel", self.id], timeout=30)
 
 
 def sbatch(script: Path, args: list[str], log_dir: Path, *sbatch_args: str, **env: str) -> Job:
-    """Submit from the repository root (the job's SLURM_SUBMIT_DIR) with the log in log_dir."""
+    """Submit from the repository root (the job's SLURM_SUBMIT_DIR) with the log in log_dir;
+    sbatch exports our environment (tests/harness.py's) to the job, plus `env`."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    out = subprocess.run(
-        ["sbatch", "--parsable", f"--output={log_dir}/%x-%j.out", *sbatch_args, str(script), *args],
-        cwd=ROOT,
-        env=job_env(**env),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    cmd = ["sbatch", "--parsable", f"--output={log_dir}/%x-%j.out", *sbatch_args, str(script)]
+    out = harness.run([*cmd, *args], timeout=60, unset=("SLURM_", "SBATCH_"), **env)
+    assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip().split(";")[0]
     name = next((a.split("=", 1)[1] for a in sbatch_args if a.startswith("--job-name=")), "ddp")
     return Job(job_id, log_dir / f"{name}-{job_id}.out")

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 
 import pytest
 
+from tests import harness
 from tests.harness import ROOT
 
 BENCH = ROOT / "bench" / "overhead.py"
@@ -67,11 +67,9 @@ def test_goals_pass_and_fail_on_the_thresholds():
 @pytest.mark.slow
 def test_quick_bench_runs_and_writes_json(tmp_path):
     out = tmp_path / "overhead.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--programs", "ours,raw",
-         "--work", str(tmp_path / "work"), "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    work = ["--work", str(tmp_path / "work"), "--json", str(out)]
+    cmd = [sys.executable, str(BENCH), "--quick", "--programs", "ours,raw", *work]
+    proc = harness.run(cmd, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "== goals ==" in proc.stdout
     result = json.loads(out.read_text())

@@ -16,28 +16,8 @@ from ddp.data.device import InputPipeline
 from ddp.data.loaders import build_eval_loader, build_train_loader
 from ddp.plan import make_plan
 from ddp.shards import DataError, index_split, read_manifest
-from ddp.shards.prepare import prepare_digits, prepare_synthetic
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    prepare_digits(out, shard_size=256)
-    return out
-
-
-@pytest.fixture(scope="module")
-def pngs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("png")
-    prepare_synthetic(out, 90, (5, 4, 3), num_classes=3, fmt="png", shard_size=32)
-    return out
-
-
-def copy_split(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for path in src.iterdir():
-        (dst / path.name).write_bytes(path.read_bytes())
-    return dst
+from ddp.shards.prepare import prepare_synthetic
+from tests.fixtures import copy_split, corrupt_npy
 
 
 def epoch_batches(
@@ -62,17 +42,17 @@ SHARDS = {"in_memory_max_mb": 0}
 """Loader options that read every micro-batch from the shards (digits fits in memory)."""
 
 
-def test_num_samples_comes_from_the_manifest(digits: Path) -> None:
-    assert read_manifest(digits / "train").num_samples == 1438
-    assert read_manifest(digits / "val").num_samples == 359
+def test_num_samples_comes_from_the_manifest(digits_root: Path) -> None:
+    assert read_manifest(digits_root / "train").num_samples == 1438
+    assert read_manifest(digits_root / "val").num_samples == 359
 
 
 @pytest.mark.parametrize("options", [SHARDS, {}], ids=["shards", "memory"])
-def test_every_sample_once_per_epoch_across_ranks(digits: Path, options) -> None:
+def test_every_sample_once_per_epoch_across_ranks(digits_root: Path, options) -> None:
     plan = make_plan(1438, 96, 16, 3)
     seen: Counter = Counter()
     for rank in range(3):
-        batches = epoch_batches(digits / "train", plan, rank, **options)
+        batches = epoch_batches(digits_root / "train", plan, rank, **options)
         assert len(batches) == plan.micro_batches_per_epoch
         for b in batches:
             seen.update(b.indices[b.valid].tolist())
@@ -81,13 +61,13 @@ def test_every_sample_once_per_epoch_across_ranks(digits: Path, options) -> None
     assert sorted(seen) == list(range(1438)) and set(seen.values()) == {1}
 
 
-def test_loader_returns_the_stored_samples(digits: Path) -> None:
-    dataset = ShardDataset(digits / "val")
-    manifest = read_manifest(digits / "val")
+def test_loader_returns_the_stored_samples(digits_root: Path) -> None:
+    dataset = ShardDataset(digits_root / "val")
+    manifest = read_manifest(digits_root / "val")
     shard = manifest.shards[0]
     import tarfile
 
-    with tarfile.open(digits / "val" / shard.name) as tar:
+    with tarfile.open(digits_root / "val" / shard.name) as tar:
         raw = tar.extractfile(f"{shard.keys[2]}.npy").read()
         label = int(tar.extractfile(f"{shard.keys[2]}.cls").read())
     expected = np.frombuffer(raw[-64 * 4 :], dtype=np.float32).reshape(1, 8, 8)
@@ -95,10 +75,10 @@ def test_loader_returns_the_stored_samples(digits: Path) -> None:
     assert torch.equal(image, torch.from_numpy(expected.copy())) and target == label
 
 
-def test_loader_is_identical_for_0_and_2_workers(digits: Path) -> None:
+def test_loader_is_identical_for_0_and_2_workers(digits_root: Path) -> None:
     plan = make_plan(1438, 64, 16, 2)
-    serial = build_train_loader(digits / "train", plan, 1, 0, LoaderOptions(0, **SHARDS))
-    workers = build_train_loader(digits / "train", plan, 1, 0, LoaderOptions(2, **SHARDS))
+    serial = build_train_loader(digits_root / "train", plan, 1, 0, LoaderOptions(0, **SHARDS))
+    workers = build_train_loader(digits_root / "train", plan, 1, 0, LoaderOptions(2, **SHARDS))
     for epoch in (0, 1):  # persistent workers must see the new epoch
         assert same(list(serial.epoch(epoch)), list(workers.epoch(epoch)))
     assert same(list(serial.epoch(2, 5)), list(workers.epoch(2, 5)))
@@ -106,31 +86,33 @@ def test_loader_is_identical_for_0_and_2_workers(digits: Path) -> None:
 
 
 @pytest.mark.parametrize("options", [SHARDS, {}], ids=["shards", "memory"])
-def test_resume_gives_exactly_the_rest_of_the_epoch(digits: Path, options) -> None:
+def test_resume_gives_exactly_the_rest_of_the_epoch(digits_root: Path, options) -> None:
     plan = make_plan(1438, 32, 8, 2)
-    full = epoch_batches(digits / "train", plan, rank=1, epoch=4, **options)
-    rest = epoch_batches(digits / "train", plan, rank=1, epoch=4, start_step=30, **options)
+    full = epoch_batches(digits_root / "train", plan, rank=1, epoch=4, **options)
+    rest = epoch_batches(digits_root / "train", plan, rank=1, epoch=4, start_step=30, **options)
     assert len(rest) == (plan.iterations_per_epoch - 30) * plan.accumulate
     assert same(rest, full[30 * plan.accumulate :])
 
 
 @pytest.mark.parametrize("options", [SHARDS, {}], ids=["shards", "memory"])
-def test_padded_samples_are_invalid(digits: Path, options) -> None:
+def test_padded_samples_are_invalid(digits_root: Path, options) -> None:
     plan = make_plan(1438, 100, 25, 2)  # 15 iterations, 62 padded samples
-    batches = [b for r in range(2) for b in epoch_batches(digits / "train", plan, r, **options)]
+    batches = [
+        b for r in range(2) for b in epoch_batches(digits_root / "train", plan, r, **options)
+    ]
     assert sum(int((~b.valid).sum()) for b in batches) == plan.padded_samples == 62
 
 
-def test_eval_loader_covers_the_val_set_once_with_equal_counts(digits: Path) -> None:
-    loaders = [build_eval_loader(digits / "val", 32, r, 4) for r in range(4)]
+def test_eval_loader_covers_the_val_set_once_with_equal_counts(digits_root: Path) -> None:
+    loaders = [build_eval_loader(digits_root / "val", 32, r, 4) for r in range(4)]
     assert len({len(loader) for loader in loaders}) == 1
     seen = [i for loader in loaders for b in loader for i in b.indices[b.valid].tolist()]
     assert sorted(seen) == list(range(359))
 
 
-def test_png_images_leave_as_uint8_and_become_float_chw_on_the_device(pngs: Path) -> None:
+def test_png_images_leave_as_uint8_and_become_float_chw_on_the_device(png_root: Path) -> None:
     options = LoaderOptions(input_key="png")
-    (batch,) = list(build_eval_loader(pngs / "val", 16, 0, 1, options))
+    (batch,) = list(build_eval_loader(png_root / "val", 16, 0, 1, options))
     assert batch.inputs.shape == (16, 5, 4, 3) and batch.inputs.dtype == torch.uint8  # as stored
     ready = InputPipeline(torch.device("cpu"))(batch)
     assert ready.inputs.shape == (16, 3, 5, 4) and ready.inputs.dtype == torch.float32
@@ -139,9 +121,9 @@ def test_png_images_leave_as_uint8_and_become_float_chw_on_the_device(pngs: Path
     assert int(batch.valid.sum()) == 9
 
 
-def test_the_pipeline_normalises_per_channel_in_the_models_memory_order(pngs: Path) -> None:
+def test_the_pipeline_normalises_per_channel_in_the_models_memory_order(png_root: Path) -> None:
     options = LoaderOptions(input_key="png")
-    (batch,) = list(build_eval_loader(pngs / "val", 16, 0, 1, options))
+    (batch,) = list(build_eval_loader(png_root / "val", 16, 0, 1, options))
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     pipeline = InputPipeline(torch.device("cpu"), channels_last=True, mean=mean, std=std)
     ready = pipeline(batch)
@@ -151,21 +133,21 @@ def test_the_pipeline_normalises_per_channel_in_the_models_memory_order(pngs: Pa
     assert ready.inputs.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_transform_is_applied_per_sample(digits: Path, pngs: Path) -> None:
-    loader = build_eval_loader(digits / "val", 8, 0, 1, transform=lambda x: x.flatten())
+def test_transform_is_applied_per_sample(digits_root: Path, png_root: Path) -> None:
+    loader = build_eval_loader(digits_root / "val", 8, 0, 1, transform=lambda x: x.flatten())
     assert next(iter(loader)).inputs.shape == (8, 64)
     # A transform takes what the model would: float CHW in [0, 1] (converted on the host).
     options = LoaderOptions(input_key="png")
     seen = []
     loader = build_eval_loader(
-        pngs / "val", 4, 0, 1, options, transform=lambda x: seen.append(x) or x
+        png_root / "val", 4, 0, 1, options, transform=lambda x: seen.append(x) or x
     )
     next(iter(loader))
     assert seen[0].shape == (3, 5, 4) and seen[0].dtype == torch.float32 and seen[0].max() <= 1
 
 
-def test_batch_moves_to_a_device(digits: Path) -> None:
-    batch = next(iter(build_eval_loader(digits / "val", 8, 0, 1)))
+def test_batch_moves_to_a_device(digits_root: Path) -> None:
+    batch = next(iter(build_eval_loader(digits_root / "val", 8, 0, 1)))
     moved = batch.to("cpu")
     assert torch.equal(moved.inputs, batch.inputs) and moved.num_skipped == batch.num_skipped
     if torch.cuda.is_available():
@@ -177,50 +159,39 @@ def test_missing_manifest_is_named(tmp_path: Path) -> None:
         read_manifest(tmp_path)
 
 
-def test_missing_shard_is_named(digits: Path, tmp_path: Path) -> None:
-    split = copy_split(digits / "val", tmp_path / "val")
+def test_missing_shard_is_named(digits_root: Path, tmp_path: Path) -> None:
+    split = copy_split(digits_root / "val", tmp_path / "val")
     (split / "shard-000001.tar").unlink()
     with pytest.raises(DataError, match=r"shard-000001.tar: shard missing"):
         build_eval_loader(split, 8, 0, 1)
 
 
-def test_truncated_shard_is_named(digits: Path, tmp_path: Path) -> None:
-    split = copy_split(digits / "val", tmp_path / "val")
+def test_truncated_shard_is_named(digits_root: Path, tmp_path: Path) -> None:
+    split = copy_split(digits_root / "val", tmp_path / "val")
     shard = split / "shard-000000.tar"
     shard.write_bytes(shard.read_bytes()[:-5000])
     with pytest.raises(DataError, match=r"shard-000000.tar: .* bytes but the manifest says"):
         build_eval_loader(split, 8, 0, 1)
 
 
-def test_manifest_not_matching_its_shards_is_named(digits: Path, tmp_path: Path) -> None:
-    split = copy_split(digits / "val", tmp_path / "val")
-    other = copy_split(digits / "train", tmp_path / "train")
+def test_manifest_not_matching_its_shards_is_named(digits_root: Path, tmp_path: Path) -> None:
+    split = copy_split(digits_root / "val", tmp_path / "val")
+    other = copy_split(digits_root / "train", tmp_path / "train")
     (split / "shard-000000.tar").write_bytes((other / "shard-000000.tar").read_bytes())
     with pytest.raises(DataError, match="shard-000000.tar"):
         build_eval_loader(split, 8, 0, 1)
     plan = make_plan(1000, 10, 5, 2)
     with pytest.raises(DataError, match="plan is for 1,000 samples but the manifest lists 359"):
-        build_train_loader(digits / "val", plan, 0, 0)
-
-
-def corrupt_npy(split: Path, shard_pos: int, sample: int) -> str:
-    """Overwrite a member's npy magic in place (size unchanged); return its key."""
-    shard = read_manifest(split).shards[shard_pos]
-    path = split / shard.name
-    data = bytearray(path.read_bytes())
-    offset = shard.members["npy"]["offsets"][sample]
-    data[offset : offset + 6] = b"garbag"
-    path.write_bytes(bytes(data))
-    return shard.keys[sample]
+        build_train_loader(digits_root / "val", plan, 0, 0)
 
 
 @pytest.mark.parametrize(
     ("workers", "memory_mb"), [(0, 0), (2, 0), (0, 256)], ids=["shards", "workers", "memory"]
 )
 def test_undecodable_sample_names_shard_and_key(
-    digits: Path, tmp_path: Path, workers: int, memory_mb: float
+    digits_root: Path, tmp_path: Path, workers: int, memory_mb: float
 ) -> None:
-    split = copy_split(digits / "val", tmp_path / "val")
+    split = copy_split(digits_root / "val", tmp_path / "val")
     key = corrupt_npy(split, 1, 7)
     options = LoaderOptions(num_workers=workers, in_memory_max_mb=memory_mb)
     with pytest.raises(DataError, match=f"shard-000001.tar: key {key}: undecodable .npy") as err:
@@ -230,9 +201,9 @@ def test_undecodable_sample_names_shard_and_key(
 
 @pytest.mark.parametrize("memory_mb", [0, 256], ids=["shards", "memory"])
 def test_skip_marks_bad_samples_invalid_and_counts_them(
-    digits: Path, tmp_path: Path, memory_mb: float
+    digits_root: Path, tmp_path: Path, memory_mb: float
 ) -> None:
-    split = copy_split(digits / "train", tmp_path / "train")
+    split = copy_split(digits_root / "train", tmp_path / "train")
     keys = {corrupt_npy(split, 0, 3), corrupt_npy(split, 4, 10)}
     index_split(split)  # checksums refreshed; the loader only checks sizes anyway
     plan = make_plan(1438, 64, 16, 2)
@@ -251,27 +222,28 @@ def test_skip_marks_bad_samples_invalid_and_counts_them(
                 assert not ok
 
 
-def test_memory_gives_the_very_batches_the_shards_give(digits: Path, tmp_path: Path) -> None:
+def test_memory_gives_the_very_batches_the_shards_give(digits_root: Path, tmp_path: Path) -> None:
     plan = make_plan(1438, 96, 16, 2)  # accumulation 3, 32 padded samples
     for rank in (0, 1):
-        memory = build_train_loader(digits / "train", plan, rank, 0, LoaderOptions())
-        shards = build_train_loader(digits / "train", plan, rank, 0, LoaderOptions(**SHARDS))
+        memory = build_train_loader(digits_root / "train", plan, rank, 0, LoaderOptions())
+        shards = build_train_loader(digits_root / "train", plan, rank, 0, LoaderOptions(**SHARDS))
         assert memory.memory is not None and shards.memory is None
         for epoch, start in ((0, 0), (3, 0), (3, 7)):
             assert same(list(memory.epoch(epoch, start)), list(shards.epoch(epoch, start)))
         evals = [
-            build_eval_loader(digits / "val", 32, rank, 2, LoaderOptions(**o)) for o in ({}, SHARDS)
+            build_eval_loader(digits_root / "val", 32, rank, 2, LoaderOptions(**o))
+            for o in ({}, SHARDS)
         ]
         assert evals[0].memory is not None and same(list(evals[0]), list(evals[1]))
 
 
-def test_memory_applies_a_random_transform_per_micro_batch(pngs: Path) -> None:
+def test_memory_applies_a_random_transform_per_micro_batch(png_root: Path) -> None:
     """The same draws in the same order: a resumed or re-run job is identical either way."""
     plan = make_plan(81, 16, 8, 1)
     runs = []
     for options in ({}, SHARDS):
         loader = build_train_loader(
-            pngs / "train",
+            png_root / "train",
             plan,
             0,
             0,
@@ -284,15 +256,22 @@ def test_memory_applies_a_random_transform_per_micro_batch(pngs: Path) -> None:
     assert not torch.equal(runs[0][0].inputs, runs[0][len(runs[0]) // 2].inputs)
 
 
-def test_memory_holds_only_splits_under_the_limit(digits: Path) -> None:
+def test_memory_holds_only_splits_under_the_limit(digits_root: Path) -> None:
     # 359 val samples x 64 float32 = 92 KiB
-    assert build_eval_loader(digits / "val", 8, 0, 1, LoaderOptions(in_memory_max_mb=0.09)).memory
+    assert build_eval_loader(
+        digits_root / "val", 8, 0, 1, LoaderOptions(in_memory_max_mb=0.09)
+    ).memory
     assert not build_eval_loader(
-        digits / "val", 8, 0, 1, LoaderOptions(in_memory_max_mb=0.08)
+        digits_root / "val", 8, 0, 1, LoaderOptions(in_memory_max_mb=0.08)
     ).memory
     with_workers = LoaderOptions(num_workers=2)
     loader = build_train_loader(
-        digits / "train", make_plan(1438, 64, 16, 1), 0, 0, with_workers, transform=torch.flatten
+        digits_root / "train",
+        make_plan(1438, 64, 16, 1),
+        0,
+        0,
+        with_workers,
+        transform=torch.flatten,
     )
     assert loader.memory is None  # augmentation stays in the workers
     loader.close()
@@ -310,17 +289,17 @@ def test_npy_images_arrive_exactly_as_stored(tmp_path: Path) -> None:
     assert batch.targets.tolist() == labels[stored].tolist()
 
 
-def test_reads_shards_written_by_webdataset(digits: Path, tmp_path: Path) -> None:
+def test_reads_shards_written_by_webdataset(digits_root: Path, tmp_path: Path) -> None:
     import webdataset as wds
 
     split = tmp_path / "wds"
     split.mkdir()
-    manifest = read_manifest(digits / "val")
+    manifest = read_manifest(digits_root / "val")
     with wds.ShardWriter(str(split / "part-%04d.tar"), maxcount=100, verbose=0) as sink:
         for shard in manifest.shards:
-            for sample in wds.WebDataset(str(digits / "val" / shard.name), shardshuffle=False):
+            for sample in wds.WebDataset(str(digits_root / "val" / shard.name), shardshuffle=False):
                 sink.write({k: sample[k] for k in ("__key__", "npy", "cls")})
     index_split(split)
-    ours = [b for b in build_eval_loader(digits / "val", 359, 0, 1)]
+    ours = [b for b in build_eval_loader(digits_root / "val", 359, 0, 1)]
     theirs = [b for b in build_eval_loader(split, 359, 0, 1)]
     assert same(ours, theirs)

@@ -1,22 +1,19 @@
 """ddp.dist: launcher detection, shared decisions, clean exits and torchrun restarts.
 
-The multi-process tests launch real 2-process torchrun jobs on gloo, as a user
-would (bench/_trial_worker.py); `--standalone` picks a free rendezvous port and
-every process of a job is killed when the test is done with it.
+The named collectives run on 2 gloo ranks started in-process (tests/distributed.py).
+What is about torchrun itself (exit codes, restarts, the agent's store) runs real
+2-process torchrun jobs of tests/workers/trial.py, as a user would; `--standalone`
+picks a free rendezvous port and every process of a job is killed when the test is
+done with it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +21,11 @@ import torch
 from ddp.dist import collectives
 from ddp.dist.env import Launch, detect
 from ddp.dist.group import init_distributed, shutdown
+from tests import harness
+from tests.distributed import run_distributed_test
+from tests.workers import trial
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "bench" / "_trial_worker.py"
+WORKER = harness.ROOT / "tests" / "workers" / "trial.py"
 LAUNCHER_VARS = (
     "TORCHELASTIC_RUN_ID",
     "TORCHELASTIC_RESTART_COUNT",
@@ -53,36 +52,11 @@ class Job:
         return {int(rank): json.loads(seen) for rank, seen in found}
 
 
-def kill_job(token: str) -> None:
-    """SIGKILL torchrun and all its workers: torch elastic puts each worker in a
-    session of its own, so they are found by a token in their environment."""
-    needle = f"TEST_DIST_TOKEN={token}".encode()
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and needle in (entry / "environ").read_bytes().split(b"\0"):
-                os.kill(int(entry.name), signal.SIGKILL)
-        except OSError:  # gone already, or not ours
-            pass
-
-
 def run_torchrun(*worker_args: str, max_restarts: int = 0, timeout_s: float = 90) -> Job:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd += ["--monitor-interval=0.1", f"--max-restarts={max_restarts}", str(WORKER), *worker_args]
-    token = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TEST_DIST_TOKEN": token}
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_job(token)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun job still running after {timeout_s}s:\n{err[-3000:]}")
-    finally:
-        kill_job(token)  # workers left behind by an agent that died
-    return Job(proc.returncode, out, err)
+    out = harness.run(cmd, timeout=timeout_s, unset=LAUNCHER_VARS)
+    return Job(out.returncode, out.stdout, out.stderr)
 
 
 def clear_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -136,9 +110,8 @@ def test_clean_job_exits_zero_every_time(clean_jobs: list[Job]) -> None:
         assert sorted(job.ranks_done()) == [0, 1], job.stdout
 
 
-@pytest.mark.slow
-def test_ranks_agree_when_only_one_rank_has_the_flag(clean_jobs: list[Job]) -> None:
-    seen = clean_jobs[0].ranks_done()
+def test_ranks_agree_when_only_one_rank_has_the_flag() -> None:
+    seen = run_distributed_test(trial.collectives, world_size=2)
     assert [seen[r]["detect"]["rank"] for r in (0, 1)] == [0, 1]
     assert all(seen[r]["detect"]["world_size"] == 2 for r in (0, 1))
     assert [seen[r]["all_agree"] for r in (0, 1)] == [False, False]

@@ -7,72 +7,22 @@ the fault from outside, as a cluster would: SIGKILL, SIGUSR1, SIGSTOP.
 from __future__ import annotations
 
 import contextlib
-import io
-import os
 import random
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from ddp import checkpoint
 from tests import harness
-from tests.harness import ROOT, records
+from tests.fixtures import smoke_overrides
+from tests.harness import records
 
 pytestmark = pytest.mark.slow
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def worker_pid(agent_pid: int, rank: int) -> int:
-    """The torchrun worker process whose RANK is `rank`."""
-    for pid in children(agent_pid):
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        if f"RANK={rank}".encode() in environ:
-            return pid
-    raise AssertionError(f"no worker with RANK={rank} under {agent_pid}")
-
-
-def start(overrides: list[str], torchrun_args=(), nproc: int = 2) -> subprocess.Popen:
-    """The trainer under torchrun (nproc=0: plain python), running in the background."""
-    launcher = harness.torchrun(nproc, *torchrun_args) if nproc else [sys.executable]
-    cmd = [*launcher, "-m", "ddp.train", *overrides]
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=harness.env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float = 180) -> subprocess.CompletedProcess:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        harness.kill_tree(proc.pid)
-        out, err = proc.communicate()
-        raise AssertionError(f"job did not end in {timeout}s\n{out}\n{err}") from None
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"{path} never appeared: {finish(proc).stderr[-2000:]}")
-        time.sleep(0.05)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -93,45 +43,48 @@ def epoch_metrics(run_dir: Path) -> list[tuple[float, float]]:
     return [(r["train/epoch_loss"], r["train/epoch_accuracy"]) for r in records(run_dir, "val")]
 
 
+def job_overrides(digits_root: Path, run_root: Path, name: str, *extra: str) -> list[str]:
+    """A short digits job with dropout (so RNG state matters), checkpointed every 3 steps,
+    every step in metrics.jsonl: 4 epochs of 23 iterations, no early stop."""
+    return smoke_overrides(
+        digits_root,
+        run_root,
+        name,
+        "model.dropout=0.2",
+        "trainer.max_epochs=4",
+        "plateau=none",
+        "trainer.log_every_steps=1",
+        "trainer.checkpoint_every_steps=3",
+        "batch.global_size=64",
+        "batch.micro_size=16",
+        *extra,
+    )
+
+
 @pytest.fixture
 def job(digits_root, tmp_path):
-    """Overrides for a short digits job with dropout (so RNG state matters) in run `name`."""
-
-    def overrides(name: str, *extra: str) -> list[str]:
-        return [
-            f"data.root={digits_root}",
-            f"run.root={tmp_path}",
-            f"run.name={name}",
-            "model=mlp",
-            "model.dropout=0.2",
-            "trainer.max_epochs=4",
-            "plateau=none",
-            "trainer.log_every_steps=1",
-            "trainer.checkpoint_every_steps=3",
-            "batch.global_size=64",
-            "batch.micro_size=16",
-            *extra,
-        ]
-
-    return overrides
+    """Overrides for the job as run `name` in tmp_path."""
+    return lambda name, *extra: job_overrides(digits_root, tmp_path, name, *extra)
 
 
-@pytest.fixture
-def reference(job, tmp_path):
-    out = harness.train(job("reference"))
+@pytest.fixture(scope="module")
+def reference(digits_root, tmp_path_factory) -> Path:
+    """The job run once without a fault, for the tests that compare against it."""
+    run_root = tmp_path_factory.mktemp("reference")
+    out = harness.train(job_overrides(digits_root, run_root, "reference"))
     assert out.returncode == 0, out.stderr[-3000:]
-    return tmp_path / "reference"
+    return run_root / "reference"
 
 
 def test_sigkill_mid_epoch_resumes_bitwise_equal(job, reference, tmp_path):
     run_dir = tmp_path / "killed"
-    proc = start(job("killed"), torchrun_args=("--max-restarts=2",))
-    wait_for(run_dir / "checkpoints" / "last.pt", proc)
+    job_run = harness.start(harness.trainer(job("killed"), torchrun_args=["--max-restarts=2"]))
+    job_run.wait_for_file(run_dir / "checkpoints" / "last.pt")
     time.sleep(0.3)  # somewhere inside epoch 0 or 1, not at a checkpoint
-    os.kill(worker_pid(proc.pid, rank=1), signal.SIGKILL)
-    out = finish(proc)
+    job_run.worker(rank=1).kill()
+    out = job_run.finish()
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "resumed at epoch" in out.stdout
+    assert "(continuing at epoch" in out.stdout
     assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
     # The metrics file holds every step once, as the uninterrupted run's does.
     assert train_steps(run_dir) == train_steps(reference) == list(range(1, 4 * 23 + 1))
@@ -141,10 +94,10 @@ def test_sigkill_mid_epoch_resumes_bitwise_equal(job, reference, tmp_path):
 
 def test_preemption_signal_on_one_rank_checkpoints_exits_and_resumes(job, reference, tmp_path):
     run_dir = tmp_path / "preempted"
-    proc = start(job("preempted"))
-    wait_for(run_dir / "checkpoints" / "last.pt", proc)
-    os.kill(worker_pid(proc.pid, rank=1), signal.SIGUSR1)
-    out = finish(proc)
+    job_run = harness.start(harness.trainer(job("preempted")))
+    job_run.wait_for_file(run_dir / "checkpoints" / "last.pt")
+    job_run.worker(rank=1).send_signal(signal.SIGUSR1)
+    out = job_run.finish()
     assert "preempted" in out.stdout and "exitcode  : 75" in out.stderr
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert 0 < state["position"]["global_step"] < 4 * 23
@@ -159,10 +112,10 @@ def test_preemption_signal_on_one_rank_checkpoints_exits_and_resumes(job, refere
 
 
 def test_sigterm_single_process_exits_75_with_checkpoint(job, tmp_path):
-    proc = start(job("single"), nproc=0)
-    wait_for(tmp_path / "single" / "checkpoints" / "last.pt", proc)
-    proc.send_signal(signal.SIGTERM)
-    assert finish(proc).returncode == 75
+    job_run = harness.start(harness.trainer(job("single"), nproc=0))
+    job_run.wait_for_file(tmp_path / "single" / "checkpoints" / "last.pt")
+    job_run.send_signal(signal.SIGTERM)
+    assert job_run.finish().returncode == 75
 
 
 def test_elastic_resume_keeps_global_batch_and_position(job, tmp_path):
@@ -172,7 +125,7 @@ def test_elastic_resume_keeps_global_batch_and_position(job, tmp_path):
     again = harness.train(job("elastic"), nproc=1)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "accumulation                      4" in again.stdout
-    assert "resumed at epoch 1 step 7" in again.stdout
+    assert "(continuing at epoch 1 step 7" in again.stdout
     run_dir = tmp_path / "elastic"
     assert train_steps(run_dir) == list(range(1, 4 * 23 + 1))
 
@@ -188,34 +141,44 @@ def test_resume_that_changes_the_global_batch_is_refused(job, tmp_path):
     assert allowed.returncode == 0, allowed.stderr[-3000:]
 
 
-def kill_mid_save_script(path: Path, background: bool) -> str:
-    save = "BackgroundWriter().save" if background else "atomic_save"  # one writer
-    return f"""
-import torch
+SAVE_IN_A_LOOP = """
+import sys
 from pathlib import Path
-from ddp.checkpoint import BackgroundWriter, atomic_save, FORMAT
-big = {{"format": FORMAT, "model": {{"w": torch.randn(4_000_000)}}}}
-save = {save}
-i = 0
-while True:
-    big["step"] = i
-    save(big, Path({str(path)!r}))
-    i += 1
+
+import torch
+
+from ddp.checkpoint import FORMAT, BackgroundWriter, atomic_save
+
+path, first_saved, background = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1"
+writer = BackgroundWriter()  # one writer
+save = writer.save if background else atomic_save
+big = {"format": FORMAT, "model": {"w": torch.randn(4_000_000)}, "step": 0}
+save(big, path)
+writer.wait()
+first_saved.touch()  # a checkpoint is on disk: from now on, every kill lands in a later save
+for step in range(1, 10**9):
+    big["step"] = step
+    save(big, path)
 """
+
+
+def save_in_a_loop(path: Path, first_saved: Path, background: bool) -> harness.Running:
+    args = [str(path), str(first_saved), str(int(background))]
+    return harness.start([sys.executable, "-c", SAVE_IN_A_LOOP, *args])
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["atomic_save", "BackgroundWriter"])
 def test_a_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, background):
-    path = tmp_path / "last.pt"
-    script = kill_mid_save_script(path, background)
-    for delay in (0.9, 1.1, 1.3, 1.6, 2.0):
-        proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
-        time.sleep(delay)  # saves take ~50-100 ms: the kill lands at varied instants
-        proc.kill()
-        proc.wait()
-        if path.exists():
-            assert checkpoint.load(path)["model"]["w"].numel() == 4_000_000
-    assert path.exists()
+    delays = (0.0, 0.03, 0.07, 0.12, 0.2)  # saves take ~50-100 ms: kills land at varied instants
+    paths = [tmp_path / f"{i}.pt" for i in range(len(delays))]
+    # Started at once (their interpreters start up side by side), killed one by one, each
+    # only once its first checkpoint is on disk.
+    writers = [save_in_a_loop(path, path.with_suffix(".first"), background) for path in paths]
+    for writer, path, delay in zip(writers, paths, delays, strict=True):
+        writer.wait_for_file(path.with_suffix(".first"), timeout=120)
+        time.sleep(delay)
+        writer.kill()
+        assert checkpoint.load(path)["model"]["w"].numel() == 4_000_000
 
 
 def test_background_writes_keep_the_state_of_the_moment_of_saving(tmp_path):
@@ -263,7 +226,7 @@ state = {{"format": FORMAT, "w": torch.randn(20_000_000)}}
 BackgroundWriter().save(state, Path({str(tmp_path / "last.pt")!r}))
 exit_process(1)  # an error elsewhere: no wait(), straight to os._exit
 """
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    out = harness.run([sys.executable, "-c", script], timeout=120)
     assert out.returncode == 1, out.stderr
     assert checkpoint.load(tmp_path / "last.pt")["w"].numel() == 20_000_000
     assert not list(tmp_path.glob(".*.tmp"))
@@ -292,20 +255,6 @@ def test_corrupt_or_foreign_checkpoint_is_refused(job, tmp_path, content):
     assert f"checkpoint {last}" in out.stderr
 
 
-def poison_with_nan(payload: bytes) -> bytes:
-    array = np.load(io.BytesIO(payload))
-    array[...] = np.nan
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
-
-
-@pytest.fixture
-def nan_root(digits_root, tmp_path):
-    """A copy of digits where one training sample is NaN: only its rank sees the bad loss."""
-    return harness.copy_shards(digits_root, tmp_path / "nan-digits", edit_first_npy=poison_with_nan)
-
-
 def test_nonfinite_loss_on_one_rank_stops_every_rank(job, nan_root, tmp_path):
     out = harness.train([*job("nan"), f"data.root={nan_root}", "trainer.nonfinite=stop"])
     assert "error: non-finite loss at epoch 0 step" in out.stdout
@@ -326,15 +275,13 @@ def test_nonfinite_loss_can_skip_the_step(job, nan_root, tmp_path):
 
 
 def test_a_stuck_peer_ends_the_job_within_the_timeout(job, tmp_path):
-    proc = start(job("stuck", "trainer.timeout_s=5", "trainer.max_epochs=50"))
-    wait_for(tmp_path / "stuck" / "checkpoints" / "last.pt", proc)
-    stuck = worker_pid(proc.pid, rank=1)
-    os.kill(stuck, signal.SIGSTOP)
+    job_run = harness.start(
+        harness.trainer(job("stuck", "trainer.timeout_s=5", "trainer.max_epochs=50"))
+    )
+    job_run.wait_for_file(tmp_path / "stuck" / "checkpoints" / "last.pt")
+    job_run.worker(rank=1).suspend()  # SIGSTOP; the harness's SIGKILL ends it
     t0 = time.monotonic()
-    try:
-        out = finish(proc, timeout=90)
-    finally:
-        os.kill(stuck, signal.SIGCONT) if Path(f"/proc/{stuck}").exists() else None
+    out = job_run.finish(timeout=90)
     assert out.returncode != 0
     assert time.monotonic() - t0 < 60
     assert "trainer.timeout_s=5" in out.stderr  # the message says what happened
@@ -343,13 +290,13 @@ def test_a_stuck_peer_ends_the_job_within_the_timeout(job, tmp_path):
 @contextlib.contextmanager
 def mounted(args: list[str], target: Path):
     target.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
+    done = harness.run(["mount", *args, str(target)], timeout=30)
     if done.returncode != 0:
         pytest.skip(f"cannot mount here: {done.stderr.strip()}")
     try:
         yield target
     finally:
-        subprocess.run(["umount", "-l", str(target)], check=False)
+        harness.run(["umount", "-l", str(target)], timeout=30)
 
 
 def test_an_unwritable_run_directory_is_reported_before_training(job, tmp_path):
@@ -392,7 +339,7 @@ def test_a_port_in_use_is_named(job):
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
         )
-        out = harness.run([sys.executable, "-m", "ddp.train", *job("z")], timeout=60, **env)
+        out = harness.run(harness.trainer(job("z"), nproc=0), timeout=60, **env)
     assert out.returncode == 2 and f"127.0.0.1:{port} is already in use" in out.stderr
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from ddp.plateau import PlateauTracker
 from ddp.report import SWEEP_PLOT, find_run_dirs, main
 from ddp.tracking.metrics_file import METRICS_FILE
 from ddp.tracking.tracker import Tracker
+from tests import harness
 from tests.configs import plateau_config, wandb_config
 
 NUM_SAMPLES = 200
@@ -105,11 +105,11 @@ def test_writes_one_comparison_plot(sweep, tmp_path):
 
 def test_runs_as_a_command_and_reports_missing_dirs(sweep, tmp_path):
     cmd = [sys.executable, "-m", "ddp.report"]
-    ok = subprocess.run([*cmd, str(sweep)], capture_output=True, text=True, check=False)
+    ok = harness.run([*cmd, str(sweep)], timeout=120)
     assert ok.returncode == 0 and "global batch" in ok.stdout
-    missing = subprocess.run([*cmd, str(tmp_path / "nope")], capture_output=True, text=True)
+    missing = harness.run([*cmd, str(tmp_path / "nope")], timeout=120)
     assert missing.returncode == 2 and "nope" in missing.stderr
-    empty = subprocess.run([*cmd, str(sweep / "notes")], capture_output=True, text=True)
+    empty = harness.run([*cmd, str(sweep / "notes")], timeout=120)
     assert empty.returncode == 1 and "plan record" in empty.stderr
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 import tarfile
 from pathlib import Path
 
@@ -16,21 +15,9 @@ from ddp.order import rank_micro_batches
 from ddp.plan import make_plan
 from ddp.shards import DataError, Manifest, index_split, read_manifest, write_manifest
 from ddp.shards.cli import main
-from ddp.shards.prepare import prepare_digits, prepare_imagefolder, prepare_synthetic
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    prepare_digits(out, shard_size=256, seed=0, val_fraction=0.2)
-    return out
-
-
-def copy_split(src: Path, dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for path in src.iterdir():
-        (dst / path.name).write_bytes(path.read_bytes())
-    return dst
+from ddp.shards.prepare import prepare_imagefolder, prepare_synthetic
+from tests import harness
+from tests.fixtures import copy_split, corrupt_npy
 
 
 def extract(split: Path, dst: Path) -> list[str]:
@@ -48,14 +35,14 @@ def offsets_of(manifest: Manifest) -> list:
     return [(s.keys, s.members) for s in manifest.shards]
 
 
-def test_prepare_digits_writes_sharded_train_and_val(digits: Path) -> None:
-    train, val = read_manifest(digits / "train"), read_manifest(digits / "val")
+def test_prepare_digits_writes_sharded_train_and_val(digits_root: Path) -> None:
+    train, val = read_manifest(digits_root / "train"), read_manifest(digits_root / "val")
     assert train.num_samples + val.num_samples == 1797
     assert val.num_samples == round(1797 * 0.2)
     assert len(train.shards) == 6 and all(s.num_samples <= 256 for s in train.shards)
     keys = [k for m in (train, val) for s in m.shards for k in s.keys]
     assert len(set(keys)) == len(keys)
-    with tarfile.open(digits / "train" / "shard-000000.tar") as tar:
+    with tarfile.open(digits_root / "train" / "shard-000000.tar") as tar:
         names = tar.getnames()[:2]
         image = np.load(io.BytesIO(tar.extractfile(names[1]).read()))
         label = int(tar.extractfile(names[0]).read())
@@ -70,26 +57,24 @@ def test_prepare_is_reproducible(tmp_path: Path) -> None:
     assert [s.sha256 for s in a["train"].shards] == [s.sha256 for s in b["train"].shards]
 
 
-def test_manifest_round_trip(digits: Path, tmp_path: Path) -> None:
-    manifest = read_manifest(digits / "train")
+def test_manifest_round_trip(digits_root: Path, tmp_path: Path) -> None:
+    manifest = read_manifest(digits_root / "train")
     write_manifest(tmp_path, manifest)
     again = read_manifest(tmp_path)
     assert again.to_json() == manifest.to_json()
     assert json.loads((tmp_path / "manifest.json").read_text())["num_samples"] == 1438
 
 
-def test_index_of_a_plain_tar_matches_prepare(digits: Path, tmp_path: Path) -> None:
+def test_index_of_a_plain_tar_matches_prepare(digits_root: Path, tmp_path: Path) -> None:
     members = tmp_path / "members"
     members.mkdir()
-    names = extract(digits / "train", members)
+    names = extract(digits_root / "train", members)
     split = tmp_path / "split"
     split.mkdir()
-    subprocess.run(
-        ["tar", "--format=ustar", "-cf", str(split / "all-000000.tar"), "-C", str(members), *names],
-        check=True,
-    )
+    tar = ["tar", "--format=ustar", "-cf", str(split / "all-000000.tar"), "-C", str(members)]
+    assert harness.run([*tar, *names], timeout=60).returncode == 0
     manifest = index_split(split)
-    ours = read_manifest(digits / "train")
+    ours = read_manifest(digits_root / "train")
     assert [k for s in manifest.shards for k in s.keys] == [k for s in ours.shards for k in s.keys]
     first = ours.shards[0]
     assert (
@@ -120,52 +105,48 @@ def member_bytes(split: Path, manifest: Manifest, ext: str) -> list[bytes]:
 
 
 def test_index_of_webdataset_shardwriter_output_matches_prepare(
-    digits: Path, tmp_path: Path
+    digits_root: Path, tmp_path: Path
 ) -> None:
-    ours = read_manifest(digits / "train")
-    same_headers = write_with_webdataset(digits / "train", tmp_path / "fixed", mtime=0)
+    ours = read_manifest(digits_root / "train")
+    same_headers = write_with_webdataset(digits_root / "train", tmp_path / "fixed", mtime=0)
     assert offsets_of(index_split(same_headers)) == offsets_of(ours)
     # By default ShardWriter stamps float mtimes, hence extra pax headers: offsets
     # move, but the index still finds the same members.
-    pax = write_with_webdataset(digits / "train", tmp_path / "pax")
+    pax = write_with_webdataset(digits_root / "train", tmp_path / "pax")
     theirs = index_split(pax)
     assert [s.keys for s in theirs.shards] == [s.keys for s in ours.shards]
     for ext in ("npy", "cls"):
-        assert member_bytes(pax, theirs, ext) == member_bytes(digits / "train", ours, ext)
+        assert member_bytes(pax, theirs, ext) == member_bytes(digits_root / "train", ours, ext)
 
 
-def test_webdataset_reads_our_shards(digits: Path) -> None:
-    manifest = read_manifest(digits / "val")
-    urls = [str(digits / "val" / s.name) for s in manifest.shards]
+def test_webdataset_reads_our_shards(digits_root: Path) -> None:
+    manifest = read_manifest(digits_root / "val")
+    urls = [str(digits_root / "val" / s.name) for s in manifest.shards]
     dataset = wds.WebDataset(urls, shardshuffle=False).decode().to_tuple("__key__", "npy", "cls")
     samples = list(dataset)
     assert [key for key, _, _ in samples] == [k for s in manifest.shards for k in s.keys]
     assert samples[0][1].shape == (1, 8, 8) and isinstance(samples[0][2], int)
 
 
-def test_index_names_a_truncated_shard(digits: Path, tmp_path: Path) -> None:
-    split = copy_split(digits / "val", tmp_path / "val")
+def test_index_names_a_truncated_shard(digits_root: Path, tmp_path: Path) -> None:
+    split = copy_split(digits_root / "val", tmp_path / "val")
     shard = split / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:10_000])
     with pytest.raises(DataError, match="shard-000001.tar"):
         index_split(split)
 
 
-def test_verify_passes_a_clean_split(digits: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["verify", str(digits / "val")]) == 0
+def test_verify_passes_a_clean_split(digits_root: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["verify", str(digits_root / "val")]) == 0
     assert "ok" in capsys.readouterr().out
 
 
 def test_verify_names_the_shard_and_key_of_a_corrupt_member(
-    digits: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    digits_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    split = copy_split(digits / "val", tmp_path / "val")
-    manifest = read_manifest(split)
-    shard = manifest.shards[1]
-    offset = shard.members["npy"]["offsets"][3]
-    data = bytearray((split / shard.name).read_bytes())
-    data[offset : offset + 6] = b"garbag"
-    (split / shard.name).write_bytes(bytes(data))
+    split = copy_split(digits_root / "val", tmp_path / "val")
+    shard = read_manifest(split).shards[1]
+    key = corrupt_npy(split, 1, 3)
     assert main(["verify", str(split)]) == 1
     out = capsys.readouterr().out
     assert "sha256" in out and shard.name in out
@@ -173,11 +154,11 @@ def test_verify_names_the_shard_and_key_of_a_corrupt_member(
     assert read_manifest(split).meta["source"] == "sklearn.datasets.load_digits"
     assert main(["verify", str(split)]) == 1
     out = capsys.readouterr().out
-    assert f"{shard.name}: key {shard.keys[3]}: .npy does not decode" in out
+    assert f"{shard.name}: key {key}: .npy does not decode" in out
 
 
-def test_verify_names_a_missing_shard(digits: Path, tmp_path: Path, capsys) -> None:
-    split = copy_split(digits / "val", tmp_path / "val")
+def test_verify_names_a_missing_shard(digits_root: Path, tmp_path: Path, capsys) -> None:
+    split = copy_split(digits_root / "val", tmp_path / "val")
     (split / "shard-000000.tar").unlink()
     assert main(["verify", str(split)]) == 1
     assert "shard-000000.tar: shard missing" in capsys.readouterr().out
@@ -191,8 +172,8 @@ def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys) -> None:
     assert "manifest.json" in capsys.readouterr().err
 
 
-def test_cli_order_prints_the_rank_s_keys_in_consumption_order(digits: Path, capsys) -> None:
-    split = digits / "train"
+def test_cli_order_prints_the_rank_s_keys_in_consumption_order(digits_root: Path, capsys) -> None:
+    split = digits_root / "train"
     argv = [
         "order",
         str(split),

@@ -10,19 +10,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.harness import ROOT, run
-from tests.slurm_helpers import TRAIN_SBATCH, Job, ensure_cluster, sbatch
+from tests import harness
+from tests.fixtures import smoke_overrides
+from tests.slurm_helpers import TRAIN_SBATCH, Job, cluster_sh, ensure_cluster, sbatch
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
-
-WANDB = str(Path(sys.executable).with_name("wandb"))
 
 
 @pytest.fixture(scope="session")
@@ -42,14 +40,8 @@ def jobs(slurm_cluster):
 
 
 def train_args(digits_root: Path, run_root: Path, *extra: str) -> list[str]:
-    return [
-        f"data.root={digits_root}",
-        f"run.root={run_root}",
-        "trainer.progress=false",
-        "model=mlp",
-        "plateau=none",
-        *extra,
-    ]
+    """The smoke run without early stop, in run_root/slurm-<job id>."""
+    return smoke_overrides(digits_root, run_root, None, "plateau=none", *extra)
 
 
 def submit(jobs: list[Job], tmp_path: Path, args: list[str], *sbatch_args: str) -> Job:
@@ -80,12 +72,7 @@ def wandb_run(run_dir: Path) -> dict:
     """The `run` record of the (last) offline W&B run under run_dir."""
     offline = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert offline, f"no offline W&B run under {run_dir}"
-    out = subprocess.run(
-        [WANDB, "leet", "inspect", "--json", str(offline[-1])],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = harness.wandb_inspect(offline[-1])
     records = [json.loads(line) for line in out.splitlines() if line.strip()]
     return next(r["run"] for r in records if r["type"] == "run")
 
@@ -154,7 +141,7 @@ def test_scancel_full_usr1_also_requeues(slurm_cluster, jobs, tmp_path, digits_r
 def test_submitit_sweep_groups_runs(slurm_cluster, tmp_path, digits_root):
     """`ddp-train -m ... hydra/launcher=slurm`: one job per point, one W&B group."""
     run_root = tmp_path / "runs"
-    proc = run(
+    proc = harness.run(
         [
             sys.executable,
             "-m",
@@ -185,12 +172,7 @@ def test_cluster_start_is_idempotent(slurm_cluster):
     conf = Path("/etc/slurm/slurm.conf")
     if os.geteuid() != 0 or "managed by ddp slurm/cluster.sh" not in conf.read_text():
         pytest.skip("needs root and the cluster made by slurm/cluster.sh")
-    proc = subprocess.run(
-        ["bash", str(ROOT / "slurm" / "cluster.sh"), "start"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = cluster_sh("start", timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "slurmctld already running" in proc.stdout, proc.stdout
     assert "slurmd already running" in proc.stdout, proc.stdout

@@ -17,43 +17,8 @@ from ddp.data.batch import Batch, LoaderOptions
 from ddp.data.splits import stream_num_samples
 from ddp.data.streaming import build_stream_loader, stream_share
 from ddp.plan import make_plan
-from ddp.shards import DataError, index_split
-
-UNEVEN = (30, 7, 19, 1, 25, 12, 8)
-"""102 samples in 7 shards: fewer shards than ranks x workers for 4 x 2."""
-FEW = (40, 23)
-"""63 samples in 2 shards: fewer shards than ranks from 3 ranks on."""
-EVEN = (12,) * 8
-"""96 samples in 8 shards: a multiple of 2 ranks x 2 workers."""
-
-
-def write_split(split: Path, sizes: tuple[int, ...]) -> list[Path]:
-    """Shards of `sizes` samples: sample i is KEY.npy = full((1, 2, 2), i) + KEY.cls."""
-    split.mkdir(parents=True)
-    paths, i = [], 0
-    for number, size in enumerate(sizes):
-        path = split / f"shard-{number:06d}.tar"
-        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for _ in range(size):
-                npy = io.BytesIO()
-                np.save(npy, np.full((1, 2, 2), i, dtype=np.float32))
-                for ext, data in (("cls", str(i % 10).encode()), ("npy", npy.getvalue())):
-                    info = tarfile.TarInfo(f"s{i:05d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-                i += 1
-        paths.append(path)
-    index_split(split, paths)
-    return paths
-
-
-@pytest.fixture(scope="module")
-def splits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
-    root = tmp_path_factory.mktemp("stream")
-    return {
-        name: write_split(root / name, sizes)
-        for name, sizes in (("uneven", UNEVEN), ("few", FEW), ("even", EVEN))
-    }
+from ddp.shards import DataError
+from tests.fixtures import write_split
 
 
 def run_epoch(urls, plan, rank=0, epoch=0, start_step=0, seed=0, workers=0, buffer=16, **kw):
@@ -70,8 +35,8 @@ def ids(batches: list[Batch]) -> list[int]:
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("split", ["uneven", "few"])
-def test_equal_micro_batch_counts_on_every_rank(splits, split: str, workers: int) -> None:
-    paths = [str(p) for p in splits[split]]
+def test_equal_micro_batch_counts_on_every_rank(stream_splits, split: str, workers: int) -> None:
+    paths = [str(p) for p in stream_splits[split]]
     n = stream_num_samples(paths)
     for world in range(1, 5):
         plan = make_plan(n, 3 * world * 2, 3, world)
@@ -88,8 +53,8 @@ def test_equal_micro_batch_counts_on_every_rank(splits, split: str, workers: int
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_every_sample_once_per_epoch_when_counts_divide(splits, workers: int) -> None:
-    paths = splits["even"]
+def test_every_sample_once_per_epoch_when_counts_divide(stream_splits, workers: int) -> None:
+    paths = stream_splits["even"]
     plan = make_plan(96, 24, 4, 2)  # 4 iterations x 6 micro-batches of 4 on each rank
     for epoch in range(2):
         seen: Counter = Counter()
@@ -100,10 +65,10 @@ def test_every_sample_once_per_epoch_when_counts_divide(splits, workers: int) ->
         assert sorted(seen) == list(range(96)) and set(seen.values()) == {1}
 
 
-def test_epoch_counts_are_ready_at_the_last_batch(splits) -> None:
+def test_epoch_counts_are_ready_at_the_last_batch(stream_splits) -> None:
     """The trainer takes exactly its micro-batches and never exhausts the generator."""
     plan = make_plan(102, 12, 3, 2)
-    loader = build_stream_loader(splits["uneven"], plan, 0, 0, LoaderOptions(num_workers=2))
+    loader = build_stream_loader(stream_splits["uneven"], plan, 0, 0, LoaderOptions(num_workers=2))
     batches = loader.epoch(0)
     for _ in range(plan.micro_batches_per_epoch):
         next(batches)
@@ -112,8 +77,8 @@ def test_epoch_counts_are_ready_at_the_last_batch(splits) -> None:
     loader.close()
 
 
-def test_deterministic_per_seed_and_epoch(splits) -> None:
-    paths = splits["even"]
+def test_deterministic_per_seed_and_epoch(stream_splits) -> None:
+    paths = stream_splits["even"]
     plan = make_plan(96, 24, 4, 2)
     first = ids(run_epoch(paths, plan, 1, epoch=3, seed=7, workers=2)[0])
     assert ids(run_epoch(paths, plan, 1, epoch=3, seed=7, workers=2)[0]) == first
@@ -121,8 +86,8 @@ def test_deterministic_per_seed_and_epoch(splits) -> None:
     assert ids(run_epoch(paths, plan, 1, epoch=3, seed=8, workers=2)[0]) != first
 
 
-def test_persistent_workers_follow_the_epoch(splits) -> None:
-    paths = splits["uneven"]
+def test_persistent_workers_follow_the_epoch(stream_splits) -> None:
+    paths = stream_splits["uneven"]
     plan = make_plan(102, 12, 3, 2)
     options = LoaderOptions(num_workers=2, persistent_workers=True)
     loader = build_stream_loader(paths, plan, 1, 0, options, shuffle_buffer=16)
@@ -133,8 +98,8 @@ def test_persistent_workers_follow_the_epoch(splits) -> None:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_reads_up_to_the_step(splits, workers: int) -> None:
-    paths = splits["uneven"]
+def test_resume_reads_up_to_the_step(stream_splits, workers: int) -> None:
+    paths = stream_splits["uneven"]
     plan = make_plan(102, 12, 3, 2)  # 9 iterations x 2 micro-batches per rank
     full, _ = run_epoch(paths, plan, 1, epoch=2, workers=workers)
     tail, _ = run_epoch(paths, plan, 1, epoch=2, start_step=5, workers=workers)
@@ -142,8 +107,8 @@ def test_resume_reads_up_to_the_step(splits, workers: int) -> None:
     assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(full[10:], tail, strict=True))
 
 
-def test_pipe_brace_pattern_and_file_urls_read_like_paths(splits) -> None:
-    paths = splits["even"]
+def test_pipe_brace_pattern_and_file_urls_read_like_paths(stream_splits) -> None:
+    paths = stream_splits["even"]
     folder = paths[0].parent
     plan = make_plan(96, 24, 4, 2)
     expected = ids(run_epoch([str(p) for p in paths], plan, 1, epoch=1)[0])
@@ -152,10 +117,10 @@ def test_pipe_brace_pattern_and_file_urls_read_like_paths(splits) -> None:
     assert ids(run_epoch([p.as_uri() for p in paths], plan, 1, epoch=1)[0]) == expected
 
 
-def test_without_a_manifest_counts_stay_exact(splits) -> None:
+def test_without_a_manifest_counts_stay_exact(stream_splits) -> None:
     """Shards behind a command the loader cannot see through: no indices, no
     `dropped`, but the same micro-batch count and the same samples."""
-    paths = splits["uneven"]
+    paths = stream_splits["uneven"]
     plan = make_plan(102, 12, 3, 2)
     urls = [f"pipe:cat < {p}" for p in paths]
     batches, loader = run_epoch(urls, plan, 0, workers=2)
@@ -165,8 +130,8 @@ def test_without_a_manifest_counts_stay_exact(splits) -> None:
     assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(batches, known, strict=True))
 
 
-def test_missing_shard_raises_naming_it(splits, tmp_path: Path) -> None:
-    paths = [str(p) for p in splits["even"]]
+def test_missing_shard_raises_naming_it(stream_splits, tmp_path: Path) -> None:
+    paths = [str(p) for p in stream_splits["even"]]
     plan = make_plan(96, 24, 4, 2)
     missing = str(tmp_path / "gone-000009.tar")
     with pytest.raises(DataError, match="gone-000009.tar: shard missing"):
@@ -177,9 +142,9 @@ def test_missing_shard_raises_naming_it(splits, tmp_path: Path) -> None:
             run_epoch(urls, plan, 0, workers=workers)
 
 
-def test_a_manifest_that_disagrees_with_the_plan_is_refused(splits) -> None:
+def test_a_manifest_that_disagrees_with_the_plan_is_refused(stream_splits) -> None:
     with pytest.raises(DataError, match="the plan is for 90 samples"):
-        build_stream_loader(splits["even"], make_plan(90, 24, 4, 2), 0, 0, LoaderOptions())
+        build_stream_loader(stream_splits["even"], make_plan(90, 24, 4, 2), 0, 0, LoaderOptions())
 
 
 def test_bad_samples_are_raised_or_skipped_with_exact_counts(tmp_path: Path) -> None:

@@ -7,16 +7,14 @@ its table with `ddp-report`, both checked against the metrics.jsonl files.
 
 from __future__ import annotations
 
-import functools
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from tests import harness
-from tests.harness import BIN, records
+from tests.harness import records
 
 pytestmark = pytest.mark.slow
 
@@ -57,11 +55,9 @@ def points(sweep: Path) -> list[Path]:
     return [sweep / str(num) for num in range(len(BATCHES))]
 
 
-@functools.cache  # W&B's reader takes ~2 s a call: read each run once per session
 def inspect(run_dir: Path, *flags: str) -> str:
     (wandb_run,) = (run_dir / "wandb").glob("offline-run-*")
-    cmd = [str(BIN / "wandb"), "leet", "inspect", *flags, "--json", str(wandb_run)]
-    return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
+    return harness.wandb_inspect(wandb_run, *flags)
 
 
 def wandb_records(run_dir: Path, kind: str) -> list[dict]:

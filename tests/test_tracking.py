@@ -6,7 +6,6 @@ W&B runs offline; `wandb leet inspect --json` reads the run's transaction log ba
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,9 +14,9 @@ import pytest
 from ddp.plateau import PlateauTracker
 from ddp.tracking.metrics_file import METRICS_FILE
 from ddp.tracking.tracker import CURVES_FILE, Tracker
+from tests import harness
 from tests.configs import plateau_config, wandb_config
 
-WANDB = str(Path(sys.executable).with_name("wandb"))
 PLAN = {"num_samples": 200, "global_size": 5, "micro_size": 5, "world_size": 1}
 PLAN |= {"accumulate": 1, "iterations_per_epoch": 4}
 CONFIG = {"optim": {"lr": 0.1}, "batch": {"global_size": 5}}
@@ -31,23 +30,12 @@ def offline_wandb(monkeypatch):
 
 
 def inspect_records(run_dir: Path) -> list[dict]:
-    out = subprocess.run(
-        [WANDB, "leet", "inspect", "--json", str(wandb_run_dir(run_dir))],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    out = harness.wandb_inspect(wandb_run_dir(run_dir))
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def inspect_summary(run_dir: Path) -> dict:
-    out = subprocess.run(
-        [WANDB, "leet", "inspect", "--summary", "--json", str(wandb_run_dir(run_dir))],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return json.loads(out)
+    return json.loads(harness.wandb_inspect(wandb_run_dir(run_dir), "--summary"))
 
 
 def wandb_run_dir(path: Path, index: int = -1) -> Path:
@@ -258,7 +246,7 @@ records = {CURVE_RECORDS!r}
 plot_in_helper(records, Path({str(tmp_path / "c.png")!r}), best_epoch=3, title="t")
 assert "matplotlib" not in sys.modules, "drawn in the trainer's process"
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    out = harness.run([sys.executable, "-c", script], timeout=120)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -1,23 +1,39 @@
-"""The main job end to end: 2 processes under torchrun, gloo, digits shards."""
+"""The main job end to end: 2 processes under torchrun, gloo, digits shards; the
+refusals of bad configs and batches, checked in-process and once through each command."""
 
 import json
 import math
-import subprocess
+import re
+from contextlib import nullcontext
+from dataclasses import asdict
 
 import pytest
 import torch
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
-from ddp import checkpoint
+from ddp import checkpoint, plan_cli
+from ddp.build import wrap_ddp
+from ddp.compose import compose
+from ddp.config import ConfigError
+from ddp.data.batch import Batch
+from ddp.data.splits import train_samples
+from ddp.dist.exit import retire
+from ddp.dist.group import DistEnv
+from ddp.models import MLP
+from ddp.plan import PlanError, plan_for
+from ddp.state import Training
+from ddp.step import Stepper
 from tests import harness
-from tests.harness import BIN, ROOT, records
-
-pytestmark = pytest.mark.slow
+from tests.distributed import run_distributed_test
+from tests.harness import BIN, records
 
 
 def summary(run_dir):
     return records(run_dir, "summary")[-1]
 
 
+@pytest.mark.slow
 def test_default_experiment_trains_digits_to_97_percent(digits_root, tmp_path):
     out = harness.train(
         ["experiment=digits", f"data.root={digits_root}", f"run.root={tmp_path}", "run.name=main"]
@@ -34,22 +50,17 @@ def test_default_experiment_trains_digits_to_97_percent(digits_root, tmp_path):
         assert state["plan"]["global_size"] == 64
 
     # The offline W&B run, read back by W&B's own reader.
-    inspect = [str(BIN / "wandb"), "leet", "inspect", "--summary", "--json", str(run_dir / "wandb")]
-    wandb_summary = json.loads(
-        subprocess.run(inspect, capture_output=True, text=True, check=True).stdout
-    )
-    text = json.dumps(wandb_summary)
+    text = json.dumps(json.loads(harness.wandb_inspect(run_dir / "wandb", "--summary")))
     for key in ("best_value", "best_epoch", "stop_reason", "val/accuracy", "train/loss"):
         assert key in text, key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory_mb", [256, 0], ids=["memory", "shards"])
-def test_ranks_run_the_same_steps_and_every_sample_once(
-    digits_root, tmp_path, base_overrides, memory_mb
-):
+def test_ranks_run_the_same_steps_and_every_sample_once(tmp_path, smoke, memory_mb):
     out = harness.train(
         [
-            *base_overrides,
+            *smoke,
             f"data.in_memory_max_mb={memory_mb}",
             "trainer.audit_samples=true",
             "batch.global_size=100",
@@ -67,14 +78,47 @@ def test_ranks_run_the_same_steps_and_every_sample_once(
         assert epoch["audit/repeated_samples"] == plan["padded_samples"] == 62
 
 
-def test_no_sync_accumulation_equals_one_big_batch(tmp_path):
-    out_file = tmp_path / "params.pt"
-    cmd = [*harness.torchrun(2), str(ROOT / "tests/workers/accumulate.py"), str(out_file), "4", "3"]
-    out = harness.run(cmd, timeout=120)
-    assert out.returncode == 0, out.stderr[-3000:]
-    saved = torch.load(out_file, weights_only=True)
+def accumulate_twice(env: DistEnv, micro: int, accumulate: int) -> dict:
+    """One update with no_sync accumulation, then a step with a NaN sample on rank 1; the
+    step sums that ride on the gradient all-reduce, as this rank saw them after each."""
+    torch.manual_seed(0)  # the same initial weights and data on every rank
+    model = MLP(64, 10, hidden=(32,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    training = Training(model, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), None)
+    wrap_ddp(training, env)
+    inputs = torch.randn(env.world_size * accumulate * micro, 64)
+    targets = torch.randint(0, 10, (len(inputs),))
+    share = len(inputs) // env.world_size
+    mine = slice(env.rank * share, (env.rank + 1) * share)
+    batches = [
+        Batch(x, y, torch.ones(len(y), dtype=torch.bool), torch.arange(len(y)))
+        for x, y in zip(inputs[mine].split(micro), targets[mine].split(micro), strict=True)
+    ]
+    stepper = Stepper(training, env, nullcontext, grad_clip=None)
 
-    from ddp.models import MLP
+    def step(preempt: bool) -> dict:
+        stepper.begin(0, 0.5, skipped=0, preempt=preempt, interrupt=0, save=0, failed=0)
+        for j, batch in enumerate(batches):
+            stepper.forward_backward(batch, accumulate, last=j == accumulate - 1)
+        carried = stepper.sums._reduced is not None  # no collective of its own
+        stepper.finish()
+        (totals,) = stepper.results()
+        return {"carried": carried, **asdict(totals)}
+
+    seen = [step(preempt=env.rank == 1)]  # raised by rank 1 alone
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    if env.rank == 1:  # a NaN sample on one rank: every rank must see a non-finite loss
+        batches[0].inputs[0, 0] = float("nan")
+    seen.append(step(preempt=False))
+    after_nan = {k: v.clone() for k, v in model.state_dict().items()}
+    retire(training.ddp_model)
+    return {"params": params, "after_nan": after_nan, "inputs": inputs, "targets": targets,
+            "sums": seen}  # fmt: skip
+
+
+def test_no_sync_accumulation_equals_one_big_batch():
+    ranks = run_distributed_test(accumulate_twice, world_size=2, func_args=(4, 3))
+    saved = ranks[0]
 
     torch.manual_seed(0)
     model = MLP(64, 10, hidden=(32,))
@@ -86,14 +130,27 @@ def test_no_sync_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(saved["params"][name], value, rtol=1e-5, atol=1e-6)
 
     # The step sums rode on the gradient all-reduce: the same totals on both ranks.
-    seen = [json.loads((tmp_path / f"params.pt.sums-rank{r}.json").read_text()) for r in (0, 1)]
-    assert seen[0] == seen[1]
+    seen = [ranks[r]["sums"] for r in (0, 1)]
+    assert json.dumps(seen[0]) == json.dumps(seen[1])  # as text, where NaN equals NaN
     first, second = seen[0]
     assert first["carried"] and second["carried"]
     assert first["count"] == 2 * 4 * 3 and first["preempt"] == 1.0  # raised by rank 1 only
     loss = torch.nn.functional.cross_entropy(logits.detach(), saved["targets"], reduction="sum")
     assert first["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert second["preempt"] == 0.0 and math.isnan(second["loss"])  # rank 1's NaN, seen by all
+    for rank in ranks:  # and no rank applied that step's update
+        for name, value in rank["after_nan"].items():
+            assert torch.equal(value, saved["params"][name]), name
+
+
+# ---- refusals before launch: in-process, then once through each command
+
+
+def trainer_checks(*overrides: str) -> None:
+    """What the trainer checks before any process group: the composed config, then the
+    batch plan for one process over the training set's manifest."""
+    config = compose(list(overrides))
+    plan_for(config.batch, 1, train_samples(config.data))
 
 
 @pytest.mark.parametrize(
@@ -106,19 +163,36 @@ def test_no_sync_accumulation_equals_one_big_batch(tmp_path):
         ("logger.wandb.mode=loud", "logger.wandb.mode='loud' must be one of offline, online"),
     ],
 )
-def test_invalid_configs_are_refused_before_launch(digits_root, tmp_path, override, message):
-    out = harness.train(
-        [f"data.root={digits_root}", f"run.root={tmp_path}", override], nproc=0, timeout=60
-    )
+def test_invalid_configs_are_refused_before_launch(digits_root, override, message):
+    with pytest.raises((ConfigError, PlanError), match=re.escape(message)):
+        trainer_checks(f"data.root={digits_root}", override)
+
+
+@pytest.mark.slow
+def test_the_trainer_refuses_a_bad_config_with_exit_2_and_one_line(digits_root, tmp_path):
+    overrides = [f"data.root={digits_root}", f"run.root={tmp_path}", "trainer.precision=fp8"]
+    out = harness.train(overrides, nproc=0, timeout=60)
     assert out.returncode == 2
-    assert f"error: {message}" in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: trainer.precision='fp8' must be one of fp32, bf16, fp16"
+    ]
     assert "batch plan" not in out.stdout  # refused before any process group or training
 
 
-def test_a_wrong_type_names_the_key(digits_root, tmp_path):
-    out = harness.train([f"data.root={digits_root}", "batch.global_size=many"], nproc=0, timeout=60)
-    assert out.returncode != 0
-    assert "batch.global_size" in out.stderr
+def test_a_wrong_type_names_the_key(digits_root):
+    with pytest.raises((HydraException, OmegaConfBaseException), match="batch.global_size"):
+        trainer_checks(f"data.root={digits_root}", "batch.global_size=many")
+
+
+def ddp_plan(capsys, *args: str) -> tuple[int, str, str]:
+    """`ddp-plan ARGS` in-process: exit code, stdout, stderr."""
+    try:
+        plan_cli.main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize(
@@ -128,15 +202,10 @@ def test_a_wrong_type_names_the_key(digits_root, tmp_path):
         (["num_samples=1000", "batch.global_size=100", "batch.micro_size=10", "world_size=2"], 10),
     ],
 )
-def test_ddp_plan_prints_the_plan_without_data(args, iterations):
-    out = subprocess.run(
-        [str(BIN / "ddp-plan"), "--json", "data.root=/nonexistent", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["iterations_per_epoch"] == iterations
+def test_ddp_plan_prints_the_plan_without_data(capsys, args, iterations):
+    code, out, err = ddp_plan(capsys, "--json", "data.root=/nonexistent", *args)
+    assert code == 0, err
+    assert json.loads(out)["iterations_per_epoch"] == iterations
 
 
 @pytest.mark.parametrize(
@@ -151,22 +220,29 @@ def test_ddp_plan_prints_the_plan_without_data(args, iterations):
         (["batch.global_size=abc"], "batch.global_size"),
     ],
 )
-def test_ddp_plan_refuses_invalid_batches(args, message):
-    out = subprocess.run(
-        [str(BIN / "ddp-plan"), "num_samples=200", *args], capture_output=True, text=True, cwd=ROOT
-    )
+def test_ddp_plan_refuses_invalid_batches(capsys, args, message):
+    code, _, err = ddp_plan(capsys, "num_samples=200", *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], err
+
+
+@pytest.mark.slow
+def test_the_ddp_plan_command_refuses_with_exit_2_and_one_line():
+    out = harness.run([str(BIN / "ddp-plan"), "num_samples=200", "batch.global_size=0"])
     assert out.returncode == 2
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert out.stderr.strip().splitlines() == ["error: batch.global_size=0 must be >= 1"]
 
 
-def test_single_process_with_plain_python(digits_root, tmp_path, base_overrides):
-    out = harness.train([*base_overrides, "trainer.max_epochs=1"], nproc=0)
+@pytest.mark.slow
+def test_single_process_with_plain_python(tmp_path, smoke):
+    out = harness.train([*smoke, "trainer.max_epochs=1"], nproc=0)
     assert out.returncode == 0, out.stderr[-3000:]
     assert summary(tmp_path / "runs" / "test")["micro_batches_per_rank"] == [23 * 2]
 
 
-def test_a_per_sample_transform_from_config_is_applied(digits_root, tmp_path, base_overrides):
+@pytest.mark.slow
+def test_a_per_sample_transform_from_config_is_applied(smoke):
     # Normalize with std=0 turns every input into inf/nan: the job must see it and stop.
     broken = [
         "+data.transform._target_=ddp.transforms.Normalize",
@@ -174,24 +250,24 @@ def test_a_per_sample_transform_from_config_is_applied(digits_root, tmp_path, ba
         "+data.transform.std=0.0",
         "trainer.nonfinite=stop",
     ]
-    out = harness.train([*base_overrides, *broken], nproc=0)
+    out = harness.train([*smoke, *broken], nproc=0)
     assert out.returncode == 3 and "non-finite loss at epoch 0 step 0" in out.stdout
     fine = ["+data.transform._target_=ddp.transforms.RandomShift", "+data.transform.pixels=1"]
-    assert harness.train([*base_overrides, *fine, "trainer.max_epochs=1"], nproc=0).returncode == 0
+    assert harness.train([*smoke, *fine, "trainer.max_epochs=1"], nproc=0).returncode == 0
 
 
-def test_streaming_mode_from_pipe_urls_keeps_equal_batches(digits_root, tmp_path, base_overrides):
+@pytest.mark.slow
+def test_streaming_mode_from_pipe_urls_keeps_equal_batches(digits_root, tmp_path, smoke):
     urls = f"pipe:cat {digits_root}/train/shard-{{000000..000005}}.tar"
-    out = harness.train([*base_overrides, f"data.urls='{urls}'", "data.num_samples=1438"])
+    out = harness.train([*smoke, f"data.urls='{urls}'", "data.num_samples=1438"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert summary(tmp_path / "runs" / "test")["micro_batches_per_rank"] == [46, 46]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("setting", "expected"), [("null", True), ("false", False)])
-def test_a_cnn_trains_in_channels_last_order_unless_told_not_to(
-    digits_root, tmp_path, base_overrides, setting, expected
-):
-    overrides = [*base_overrides, "model=cnn", "model.channels=[8,16]", "trainer.max_epochs=2"]
+def test_a_cnn_trains_in_channels_last_order_unless_told_not_to(tmp_path, smoke, setting, expected):
+    overrides = [*smoke, "model=cnn", "model.channels=[8,16]"]  # 2 epochs
     out = harness.train([*overrides, f"trainer.channels_last={setting}"], nproc=0)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "runs" / "test"

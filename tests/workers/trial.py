@@ -1,17 +1,17 @@
-"""One trial job for bench/exit_trials.py and tests/test_dist.py (run under torchrun).
+"""One trial job for tests/test_dist.py and bench/exit_trials.py (run under torchrun).
 
 A tiny DDP training of a few steps on gloo, in one of three variants:
   naive    the textbook calls: init_process_group from env://, barrier,
            destroy_process_group, return from main;
   no-exit  `ddp.dist` (per-attempt store, named collectives, shutdown) but the
            process ends by returning from main, through interpreter finalization;
-  fixed    the same, ending with `ddp.dist.exit_process(0)`, as the trainer does.
+  fixed    the same, ending with `ddp.dist.exit.exit_process(0)`, as the trainer does.
 `--crash-rank R --crash-step S` makes rank R die at step S in the first torchrun
 attempt only, so that `--max-restarts=1` must bring the job back and finish it.
 
 Each rank prints one line `rank R: done {json}` when it has finished, with what
 it saw (launcher ranks, attempt, the answers of all_agree/any_rank to a flag
-that only the last rank holds), for the tests to check.
+that only the last rank holds: `collectives`), for the tests to check.
 """
 
 from __future__ import annotations
@@ -54,6 +54,28 @@ def train(model: DDP, steps: int, crash_rank: int, crash_step: int, rank: int) -
     return loss.item()
 
 
+def collectives(env) -> dict:
+    """What this rank sees of the launcher and of each named collective of `ddp.dist`."""
+    from ddp.dist import collectives as comm
+    from ddp.dist.env import detect
+
+    launch = detect()
+    last = env.rank == env.world_size - 1
+    return {
+        "detect": {k: getattr(launch, k) for k in ("rank", "local_rank", "world_size")},
+        "attempt": launch.restart_count,
+        "all_agree": comm.all_agree(last, env),
+        "any_rank": comm.any_rank(last, env),
+        "world_from_sum": int(comm.all_reduce_sum(torch.ones(1), env).item()),
+        "from_rank0": comm.broadcast_object(f"hello from {env.rank}", env),
+        "gathered": [b.hex() for b in comm.all_gather_bytes(bytes([env.rank] * 3), env)],
+        # over the capacity on the last rank: every rank takes all_gather_object
+        "gathered_sizes": [
+            len(b) for b in comm.all_gather_bytes(bytes(60 if last else 5), env, capacity=50)
+        ],
+    }
+
+
 def main_naive(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -67,35 +89,15 @@ def main_naive(args: argparse.Namespace) -> None:
 
 def main_ddp(args: argparse.Namespace) -> None:
     # Not imported by the naive variant: it owes nothing to ddp.
-    from dataclasses import asdict
-
-    from ddp.dist import collectives as comm
     from ddp.dist.env import detect
     from ddp.dist.exit import exit_process
     from ddp.dist.group import init_distributed, shutdown
 
-    launch = detect()
-    env = init_distributed(launch, torch.device("cpu"), timeout_s=60)
+    env = init_distributed(detect(), torch.device("cpu"), timeout_s=60)
     torch.manual_seed(0)
     model = DDP(torch.nn.Linear(8, 1))
     loss = train(model, args.steps, args.crash_rank, args.crash_step, env.rank)
-    last = env.rank == env.world_size - 1
-    seen = {
-        "detect": {
-            k: v for k, v in asdict(launch).items() if k not in ("launcher", "restart_count")
-        },
-        "attempt": launch.restart_count,
-        "all_agree": comm.all_agree(last, env),
-        "any_rank": comm.any_rank(last, env),
-        "world_from_sum": int(comm.all_reduce_sum(torch.ones(1), env).item()),
-        "from_rank0": comm.broadcast_object(f"hello from {env.rank}", env),
-        "gathered": [b.hex() for b in comm.all_gather_bytes(bytes([env.rank] * 3), env)],
-        # over the capacity on the last rank: every rank takes all_gather_object
-        "gathered_sizes": [
-            len(b) for b in comm.all_gather_bytes(bytes(60 if last else 5), env, capacity=50)
-        ],
-        "loss": loss,
-    }
+    seen = {**collectives(env), "loss": loss}
     shutdown(env)
     print(f"rank {env.rank}: done {json.dumps(seen)}", flush=True)
     if args.variant == "fixed":

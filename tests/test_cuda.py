@@ -1,0 +1,129 @@
+"""On a GPU: the main job, bitwise resume, bf16 and fp16, the late-read step, the split on
+the device, and two ranks sharing one GPU over gloo (with CUDA tensors, so the comm hook,
+pinned memory and the side-stream prefetch run across ranks).
+
+Skipped without CUDA (CI has none). On the GPU machine: `pytest -m cuda tests/test_cuda.py`
+(bench/gpu_check.sh runs it with the benchmark).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddp import checkpoint
+from tests import harness
+from tests.fixtures import smoke_overrides
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)"),
+]
+
+
+def on_gpu(digits_root: Path, root: Path, name: str, *extra: str) -> list[str]:
+    return smoke_overrides(digits_root, root, name, "trainer.device=cuda", *extra)
+
+
+def python_train(overrides: list[str], timeout: float = 300):
+    return harness.run([sys.executable, "-m", "ddp.train", *overrides], timeout=timeout)
+
+
+def torchrun_train(overrides: list[str], nproc: int = 2, timeout: float = 300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "ddp.train", *overrides]  # fmt: skip
+    return harness.run(cmd, timeout=timeout)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def test_the_main_job_reaches_97_percent_on_cuda(digits_root, tmp_path):
+    overrides = ["experiment=digits", f"data.root={digits_root}", f"run.root={tmp_path}",
+                 "run.name=main", "trainer.device=cuda"]  # fmt: skip
+    out = python_train(overrides)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(1 process(es), cuda)" in out.stdout
+    (summary,) = harness.records(tmp_path / "main", "summary")
+    assert summary["best_value"] >= 0.97
+
+
+def test_resume_on_cuda_is_bitwise_equal(digits_root, tmp_path):
+    common = ("trainer.deterministic=true", "model.dropout=0.2", "trainer.max_epochs=3")
+    straight = python_train(on_gpu(digits_root, tmp_path, "straight", *common))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = python_train(on_gpu(digits_root, tmp_path, "resumed", *common, "trainer.max_steps=30"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = python_train(on_gpu(digits_root, tmp_path, "resumed", *common))
+    assert again.returncode == 0 and "(continuing at epoch 1 step 7" in again.stdout
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_a_late_read_step_gives_the_same_run_as_a_synchronous_one(digits_root, tmp_path):
+    for sync in ("true", "null"):  # null: the GPU default, one step late
+        extra = ("trainer.deterministic=true", f"trainer.sync_every_step={sync}")
+        out = python_train(on_gpu(digits_root, tmp_path, f"sync-{sync}", *extra))
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_weights(tmp_path / "sync-true", tmp_path / "sync-null")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_trains(digits_root, tmp_path, precision):
+    out = python_train(on_gpu(digits_root, tmp_path, precision, f"trainer.precision={precision}",
+                              "model=cnn", "trainer.max_epochs=3"))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    vals = harness.records(tmp_path / precision, "val")
+    assert vals[-1]["val/accuracy"] > 0.5
+    state = checkpoint.load(tmp_path / precision / "checkpoints" / "last.pt")
+    assert bool(state["scaler"]) == (precision == "fp16")  # the GradScaler's state rides along
+
+
+def test_a_split_on_the_device_gives_the_batches_of_the_host(digits_root, tmp_path):
+    for on_device in ("true", "false"):
+        extra = ("trainer.deterministic=true", f"data.on_device={on_device}")
+        out = python_train(on_gpu(digits_root, tmp_path, f"dev-{on_device}", *extra))
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert_same_weights(tmp_path / "dev-true", tmp_path / "dev-false")
+
+
+def test_two_ranks_share_one_gpu_over_gloo(digits_root, tmp_path):
+    extra = ("trainer.backend=gloo", "trainer.audit_samples=true", "data.in_memory_max_mb=0",
+             "data.num_workers=2")  # fmt: skip
+    out = torchrun_train(on_gpu(digits_root, tmp_path, "shared", *extra))
+    assert out.returncode == 0, out.stderr[-3000:]
+    (summary,) = harness.records(tmp_path / "shared", "summary")
+    assert summary["micro_batches_per_rank"][0] == summary["micro_batches_per_rank"][1]
+    for epoch in harness.records(tmp_path / "shared", "val"):
+        assert epoch["audit/missing_samples"] == 0
+
+
+def test_more_processes_than_gpus_is_refused(digits_root, tmp_path):
+    n = torch.cuda.device_count() + 1
+    out = torchrun_train(on_gpu(digits_root, tmp_path, "many"), nproc=n)
+    assert f"{n} processes on this node but {n - 1} GPU(s) visible" in out.stderr
+
+
+def test_prefetch_on_a_side_stream_hands_over_the_right_batches():
+    from ddp.data.batch import Batch
+    from ddp.data.device import InputPipeline, Prefetcher
+
+    host = [
+        Batch(torch.randint(0, 256, (64, 8, 8, 3), dtype=torch.uint8), torch.arange(64),
+              torch.ones(64, dtype=torch.bool), torch.arange(64)).pin_memory()
+        for _ in range(5)
+    ]  # fmt: skip
+    pipeline = InputPipeline(torch.device("cuda"), mean=[0.5] * 3, std=[0.25] * 3)
+    for fetched, batch in zip(Prefetcher(iter(host), pipeline), host, strict=True):
+        expected = pipeline(batch).inputs
+        torch.cuda.synchronize()
+        assert torch.equal(fetched.inputs, expected)

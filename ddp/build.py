@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp import checkpoint
 from ddp.config import Config, ConfigError, WandbConfig
 from ddp.data.batch import LoaderOptions, TrainBatches
 from ddp.data.device import InputPipeline
@@ -21,6 +22,7 @@ from ddp.data.streaming import build_stream_loader
 from ddp.dist.group import DistEnv
 from ddp.plan import BatchPlan
 from ddp.plateau import PlateauTracker
+from ddp.run_dir import run_label
 from ddp.schedule import LRSchedule, scaled_lr
 from ddp.state import Training
 from ddp.step import skips_on_device
@@ -71,7 +73,11 @@ def build_training(
 ) -> tuple[Training, LRSchedule]:
     """Model, optimizer, grad scaler and plateau tracker (no DDP yet: that needs the
     process group), and the learning-rate schedule."""
+    if config.trainer.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("trainer.precision=fp16 needs a CUDA device (its grad scaler); use bf16")
     model = build_model(config, device)
+    if config.trainer.init_from:  # fine-tuning (a resume then restores its own weights)
+        start_from(model, Path(config.trainer.init_from))
     s = config.schedule
     peak = scaled_lr(config.optim["lr"], plan.global_size, s.base_global_size, s.lr_scaling)
     optimizer = build(config.optim, "optim", params=model.parameters(), lr=peak)
@@ -81,6 +87,12 @@ def build_training(
     scaler = torch.amp.GradScaler(device.type, enabled=config.trainer.precision == "fp16")
     training = Training(model, model, optimizer, scaler, PlateauTracker(config.plateau))
     return training, schedule
+
+
+def start_from(model: torch.nn.Module, path: Path) -> None:
+    """The weights of a trained run (not its optimizer or position) into `model`."""
+    ckpt = checkpoint.find(path)
+    checkpoint.load_weights(model, checkpoint.load(ckpt)["model"], f"trainer.init_from={ckpt}")
 
 
 def wrap_ddp(
@@ -148,6 +160,7 @@ def loader_options(config: Config, device: torch.device) -> LoaderOptions:
         input_key=d.input_key,
         target_key=d.target_key,
         num_classes=config.model.get("num_classes"),
+        classes=config.data.classes,
         in_memory_max_mb=d.in_memory_max_mb,
         device=device if d.on_device and device.type == "cuda" else None,
     )
@@ -174,9 +187,9 @@ def build_loaders(
     return train, val
 
 
-def wandb_config(config: Config, sweep_dir: Path | None, overrides: str) -> WandbConfig:
-    """Group = the Hydra sweep; name = the experiment and its overrides (unless set)."""
+def wandb_config(config: Config, sweep_dir: Path | None, overrides: list[str]) -> WandbConfig:
+    """Group = the Hydra sweep; name = the experiment and what its overrides change
+    (unless set): `digits-batch.global_size=128,model=mlp`, no paths."""
     w = config.logger.wandb
     group = w.group or (sweep_dir.name if sweep_dir is not None else None)
-    name = w.name or config.experiment_name + (f"-{overrides}" if overrides else "")
-    return replace(w, group=group, name=name)
+    return replace(w, group=group, name=w.name or run_label(config.experiment_name, overrides))

@@ -171,6 +171,32 @@ def _first_sentence(exc: Exception) -> str:
     return text.split(". ", 1)[0] if text else type(exc).__name__
 
 
+def find(path: Path) -> Path:
+    """A checkpoint file as it is; a run directory's best.pt, else its last.pt."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    for name in ("best.pt", "last.pt"):
+        if (path / "checkpoints" / name).is_file():
+            return path / "checkpoints" / name
+    raise CheckpointError(f"{path}: neither a checkpoint nor a run directory with checkpoints/")
+
+
+def run_dir_of(ckpt: Path) -> Path | None:
+    """The run directory a checkpoint lives in (RUN/checkpoints/x.pt), if it does."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, Any], source: str) -> None:
+    """A checkpoint's weights into `model`, or CheckpointError naming the first mismatch."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        reason = " ".join(str(exc).split())  # torch lists mismatches over many lines
+        reason = reason if len(reason) <= 300 else reason[:297] + "..."
+        raise CheckpointError(f"{source}: its weights do not fit the model: {reason}") from exc
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():

@@ -41,7 +41,7 @@ def _hydra_entry(cfg: DictConfig) -> None:
     sweep_dir = Path(hc.sweep.dir) if hc.mode.name == "MULTIRUN" else None
     run_dir = Path(hc.runtime.output_dir)
     try:
-        code = train(to_config(cfg), run_dir, sweep_dir, hc.job.override_dirname)
+        code = train(to_config(cfg), run_dir, sweep_dir, list(hc.overrides.task))
     except BAD_INPUT as exc:
         if getattr(exc, "shown", True):
             print(f"error: {exc}", file=sys.stderr, flush=True)

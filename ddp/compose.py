@@ -66,6 +66,18 @@ def compose(overrides: list[str] = ()) -> Config:
         return to_config(hydra_compose("config", overrides=list(overrides)))
 
 
+def from_record(record: dict[str, Any], overrides: list[str] = ()) -> Config:
+    """The typed config a checkpoint was trained with (its resolved record), with
+    `key=value` overrides on top (e.g. data.root=... to evaluate on data moved since)."""
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(Config), record, OmegaConf.from_dotlist(list(overrides))
+        )
+    except OmegaConfBaseException as exc:
+        raise ConfigError(str(exc).strip().splitlines()[0]) from exc
+    return to_config(merged)
+
+
 def as_record(config: Config) -> dict[str, Any]:
     """The resolved config as plain containers (for checkpoints, W&B and metrics.jsonl)."""
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)

@@ -46,9 +46,14 @@ class DataConfig:
     on_error: str = MISSING
     """raise: a bad sample stops the job; skip: it is counted, logged and masked out."""
     input_key: str = MISSING
-    """Member extension holding the input (npy, png, jpg, ...)."""
+    """Member extension holding the input (npy, png, jpg, ...); `jpg;png;jpeg;webp`: the
+    first of these a sample has (webdataset's spelling)."""
     target_key: str = MISSING
-    """Member extension holding the integer label."""
+    """Member holding the label: an extension (`cls`), alternatives (`cls;txt`), or a
+    field of a JSON member (`json:label`, `json:meta.class`)."""
+    classes: list[str] | None = MISSING
+    """Class names in id order, for labels given as names; null: the manifest's
+    meta.classes (recorded by `ddp-shards prepare imagefolder`), if any."""
     urls: Any = MISSING
     """Streaming mode: shard URLs (list or brace pattern; pipe:, http(s), paths), read in
     order; null: the indexed splits under `root`."""
@@ -166,6 +171,10 @@ class TrainerConfig:
     require: continue, and refuse a directory without a checkpoint."""
     max_steps: int | None = MISSING
     """Stop after this many optimizer updates (for smoke tests and benchmarks)."""
+    init_from: str | None = MISSING
+    """Start a new run from these weights (a checkpoint file, or a run directory: its
+    best.pt, else last.pt): the model's weights only, not its optimizer or position.
+    Fine-tuning; ignored when the run directory has its own checkpoint to resume."""
     restart_epoch_on_plan_change: bool = MISSING
     """Resume a checkpoint whose global batch or data set differs, from the start of its epoch."""
     audit_samples: bool = MISSING

@@ -36,7 +36,7 @@ def parse(argv: list[str]) -> tuple[bool, int | None, int | None, list[str]]:
             print(USAGE)
             sys.exit(0)
         elif key in ("world_size", "num_samples"):
-            if not value.isdigit():
+            if not value.isdigit() or int(value) < 1:
                 raise ConfigError(f"{key}={value!r} must be a positive integer")
             if key == "world_size":
                 world_size = int(value)

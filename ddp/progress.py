@@ -11,10 +11,14 @@ from ddp.plateau import PlateauTracker
 
 
 class Progress:
-    """A tqdm bar per epoch on the main rank; silent elsewhere."""
+    """A tqdm bar per epoch on the main rank (with trainer.progress, when stderr is a
+    terminal), and its one-line messages; silent elsewhere."""
 
-    def __init__(self, enabled: bool, iterations_per_epoch: int, global_size: int) -> None:
+    def __init__(
+        self, enabled: bool, iterations_per_epoch: int, global_size: int, bar: bool = True
+    ) -> None:
         self.enabled = enabled
+        self.bar = bar
         self.iterations = iterations_per_epoch
         self.global_size = global_size
         self._bar: tqdm | None = None
@@ -22,7 +26,7 @@ class Progress:
         self._steps = 0
 
     def start_epoch(self, epoch: int, first_step: int) -> None:
-        if not self.enabled:
+        if not (self.enabled and self.bar):
             return
         self._bar = tqdm(
             total=self.iterations,
@@ -60,6 +64,16 @@ class Progress:
             print(f"error: {message}", file=sys.stderr, flush=True)
 
 
+def start_lines(plan, env, run_dir, resumed_from: str | None, pos) -> str:
+    """The plan, then where the run lives and whether it starts or continues."""
+    table = f"batch plan ({env.world_size} process(es), {env.device.type}):\n{plan.table()}"
+    if resumed_from:
+        where = f"continuing at epoch {pos.epoch} step {pos.step_in_epoch} from {resumed_from}"
+    else:
+        where = "new run"
+    return f"{table}\nrun directory: {run_dir} ({where})"
+
+
 def epoch_line(epoch: int, m: dict[str, float], plateau: PlateauTracker) -> str:
     best = "-" if plateau.best is None else f"{plateau.best:.4f} @ epoch {plateau.best_epoch}"
     return (
@@ -70,8 +84,8 @@ def epoch_line(epoch: int, m: dict[str, float], plateau: PlateauTracker) -> str:
 
 
 def final_line(stop_reason: str, plateau: PlateauTracker, global_step: int) -> str:
-    best = plateau.best if plateau.best is None else f"{plateau.best:.4f}"
-    return (
-        f"done ({stop_reason}) after {global_step} iterations; "
-        f"best {plateau.config.monitor}={best} at epoch {plateau.best_epoch}"
-    )
+    done = f"done ({stop_reason}) after {global_step} iterations; "
+    monitor, warmup = plateau.config.monitor, plateau.config.warmup_epochs
+    if plateau.best is None:  # no best.pt either
+        return done + f"no best {monitor} yet (the first {warmup} epochs are plateau.warmup_epochs)"
+    return done + f"best {monitor}={plateau.best:.4f} at epoch {plateau.best_epoch}"

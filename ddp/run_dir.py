@@ -46,12 +46,28 @@ OPERATIONAL_KEYS = (
 name a new run (a second attempt with more workers continues the first)."""
 
 
+WHERE_KEYS = ("data.root", "data.urls")
+"""Overrides that say where the data is: they define a run, but make poor labels."""
+
+
+def defining_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides that define what a run computes, sorted (`+`/`~` prefixes dropped)."""
+    return sorted(o.lstrip("+~") for o in overrides if not _operational(o))
+
+
+def run_label(experiment: str, overrides: Sequence[str]) -> str:
+    """A readable name for a run (W&B's): the experiment and what its overrides change,
+    without paths: `digits-batch.global_size=128,model=mlp`."""
+    shown = [o for o in defining_overrides(overrides) if not o.startswith(WHERE_KEYS)]
+    return experiment + (f"-{','.join(shown)}" if shown else "")
+
+
 def default_run_name(experiment: str = "default", overrides: Sequence[str] = ()) -> str:
     """slurm-<job>[_<task>] under SLURM; else `experiment`[-<hash of the defining overrides>]."""
     if job := os.environ.get("SLURM_JOB_ID"):
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
         return f"slurm-{job}" + (f"_{task}" if task else "")
-    defining = sorted(o.lstrip("+~") for o in overrides if not _operational(o))
+    defining = defining_overrides(overrides)
     if not defining:
         return experiment
     digest = hashlib.sha1("\n".join(defining).encode()).hexdigest()[:8]

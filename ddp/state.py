@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,10 @@ class Position:
 
     def next_epoch(self) -> None:
         self.epoch, self.step_in_epoch, self.epoch_sums = self.epoch + 1, 0, {}
+
+    def epochs(self, max_epochs: int | None) -> Iterable[int]:
+        """This epoch, the next, ... up to max_epochs (without end when the plateau decides)."""
+        return itertools.count(self.epoch) if max_epochs is None else range(self.epoch, max_epochs)
 
 
 class StopRequest:

@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -190,23 +191,40 @@ def skips_on_device(training: Training) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model, loader, env: DistEnv, autocast, move) -> dict[str, float]:
-    """Loss and accuracy over the whole validation set, reduced exactly across ranks."""
+def evaluate(
+    model, loader, env: DistEnv, autocast, move, num_classes: int | None = None
+) -> dict[str, Any]:
+    """Loss and accuracy over the whole split, reduced exactly across ranks (padding
+    excluded); with `num_classes`, also the confusion matrix (rows: true class)."""
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # loss, correct, samples
+    confusion = torch.zeros(
+        num_classes or 0, num_classes or 0, dtype=torch.int64, device=env.device
+    )
     for batch in loader:
         batch = move(batch)
         with autocast():
             logits = model(batch.inputs)
         valid = batch.valid  # masks, not boolean indexing: no host sync per batch
         losses = F.cross_entropy(logits.float(), batch.targets, reduction="none")
+        predicted = logits.argmax(dim=1)
         sums[0] += torch.where(valid, losses, 0.0).sum().double()
-        sums[1] += (logits.argmax(dim=1) == batch.targets).logical_and_(valid).sum().double()
+        sums[1] += (predicted == batch.targets).logical_and_(valid).sum().double()
         sums[2] += valid.sum().double()
+        if num_classes:
+            cells = (batch.targets * num_classes + predicted) * valid + (~valid) * num_classes**2
+            confusion += torch.bincount(cells, minlength=num_classes**2 + 1)[:-1].view_as(confusion)
     model.train()
     collectives.all_reduce_sum(sums, env)
     loss, correct, count = sums.tolist()
-    return {"val/loss": loss / count, "val/accuracy": correct / count, "val/samples": count}
+    metrics: dict[str, Any] = {
+        "val/loss": loss / count,
+        "val/accuracy": correct / count,
+        "val/samples": count,
+    }
+    if num_classes:
+        metrics["val/confusion"] = collectives.all_reduce_sum(confusion, env).cpu().tolist()
+    return metrics
 
 
 class SampleAudit:

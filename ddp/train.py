@@ -10,7 +10,6 @@ rank runs as `plan.accumulate` micro-batches of `plan.micro_size`.
 
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from ddp.dist.env import detect
 from ddp.dist.exit import ExitCode, retire
 from ddp.dist.group import init_distributed, pick_device, shutdown
 from ddp.plan import plan_for
-from ddp.progress import Progress, epoch_line, final_line
+from ddp.progress import Progress, epoch_line, final_line, start_lines
 from ddp.run_dir import check_writable
 from ddp.state import (
     Checkpointer,
@@ -49,7 +48,9 @@ from ddp.step import SampleAudit, Stepper, StepTotals, epoch_metrics, evaluate
 from ddp.tracking.tracker import Tracker
 
 
-def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, overrides: str = "") -> int:
+def train(
+    config: Config, run_dir: Path, sweep_dir: Path | None = None, overrides: list[str] = ()
+) -> int:
     # Everything that can be checked is checked before any process group exists and
     # before anything is written: a refused start leaves every file of a run as it was.
     launch = detect()
@@ -94,19 +95,16 @@ def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, override
     auditable = config.trainer.audit_samples and train_loader.indexed
     audit = SampleAudit(plan.num_samples if auditable else 0)
     plateau = training.plateau
-    progress = Progress(env.is_main, plan.iterations_per_epoch, plan.global_size)
-    progress.print(f"batch plan ({env.world_size} process(es), {device.type}):\n{plan.table()}")
-    if resumed:
-        where = f"epoch {pos.epoch} step {pos.step_in_epoch}"
-        progress.print(f"run directory: {run_dir} (continuing at {where} from {resumed['path']})")
-    else:
-        progress.print(f"run directory: {run_dir} (new run)")
+    progress = Progress(
+        env.is_main, plan.iterations_per_epoch, plan.global_size, config.trainer.progress
+    )
+    progress.print(start_lines(plan, env, run_dir, resumed and resumed["path"], pos))
     tracker.ready()  # a W&B that failed to start stops us here, before training
 
     reason: str | None = None
     t = config.trainer
     training.ddp_model.train()
-    for epoch in epochs_from(pos.epoch, t.max_epochs):
+    for epoch in pos.epochs(t.max_epochs):
         progress.start_epoch(epoch, pos.step_in_epoch)
         t0, first_step = time.perf_counter(), pos.step_in_epoch
         batches = Prefetcher(train_loader.epoch(epoch, pos.step_in_epoch), pipeline)
@@ -199,11 +197,6 @@ EXIT_CODES = {
 def io_failure(tracker: Tracker, checkpoints: Checkpointer) -> str | None:
     """What this rank could not write (metrics.jsonl or a checkpoint), if anything."""
     return tracker.failure or checkpoints.failure
-
-
-def epochs_from(first: int, max_epochs: int | None):
-    """first, first + 1, ... up to max_epochs (without end when the plateau decides)."""
-    return itertools.count(first) if max_epochs is None else range(first, max_epochs)
 
 
 def book(

@@ -72,9 +72,13 @@ def run_copy(finished: Path, tmp_path: Path) -> Path:
 
 
 def again(digits_root: Path, run_dir: Path, *extra: str, nproc: int = 0):
-    """The finished run's command again (in `run_dir`), with `extra` overrides."""
+    """The finished run's command again (in `run_dir`), with `extra` overrides: plain
+    python, or `python -m ddp.launch` (torchrun passing the workers' exit code on)."""
     overrides = smoke_overrides(digits_root, run_dir.parent, run_dir.name, *extra)
-    return harness.train(overrides, nproc=nproc, timeout=120)
+    if nproc == 0:
+        return harness.train(overrides, nproc=0, timeout=120)
+    launch = [sys.executable, "-m", "ddp.launch", "--standalone", f"--nproc-per-node={nproc}"]
+    return harness.run([*launch, "-m", "ddp.train", *overrides], timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -132,9 +136,10 @@ def test_a_bad_target_leaves_no_stub_directory(digits_root, tmp_path):
 
 def test_refusals_under_torchrun_exit_2_with_one_line(digits_root, run_copy):
     before = snapshot(run_copy)
-    out = again(digits_root, run_copy, "optim=sgd", nproc=2)
-    assert "exitcode  : 2" in out.stderr  # torchrun's own report: the workers' code
+    out = harness.train(smoke_overrides(digits_root, run_copy.parent, "done", "optim=sgd"))
+    assert out.returncode == 1 and "exitcode  : 2" in out.stderr  # plain torchrun: always 1
     assert len(set(error_lines(out))) == 1
+    assert_refused(again(digits_root, run_copy, "optim=sgd", nproc=2), "optimizer")  # ddp.launch
     assert snapshot(run_copy) == before
 
 
@@ -189,6 +194,7 @@ def test_a_killed_holder_leaves_no_stale_lock(digits_root, run_copy):
 def test_running_the_same_command_again_continues_the_run(digits_root, tmp_path):
     """No run.name: the directory comes from the experiment and the overrides."""
     overrides = ["experiment=smoke", f"data.root={digits_root}", f"run.root={tmp_path}"]
+    overrides.append("trainer.log_every_steps=1")  # how it runs, not what: the same name
     first = harness.train([*overrides, "trainer.max_steps=5"], nproc=0)
     assert first.returncode == 0, first.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()

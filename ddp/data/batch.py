@@ -112,9 +112,12 @@ class LoaderOptions:
     on_error: Literal["raise", "skip"] = "raise"
     """raise: stop with a DataError. skip: mark the sample valid=False and count it."""
     input_key: str = "npy"
-    """Member extension holding the input (npy, png, jpg, ...)."""
+    """Member extension holding the input (npy, png, jpg, ...); `jpg;png`: the first present."""
     target_key: str = "cls"
-    """Member extension holding the integer label."""
+    """Member holding the label: an extension (`cls`), alternatives (`cls;txt`), or a
+    JSON member's field (`json:label`); see ddp.data.samples.LabelKey."""
+    classes: list[str] | None = None
+    """Class names, in id order, for labels given as names (else the manifest's)."""
     num_classes: int | None = None
     """Labels must lie in [0, num_classes): one outside is bad data (raise or skip)."""
     in_memory_max_mb: float = 256.0

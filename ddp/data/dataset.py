@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -19,9 +20,9 @@ from torch.utils.data import Dataset
 
 from ddp.data.batch import Batch, Transform, make_batch
 from ddp.data.samples import (
-    check_shape,
+    LabelKey,
+    alternatives,
     decode_input,
-    decode_target,
     describe,
     gather_npy,
     parse_labels,
@@ -50,11 +51,15 @@ class ShardDataset(Dataset):
         on_error: Literal["raise", "skip"] = "raise",
         manifest: Manifest | None = None,
         num_classes: int | None = None,
+        classes: Sequence[str] | None = None,
     ):
         self.split_dir = Path(split_dir)
         manifest = manifest if manifest is not None else read_manifest(self.split_dir)
         self.index = SplitIndex.from_manifest(manifest)
         self.input_key, self.target_key = input_key, target_key
+        self.input_exts = alternatives(input_key)
+        """Member extensions that may hold the input, first present wins (`jpg;png`)."""
+        self.labels = LabelKey.parse(target_key, classes or manifest.meta.get("classes"))
         self.transform = transform
         self.on_error = on_error
         self.num_classes = num_classes
@@ -74,12 +79,30 @@ class ShardDataset(Dataset):
         return self.split_dir / self.index.shard_names[shard_id]
 
     def _check_columns(self) -> None:
-        for key in (self.input_key, self.target_key):
-            if key not in self.index.offsets:
+        """Every sample has an input member and a label member (of one of the extensions
+        named): found now, naming the first sample without, not mid-epoch."""
+        all_samples = np.arange(len(self))
+        for key, exts in ((self.input_key, self.input_exts), (self.target_key, self.labels.exts)):
+            _, _, present = self._choose(all_samples, exts)
+            if not present.all():
+                first = int(np.flatnonzero(~present)[0])
                 found = ", ".join(self.index.offsets) or "none"
                 raise DataError(
-                    f"{self.split_dir}: no sample has a .{key} member (extensions: {found})"
+                    f"{self._shard_path(int(self.index.shard_of[first]))}: key "
+                    f"{self.index.keys[first]} has no .{' or .'.join(exts)} member (data: "
+                    f"{key!r}; the split's extensions: {found})"
                 )
+
+    def _choose(
+        self, indices: np.ndarray, exts: Sequence[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per sample: which of `exts` holds the member (the first present), its offset,
+        and whether there is one at all."""
+        missing = np.full(len(indices), -1, dtype=np.int64)
+        offsets = np.stack([self.index.offsets.get(ext, missing)[indices] for ext in exts])
+        present = offsets >= 0
+        which = present.argmax(axis=0)
+        return which, offsets[which, np.arange(len(indices))], present.any(axis=0)
 
     def _check_size(self, shard_id: int, path: Path, size: int | None = None) -> None:
         expected = self.index.shard_sizes[shard_id]
@@ -114,15 +137,17 @@ class ShardDataset(Dataset):
         """The tar headers of the shard's first and last samples name the keys the
         manifest says: catches a shard replaced by another of the same size."""
         samples = np.flatnonzero(self.index.shard_of == shard_id)
-        offsets = self.index.offsets[self.input_key]
-        checked = [int(i) for i in samples[[0, -1]] if offsets[i] >= 512] if len(samples) else []
-        if not checked:
+        if not len(samples):
             return
+        ends = samples[[0, -1]]
+        which, offsets, _ = self._choose(ends, self.input_exts)
+        checked = zip(ends.tolist(), which.tolist(), offsets.tolist(), strict=True)
         with open(path, "rb") as f:
-            for index in checked:
-                offset = int(offsets[index])
+            for index, ext, offset in checked:
+                if offset < 512:
+                    continue
                 found = member_name(os.pread(f.fileno(), 512, offset - 512))
-                expected = f"{self.index.keys[index]}.{self.input_key}"
+                expected = f"{self.index.keys[index]}.{self.input_exts[ext]}"
                 if found != expected and not (len(found) >= 99 and expected.startswith(found)):
                     raise DataError(
                         f"{path}: the member at byte {offset:,} is {found!r} but the manifest "
@@ -142,16 +167,21 @@ class ShardDataset(Dataset):
         size = int(self.index.sizes[ext][index])
         return self._buffer(int(self.index.shard_of[index]))[offset : offset + size]
 
-    def _members(self, indices: np.ndarray, ext: str) -> list[memoryview] | None:
-        """Views of one member per sample (None if some sample lacks it): slicing
-        memoryviews of the maps is the cheapest per-sample step there is."""
-        offsets = self.index.offsets[ext][indices]
-        if len(indices) == 0 or offsets.min() < 0:
-            return None
-        ends = (offsets + self.index.sizes[ext][indices]).tolist()
+    def _members(
+        self, indices: np.ndarray, exts: Sequence[str]
+    ) -> tuple[list[memoryview], list[str]]:
+        """Views of one member per sample (empty views where a sample has none of `exts`)
+        and each one's extension: slicing memoryviews of the maps is the cheapest
+        per-sample step there is."""
+        which, offsets, present = self._choose(indices, exts)
+        sizes = np.stack([self.index.sizes.get(ext, offsets)[indices] for ext in exts])
+        sizes = np.where(present, sizes[which, np.arange(len(indices))], 0)
+        offsets = np.where(present, offsets, 0)
+        ends = (offsets + sizes).tolist()
         shards = self.index.shard_of[indices].tolist()
         buffers = {shard: self._buffer(shard) for shard in set(shards)}
-        return [buffers[s][o:e] for s, o, e in zip(shards, offsets.tolist(), ends, strict=True)]
+        views = [buffers[s][o:e] for s, o, e in zip(shards, offsets.tolist(), ends, strict=True)]
+        return views, [exts[w] for w in which.tolist()]
 
     def _error(self, index: int, message: str) -> DataError:
         path = self._shard_path(int(self.index.shard_of[index]))
@@ -195,18 +225,17 @@ class ShardDataset(Dataset):
 
     def _decode_targets(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ok = np.ones(len(indices), dtype=bool)
-        if self.target_key in LABEL_EXTS:
-            members = self._members(indices, self.target_key)
-            fast = parse_labels(members, len(indices)) if members is not None else None
+        members, exts = self._members(indices, self.labels.exts)
+        if self.labels.plain and self.labels.exts[0] in LABEL_EXTS and len(indices):
+            fast = parse_labels(members, len(indices))
             if fast is not None and self._in_range(fast):
                 return fast, ok
         targets = np.zeros(len(indices), dtype=np.int64)
-        for i, index in enumerate(indices):
+        for i, (index, member, ext) in enumerate(zip(indices, members, exts, strict=True)):
             try:
-                raw = self.raw(index, self.target_key)
-                targets[i] = decode_target(self.target_key, raw, self.num_classes)
+                targets[i] = self.labels.decode(ext, member, self.num_classes)
             except Exception as err:  # noqa: BLE001 - any decode failure is bad data
-                self._fail(int(index), f"undecodable .{self.target_key}: {describe(err)}")
+                self._fail(int(index), f"undecodable .{ext}: {describe(err)}")
                 ok[i] = False
         return targets, ok
 
@@ -215,23 +244,38 @@ class ShardDataset(Dataset):
         return n is None or len(labels) == 0 or (labels.min() >= 0 and labels.max() < n)
 
     def _decode_inputs(self, indices: np.ndarray) -> tuple[np.ndarray | list, np.ndarray]:
-        if self.input_key == "npy":
-            members = self._members(indices, "npy")
-            fast = gather_npy(members) if members is not None else None
+        members, exts = self._members(indices, self.input_exts)
+        if all(ext == "npy" for ext in exts):
+            fast = gather_npy(members)
             if fast is not None:
                 return fast, np.ones(len(indices), dtype=bool)
         arrays: list[np.ndarray | None] = []
         ok = np.ones(len(indices), dtype=bool)
-        for i, index in enumerate(indices):
+        for i, (index, member, ext) in enumerate(zip(indices, members, exts, strict=True)):
             try:
-                array = decode_input(self.input_key, self.raw(index, self.input_key))
-                first = next((a for a in arrays if a is not None), None)
-                arrays.append(check_shape(array, first))
+                arrays.append(decode_input(ext, member))
             except Exception as err:  # noqa: BLE001 - any decode failure is bad data
-                self._fail(int(index), f"undecodable .{self.input_key}: {describe(err)}")
+                self._fail(int(index), f"undecodable .{ext}: {describe(err)}")
                 arrays.append(None)
                 ok[i] = False
+        self._check_shapes(indices, arrays, ok)
         return arrays, ok
+
+    def _check_shapes(self, indices: np.ndarray, arrays: list, ok: np.ndarray) -> None:
+        """Samples whose shape is not the batch's most common one are bad data, named
+        (not the majority: a batch of 63 good 8x8 images and one 9x9 names the 9x9)."""
+        shapes = Counter(a.shape for a in arrays if a is not None)
+        if len(shapes) <= 1:
+            return
+        common = shapes.most_common(1)[0][0]
+        for i, array in enumerate(arrays):
+            if array is not None and array.shape != common:
+                self._fail(
+                    int(indices[i]),
+                    f"shape {array.shape} differs from the batch's {common} (images of "
+                    "mixed sizes need data.augment or a resizing data.transform)",
+                )
+                arrays[i], ok[i] = None, False
 
     def _replace_bad(
         self, inputs: np.ndarray | list, targets: np.ndarray, ok: np.ndarray
@@ -254,7 +298,8 @@ class ShardDataset(Dataset):
         if self._template is None:
             for index in range(len(self)):
                 try:
-                    self._template = decode_input(self.input_key, self.raw(index, self.input_key))
+                    (member,), (ext,) = self._members(np.array([index]), self.input_exts)
+                    self._template = decode_input(ext, member)
                     break
                 except Exception:  # noqa: BLE001, S112 - looking for any decodable sample
                     continue

@@ -226,6 +226,7 @@ def open_dataset(
         options.on_error,
         manifest,
         options.num_classes,
+        options.classes,
     )
 
 

@@ -7,7 +7,9 @@ over a whole micro-batch, the shape check, and error messages that name the samp
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,8 +29,61 @@ def decode_input(ext: str, data: Member) -> np.ndarray:
     return np.asarray(decode_member(ext, bytes(data)))
 
 
-def decode_target(ext: str, data: Member, num_classes: int | None = None) -> int:
-    return check_label(int(decode_member(ext, bytes(data))), num_classes)
+def alternatives(key: str) -> tuple[str, ...]:
+    """webdataset's spelling of "any of these members": `jpg;png;jpeg` (first present wins)."""
+    exts = tuple(part.strip() for part in key.split(";") if part.strip())
+    if not exts:
+        raise ValueError(f"{key!r} names no member extension")
+    return exts
+
+
+@dataclass(frozen=True)
+class LabelKey:
+    """Where a sample's class label is and how to read it.
+
+    `cls` (an integer member), `cls;txt` (the first present), `json:label` (a field of a
+    JSON member; dots reach into nested objects: `json:meta.class`). A label that is a
+    class name is mapped to its position in `classes` (data.classes, or the manifest's
+    meta.classes that `ddp-shards prepare imagefolder` records).
+    """
+
+    exts: tuple[str, ...]
+    field: str | None = None
+    classes: tuple[str, ...] | None = None
+
+    @classmethod
+    def parse(cls, key: str, classes: Sequence[str] | None = None) -> LabelKey:
+        member, _, field = key.partition(":")
+        return cls(alternatives(member), field or None, tuple(classes) if classes else None)
+
+    @property
+    def plain(self) -> bool:
+        """An integer member read as it is (the batch fast path and index label ranges)."""
+        return self.field is None and self.classes is None and len(self.exts) == 1
+
+    def decode(self, ext: str, data: Member, num_classes: int | None = None) -> int:
+        raw = bytes(data)
+        value = json.loads(raw) if ext.rsplit(".", 1)[-1] == "json" else raw.decode().strip()
+        if self.field is not None:
+            for part in self.field.split("."):
+                if not isinstance(value, dict) or part not in value:
+                    raise LookupError(f"the .{ext} member has no field {self.field!r}")
+                value = value[part]
+        return check_label(self._as_int(value), num_classes)
+
+    def _as_int(self, value) -> int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(f"label {value!r} is neither an integer nor a class name")
+        if isinstance(value, int) or value.lstrip("-").isdigit():
+            return int(value)
+        if self.classes is None:
+            raise ValueError(
+                f"label {value!r} is a class name, but no class list maps it to an id "
+                "(set data.classes)"
+            )
+        if value not in self.classes:
+            raise ValueError(f"label {value!r} is not one of the {len(self.classes)} classes")
+        return self.classes.index(value)
 
 
 def check_label(label: int, num_classes: int | None) -> int:

@@ -40,7 +40,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ddp.data.batch import Batch, LoaderOptions, Transform, make_batch
 from ddp.data.loaders import micro_batch_loader, stop_workers
-from ddp.data.samples import check_shape, decode_input, decode_target
+from ddp.data.samples import LabelKey, alternatives, check_shape, decode_input
 from ddp.data.splits import StreamIndex, StreamShards, open_stream
 from ddp.order import check_start_step, epoch_order
 from ddp.plan import BatchPlan
@@ -136,13 +136,13 @@ def _read_shard(url: str, keys: list[str] | None, start: int) -> Iterator[_Raw]:
             members[parts[1]] = data
         if key is not None:
             yield _sample(url, key, members, keys, start, position)
-        reason, stream = _close(stream), None
+        reason, stream = _close(stream, url), None
         if reason:  # a pipe that failed after (or instead of) writing a tar
             raise DataError(f"{url}: unreadable shard ({reason})")
     except FileNotFoundError as err:
         raise DataError(f"{url}: shard missing") from err
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-        reason = _close(stream) or f"{type(err).__name__}: {err}"
+        reason = _close(stream, url) or f"{type(err).__name__}: {err}"
         stream = None
         raise DataError(f"{url}: unreadable shard ({reason})") from err
     finally:
@@ -152,7 +152,15 @@ def _read_shard(url: str, keys: list[str] | None, start: int) -> Iterator[_Raw]:
                 stream.close()
 
 
-def _close(stream: Any) -> str | None:
+class Interrupted(DataError):
+    """A pipe killed by a signal: the job is being stopped (a launcher ends every process
+    group after another rank failed), not a bad shard. Said by nobody: the rank that
+    failed first has said why."""
+
+    shown = False
+
+
+def _close(stream: Any, url: str) -> str | None:
     """Close a gopen stream; a pipe's bad exit status, as a reason, or None."""
     if stream is None:
         return None
@@ -160,6 +168,8 @@ def _close(stream: Any) -> str | None:
         stream.close()
     except Exception as err:  # noqa: BLE001 - webdataset's Pipe raises a bare IOError
         status = getattr(stream, "status", None)
+        if isinstance(status, int) and status < 0:
+            raise Interrupted(f"{url}: the command was killed by signal {-status}") from err
         return f"the command exited with status {status}" if status is not None else f"{err}"
     return None
 
@@ -212,6 +222,7 @@ class _Item:
     resume) read on the stream's first pass."""
     repeats: int = 0
     error: str | None = None
+    interrupted: bool = False
 
     def pin_memory(self, device: Any = None) -> _Item:
         """Called by DataLoader's pin-memory thread (pin_memory=True)."""
@@ -238,6 +249,8 @@ class _StreamDataset(IterableDataset):
         self.rank, self.seed, self.options = rank, seed, options
         self.shuffle_buffer, self.transform = shuffle_buffer, transform
         self.workers = max(1, options.num_workers)
+        self._input_exts = alternatives(options.input_key)
+        self._labels = LabelKey.parse(options.target_key, options.classes)
         self.state = torch.zeros(2, dtype=torch.int64).share_memory_()
         """[epoch, start_step] of the epoch being read."""
 
@@ -256,7 +269,7 @@ class _StreamDataset(IterableDataset):
         try:
             yield from self._items(epoch, start_step, worker)
         except DataError as err:
-            yield _Item(-1, None, error=str(err))
+            yield _Item(-1, None, error=str(err), interrupted=isinstance(err, Interrupted))
 
     def _items(self, epoch: int, start_step: int, worker: int) -> Iterator[_Item]:
         first = start_step * self.plan.accumulate
@@ -343,14 +356,18 @@ class _StreamDataset(IterableDataset):
 
     def _decode(self, sample: _Raw, like: np.ndarray | None) -> tuple[np.ndarray, int] | None:
         """(input, label), or None for a bad sample when on_error="skip"."""
-        input_key, target_key = self.options.input_key, self.options.target_key
         try:
-            for ext in (input_key, target_key):
-                if ext not in sample.members:
-                    found = ", ".join(sorted(sample.members)) or "none"
-                    raise LookupError(f"no .{ext} member (members: {found})")
-            array = check_shape(decode_input(input_key, sample.members[input_key]), like)
-            label = decode_target(target_key, sample.members[target_key], self.options.num_classes)
+            found = []
+            for exts in (self._input_exts, self._labels.exts):
+                ext = next((e for e in exts if e in sample.members), None)
+                if ext is None:
+                    present = ", ".join(sorted(sample.members)) or "none"
+                    raise LookupError(f"no .{' or .'.join(exts)} member (members: {present})")
+                found.append(ext)
+            array = check_shape(decode_input(found[0], sample.members[found[0]]), like)
+            label = self._labels.decode(
+                found[1], sample.members[found[1]], self.options.num_classes
+            )
         except Exception as err:  # noqa: BLE001 - any decode failure is bad data
             if self.options.on_error == "raise":
                 kind = "" if isinstance(err, LookupError) else f"{type(err).__name__}: "
@@ -410,7 +427,7 @@ class StreamLoader:
         for item in self._loader:
             if item.error is not None:
                 stop_workers(self._loader)
-                raise DataError(item.error)
+                raise (Interrupted if item.interrupted else DataError)(item.error)
             self.samples_read += item.fresh
             self.repeats += item.repeats
             waiting[item.position] = item.batch

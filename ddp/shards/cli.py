@@ -7,6 +7,7 @@ data, bad arguments), each with one line naming the culprit.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = commands.add_parser("index", help="write manifest.json for existing *.tar shards")
     index.add_argument("dir", type=Path)
+    index.add_argument(
+        "--decompress",
+        action="store_true",
+        help="first write x.tar beside each x.tar.gz / .tgz / .tar.bz2 / .tar.xz",
+    )
 
     verify = commands.add_parser("verify", help="checksums, counts, decodability")
     verify.add_argument("dir", type=Path)
@@ -82,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("--seed", type=int, default=0)
     order.add_argument("--steps", type=_steps, default=(None, None), help="a:b, steps [a, b)")
     order.add_argument("--drop-last", action="store_true")
+    order.add_argument(
+        "--member",
+        metavar="EXT",
+        help="also print this text member of each sample (e.g. source: the file it came from)",
+    )
     return parser
 
 
@@ -117,7 +128,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    print(_summary(str(args.dir), index_split(args.dir)))
+    print(_summary(str(args.dir), index_split(args.dir, decompress_first=args.decompress)))
     return 0
 
 
@@ -140,15 +151,39 @@ def cmd_order(args: argparse.Namespace) -> int:
     lo, hi = args.steps
     lo = 0 if lo is None else lo
     hi = plan.iterations_per_epoch if hi is None else min(hi, plan.iterations_per_epoch)
+    member = _member_reader(args.dir, manifest, args.member) if args.member else None
     lines = []
     for micro in rank_micro_batches(plan, args.seed, args.epoch, args.rank, start_step=lo):
         if micro.step >= hi:
             break
         for index, padded in zip(micro.indices.tolist(), micro.padded.tolist(), strict=True):
-            lines.append(f"{keys[index]}\tpadded" if padded else keys[index])
+            line = keys[index] + (f"\t{member(index)}" if member else "")
+            lines.append(f"{line}\tpadded" if padded else line)
     if lines:
         print("\n".join(lines))
     return 0
+
+
+def _member_reader(split_dir: Path, manifest: Manifest, ext: str):
+    """index -> the text of that sample's `ext` member ("-" where it has none)."""
+    if ext not in manifest.extensions:
+        raise DataError(f"{split_dir}: no sample has a .{ext} member")
+    spans = []  # (shard, offset, size) per sample index
+    for shard in manifest.shards:
+        absent = {"offsets": [-1] * shard.num_samples, "sizes": [0] * shard.num_samples}
+        column = shard.members.get(ext, absent)
+        spans += [
+            (shard.name, o, n) for o, n in zip(column["offsets"], column["sizes"], strict=True)
+        ]
+
+    def read(index: int) -> str:
+        name, offset, size = spans[index]
+        if offset < 0:
+            return "-"
+        with open(split_dir / name, "rb") as f:
+            return os.pread(f.fileno(), size, offset).decode("utf-8", "replace").strip()
+
+    return read
 
 
 COMMANDS = {"prepare": cmd_prepare, "index": cmd_index, "verify": cmd_verify, "order": cmd_order}
@@ -158,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # `ddp-shards order ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (DataError, PlanError, ValueError, OSError) as err:
         print(f"ddp-shards {args.command}: error: {err}", file=sys.stderr)
         return BAD_INPUT

@@ -7,8 +7,12 @@ tarfile module seeks over member data.
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
+import lzma
 import os
+import shutil
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +22,8 @@ from ddp.shards.manifest import DataError, Manifest, ShardInfo, read_manifest, w
 from ddp.shards.tar import split_member_name
 
 SHARD_GLOB = "*.tar"
+COMPRESSED = {".gz": gzip.open, ".tgz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+"""Compressed tars: streamable, not seekable; `decompress` writes the plain tar beside."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -108,16 +114,60 @@ def find_shards(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.glob(SHARD_GLOB) if p.is_file())
 
 
+def find_compressed(split_dir: Path) -> list[Path]:
+    """Compressed tars (x.tar.gz, x.tgz, x.tar.bz2, x.tar.xz) without their plain tar."""
+    found = []
+    for path in sorted(p for p in split_dir.iterdir() if p.suffix in COMPRESSED):
+        if (path.name.endswith(".tgz") or path.stem.endswith(".tar")) and not plain(path).exists():
+            found.append(path)
+    return found
+
+
+def plain(path: Path) -> Path:
+    """x.tar.gz -> x.tar, x.tgz -> x.tar."""
+    return path.with_suffix(".tar") if path.suffix == ".tgz" else path.with_suffix("")
+
+
+def decompress(path: Path) -> Path:
+    """Write the plain tar beside a compressed one (atomically: a partial file is never
+    left under the final name) and return its path."""
+    target = plain(path)
+    partial = target.with_name(f".{target.name}.partial")
+    try:
+        with COMPRESSED[path.suffix](path, "rb") as src, open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(partial, target)
+    except (OSError, EOFError) as err:
+        partial.unlink(missing_ok=True)
+        raise DataError(f"{path}: cannot decompress: {err}") from err
+    return target
+
+
 def index_split(
     split_dir: str | os.PathLike,
     shards: Iterable[Path] | None = None,
     meta: dict | None = None,
     write: bool = True,
+    decompress_first: bool = False,
 ) -> Manifest:
-    """Build (and by default write) the manifest of a split directory's tars."""
+    """Build (and by default write) the manifest of a split directory's tars.
+
+    Compressed shards cannot be read by offset: they are refused with the command that
+    converts them, or (decompress_first) decompressed into plain tars beside them first.
+    """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise DataError(f"{split_dir}: no such directory")
+    compressed = find_compressed(split_dir) if shards is None else []
+    if compressed and not decompress_first:
+        names = ", ".join(p.name for p in compressed[:2]) + (", ..." if len(compressed) > 2 else "")
+        raise DataError(
+            f"{split_dir}: {len(compressed)} compressed shard(s) ({names}): the indexed loader "
+            f"seeks into plain tars; run `ddp-shards index {split_dir} --decompress` (writes "
+            "x.tar beside each), or stream them as they are with data.urls"
+        )
+    for path in compressed:
+        decompress(path)
     paths = list(shards) if shards is not None else find_shards(split_dir)
     if not paths:
         raise DataError(f"{split_dir}: no *.tar shards to index")

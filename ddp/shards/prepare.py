@@ -159,7 +159,8 @@ def find_images(src: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 def prepare_imagefolder(
     src: Path, out: Path, shard_size: int = 1000, seed: int = 0, val_fraction: float = 0.1
 ) -> dict[str, Manifest]:
-    """SRC/CLASS/*.jpg|png -> KEY.jpg|png (bytes as they are) + KEY.cls."""
+    """SRC/CLASS/*.jpg|png -> KEY.jpg|png (bytes as they are) + KEY.cls + KEY.source
+    (the file's path relative to SRC, so a sample can be traced back to its file)."""
     src = Path(src)
     if not src.is_dir():
         raise DataError(f"{src}: no such directory")
@@ -169,7 +170,9 @@ def prepare_imagefolder(
         for i in indices:
             path, label = files[i]
             ext = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-            yield f"img-{i:08d}", {ext: path.read_bytes(), "cls": str(label).encode()}
+            members = {ext: path.read_bytes(), "cls": str(label).encode()}
+            members["source"] = str(path.relative_to(src)).encode()
+            yield f"img-{i:08d}", members
 
     meta = {"source": str(src), "classes": classes, "num_classes": len(classes), "seed": seed}
     return _write_splits(Path(out), make, len(files), val_fraction, seed, shard_size, meta)

@@ -4,8 +4,11 @@ open-time checks (presence and size)."""
 from __future__ import annotations
 
 import os
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from ddp.shards.decode import decode_member
 from ddp.shards.index import find_shards, index_shard, sha256_file
@@ -23,12 +26,31 @@ def verify_split(split_dir: str | os.PathLike, decode: bool = True) -> list[str]
     for path in find_shards(split_dir):
         if path not in listed:
             problems.append(f"{path}: shard not in the manifest (re-run `ddp-shards index`)")
+    shapes: dict[str, list[tuple[Path, str, tuple]]] = defaultdict(list)
     for shard in manifest.shards:
-        problems.extend(_verify_shard(split_dir / shard.name, shard, decode))
+        problems.extend(_verify_shard(split_dir / shard.name, shard, decode, shapes))
+    problems.extend(_odd_shapes(shapes))
     return problems
 
 
-def _verify_shard(path: Path, shard: ShardInfo, decode: bool) -> list[str]:
+def _odd_shapes(shapes: dict[str, list[tuple[Path, str, tuple]]]) -> Iterator[str]:
+    """Arrays and images of one extension should share a shape (a batch stacks them):
+    the samples that differ from the split's most common shape, named."""
+    for ext, seen in shapes.items():
+        counts = Counter(shape for _, _, shape in seen)
+        if len(counts) < 2:
+            continue
+        common, many = counts.most_common(1)[0]
+        for path, key, shape in seen:
+            if shape != common:
+                yield (
+                    f"{path}: key {key}: .{ext} has shape {shape}, the split's is {common} "
+                    f"({many:,} of {len(seen):,} samples): batches need one shape (use "
+                    "data.augment, or a resizing data.transform)"
+                )
+
+
+def _verify_shard(path: Path, shard: ShardInfo, decode: bool, shapes: dict) -> list[str]:
     if not path.is_file():
         return [f"{path}: shard missing"]
     size = path.stat().st_size
@@ -50,11 +72,11 @@ def _verify_shard(path: Path, shard: ShardInfo, decode: bool) -> list[str]:
     elif actual.members != shard.members:
         problems.append(f"{path}: member offsets differ from the manifest (re-run index)")
     if decode and not problems:
-        problems.extend(_decode_errors(path, shard))
+        problems.extend(_decode_errors(path, shard, shapes))
     return problems
 
 
-def _decode_errors(path: Path, shard: ShardInfo) -> Iterator[str]:
+def _decode_errors(path: Path, shard: ShardInfo, shapes: dict) -> Iterator[str]:
     with open(path, "rb") as f:
         data = f.read()
     for i, key in enumerate(shard.keys):
@@ -63,6 +85,9 @@ def _decode_errors(path: Path, shard: ShardInfo) -> Iterator[str]:
             if offset < 0:
                 continue
             try:
-                decode_member(ext, data[offset : offset + size])
+                value = decode_member(ext, data[offset : offset + size])
             except Exception as err:  # noqa: BLE001 - any failure means undecodable
                 yield f"{path}: key {key}: .{ext} does not decode: {type(err).__name__}: {err}"
+                continue
+            if isinstance(value, np.ndarray):
+                shapes[ext].append((path, key, value.shape))

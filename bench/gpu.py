@@ -11,7 +11,8 @@ Three comparisons, each against a baseline run in the same call:
    GPU (converted there, as ddp does), no host sync but at the end. Variants of ours:
    the split held on the GPU (data.on_device, the default for a split that fits),
    the shard path with 8 DataLoader workers (pinned memory, side-stream prefetch),
-   channels-last, and (--compile) torch.compile.
+   channels-last, the step read at once (trainer.sync_every_step=true: what reading the
+   step's totals one step late buys), and (--compile) torch.compile.
 2. The CNN and the MLP of bench/overhead.py: ours vs a raw DDP loop vs Lightning, in
    overhead.py's CUDA mode (one process per GPU, nccl): steps/s ratios.
 3. The shard path with workers against the in-memory split (from 1.).
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "ours (split on the GPU)": [],
         "ours (shards, 8 workers)": ["data.in_memory_max_mb=0", "data.num_workers=8"],
         "ours (channels-last)": ["trainer.channels_last=true"],
+        "ours (synchronous step)": ["trainer.sync_every_step=true"],
     }
     if args.quick:
         variants["ours (shards, 8 workers)"] = ["data.in_memory_max_mb=0", "data.num_workers=2"]
@@ -344,10 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{model_name} shards+workers / in-memory": results[2].samples_per_s
         / results[1].samples_per_s,
         f"{model_name} channels-last / NCHW": results[3].samples_per_s / results[1].samples_per_s,
+        f"{model_name} late-read step / synchronous": results[1].samples_per_s
+        / results[4].samples_per_s,
     }
     if args.compile:
         ratios[f"{model_name} compiled / eager"] = (
-            results[4].samples_per_s / results[1].samples_per_s
+            results[5].samples_per_s / results[1].samples_per_s
         )
     if not args.no_overhead:
         ratios.update(run_overhead(work, args.quick))

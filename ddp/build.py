@@ -96,14 +96,18 @@ def start_from(model: torch.nn.Module, path: Path) -> None:
 
 
 def wrap_ddp(
-    training: Training, env: DistEnv, compile: bool = False, compile_mode: str | None = None
+    training: Training,
+    env: DistEnv,
+    compile: bool = False,
+    compile_mode: str | None = None,
+    compile_backend: str = "inductor",
 ) -> None:
     """The module that trains: the model, compiled if asked (torch.compile), in its DDP
     wrapper when there is a process group. Checkpoints keep using `training.model`, so
     they load with or without compilation."""
     module = training.model
     if compile:
-        module = torch.compile(module, mode=compile_mode)
+        module = torch.compile(module, mode=compile_mode, backend=compile_backend)
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         module = DDP(module, device_ids=device_ids)

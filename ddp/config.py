@@ -144,6 +144,8 @@ class TrainerConfig:
     weights: they load with or without it)."""
     compile_mode: str | None = MISSING
     """torch.compile's mode: null (default), reduce-overhead, max-autotune, ..."""
+    compile_backend: str = MISSING
+    """torch.compile's backend: inductor; eager or aot_eager to debug a compiled run."""
     backend: str = MISSING
     """auto (nccl on CUDA, gloo on CPU) | nccl | gloo. gloo with CUDA tensors lets
     several ranks share one GPU (NCCL refuses that)."""

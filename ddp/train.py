@@ -72,7 +72,8 @@ def train(
     ckpt_dir = run_dir / "checkpoints"
     if env.is_main and ckpt_dir.is_dir():
         checkpoint.remove_stale_temporaries(ckpt_dir)
-    wrap_ddp(training, env, config.trainer.compile, config.trainer.compile_mode)
+    t = config.trainer
+    wrap_ddp(training, env, t.compile, t.compile_mode, t.compile_backend)
     config_record = as_record(config)  # once: it costs tens of ms
     tracker = Tracker.start(  # W&B starts on a thread while the rest is set up
         run_dir,
@@ -102,7 +103,6 @@ def train(
     tracker.ready()  # a W&B that failed to start stops us here, before training
 
     reason: str | None = None
-    t = config.trainer
     training.ddp_model.train()
     for epoch in pos.epochs(t.max_epochs):
         progress.start_epoch(epoch, pos.step_in_epoch)

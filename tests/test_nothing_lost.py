@@ -389,3 +389,20 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_the_last_checkpoint(
         for line in (root / "x" / "metrics.jsonl").read_text().splitlines():
             json.loads(line)  # never a torn line
         filler.unlink()
+
+
+SECOND_CTRL_C = """
+import signal
+from ddp.state import StopRequest
+stop = StopRequest()
+signal.raise_signal(signal.SIGINT)
+print("asked to stop:", stop.interrupt, flush=True)
+signal.raise_signal(signal.SIGINT)
+print("still running", flush=True)
+"""
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    out = harness.run([sys.executable, "-c", SECOND_CTRL_C], timeout=60)
+    assert "asked to stop: True" in out.stdout  # the first: stop at the next step boundary
+    assert out.returncode == -signal.SIGINT and "still running" not in out.stdout

@@ -137,3 +137,21 @@ def test_a_nan_on_one_rank_read_late_never_reaches_the_weights(digits_root, nan_
     last = tmp_path / "nan" / "checkpoints" / "last.pt"
     if last.exists():
         assert not checkpoint.has_nonfinite(checkpoint.load(last)["model"])
+
+
+@pytest.mark.slow
+def test_checkpoints_of_a_compiled_run_load_without_compilation(digits_root, tmp_path):
+    """torch.compile wraps the model; checkpoints keep the plain module's weights. (The
+    eager backend exercises the same wrapping as inductor, without its compile time.)"""
+    compiled = smoke_overrides(
+        digits_root, tmp_path, "run", "trainer.compile=true", "trainer.compile_backend=eager",
+        "trainer.max_steps=5",
+    )  # fmt: skip
+    out = harness.train(compiled, nproc=0)
+    assert out.returncode == 0, out.stderr[-3000:]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod") for k in state["model"])
+    plain = harness.train(
+        smoke_overrides(digits_root, tmp_path, "run", "trainer.max_steps=8"), nproc=0
+    )
+    assert plain.returncode == 0 and "(continuing at epoch 0 step 5" in plain.stdout

@@ -52,9 +52,12 @@ def _rank_main(func, args, rank: int, world_size: int, port: int, backend: str, 
         LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
     )
+    import torch
+
     from ddp import dist
+
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 does for a torchrun worker
 
     code = 1
     try:

@@ -120,6 +120,7 @@ class Running:
         deadline = time.monotonic() + timeout
         while not path.exists():
             if self.poll() is not None or time.monotonic() > deadline:
+                self.kill()
                 out = self.finish(timeout=30)
                 raise AssertionError(f"{path} never appeared:\n{out.stdout[-2000:]}{out.stderr}")
             self.descendants()
@@ -140,7 +141,7 @@ class Running:
                     self.descendants()
                     if time.monotonic() > deadline:
                         self.kill()
-                        out, err = self.popen.communicate(timeout=30)
+                        out, err = self._rest_of_output()
                         raise AssertionError(
                             f"timed out after {timeout}s: {' '.join(self.args)}\n{out}\n{err}"
                         ) from None
@@ -148,6 +149,12 @@ class Running:
             self.kill()
         self._result = subprocess.CompletedProcess(self.args, self.popen.returncode, out, err or "")
         return self._result
+
+    def _rest_of_output(self) -> tuple[str, str]:
+        try:
+            return self.popen.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # held open by a process never seen
+            return "", ""
 
     def kill(self) -> None:
         """SIGKILL the command and every descendant seen, and reap the command."""

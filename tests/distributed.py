@@ -52,13 +52,14 @@ def _rank_main(func, args, rank: int, world_size: int, port: int, backend: str, 
         LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
     )
     import torch
 
     from ddp.dist.env import detect
     from ddp.dist.exit import exit_process
     from ddp.dist.group import init_distributed, shutdown
+
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 does for a torchrun worker
 
     code = 1
     try:

@@ -5,7 +5,7 @@ session of its own, so a process-group kill would leave the workers behind (hold
 pipes): every kill here walks the process tree with psutil, and a `Running` remembers
 each descendant it has seen, so a worker whose agent died first is still found.
 Every process started here is killed at the end of the test that started it
-(conftest.py), whatever happened.
+(conftest.py), whatever happened; a module fixture's, at the end of the module.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 _started: list[Running] = []
-"""Every command started and not yet finished (or killed)."""
+"""Every command started and not yet finished (or killed), oldest first."""
 
 
 def environment(unset: Iterable[str] = (), **extra: str) -> dict[str, str]:
@@ -78,6 +78,7 @@ class Running:
         )
         self.pid = self.popen.pid
         self._seen: set[psutil.Process] = set()
+        self._result: subprocess.CompletedProcess | None = None
         _started.append(self)
 
     def descendants(self) -> list[psutil.Process]:
@@ -119,13 +120,17 @@ class Running:
         deadline = time.monotonic() + timeout
         while not path.exists():
             if self.poll() is not None or time.monotonic() > deadline:
+                self.kill()
                 out = self.finish(timeout=30)
                 raise AssertionError(f"{path} never appeared:\n{out.stdout[-2000:]}{out.stderr}")
             self.descendants()
             time.sleep(0.05)
 
     def finish(self, timeout: float = 240) -> subprocess.CompletedProcess:
-        """Wait for the command to end; then (or on timeout) kill whatever it left running."""
+        """Wait for the command to end; then (or on timeout) kill whatever it left running.
+        Once it has ended, its result again."""
+        if self._result is not None:
+            return self._result
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -136,13 +141,20 @@ class Running:
                     self.descendants()
                     if time.monotonic() > deadline:
                         self.kill()
-                        out, err = self.popen.communicate(timeout=30)
+                        out, err = self._rest_of_output()
                         raise AssertionError(
                             f"timed out after {timeout}s: {' '.join(self.args)}\n{out}\n{err}"
                         ) from None
         finally:
             self.kill()
-        return subprocess.CompletedProcess(self.args, self.popen.returncode, out, err or "")
+        self._result = subprocess.CompletedProcess(self.args, self.popen.returncode, out, err or "")
+        return self._result
+
+    def _rest_of_output(self) -> tuple[str, str]:
+        try:
+            return self.popen.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # held open by a process never seen
+            return "", ""
 
     def kill(self) -> None:
         """SIGKILL the command and every descendant seen, and reap the command."""
@@ -175,13 +187,19 @@ def run(cmd: list[str], timeout: float = 240, **options) -> subprocess.Completed
     return start(cmd, **options).finish(timeout)
 
 
-def kill_started() -> None:
-    """Kill every process started and not yet finished, and everything it left behind."""
-    while _started:
-        _started[-1].kill()
+def running() -> list[Running]:
+    """The commands started and not yet finished (or killed)."""
+    return list(_started)
 
 
-atexit.register(kill_started)  # an interrupted session leaves nothing running either
+def kill_running(keep: Iterable[Running] = ()) -> None:
+    """Kill every command still running but those in `keep`, and all they left behind."""
+    kept = set(keep)
+    for command in [c for c in _started if c not in kept]:
+        command.kill()
+
+
+atexit.register(kill_running)  # an interrupted session leaves nothing running either
 
 
 def torchrun(nproc: int = 2, *extra_torchrun: str) -> list[str]:

@@ -45,11 +45,12 @@ def epoch_metrics(run_dir: Path) -> list[tuple[float, float]]:
 
 def job_overrides(digits_root: Path, run_root: Path, name: str, *extra: str) -> list[str]:
     """A short digits job with dropout (so RNG state matters), checkpointed every 3 steps,
-    every step in metrics.jsonl: 4 epochs of 23 iterations, no early stop."""
+    every step in metrics.jsonl: 4 epochs of 23 iterations, no early stop, a W&B run."""
     return smoke_overrides(
         digits_root,
         run_root,
         name,
+        "logger=wandb",
         "model.dropout=0.2",
         "trainer.max_epochs=4",
         "plateau=none",
@@ -68,12 +69,20 @@ def job(digits_root, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def reference(digits_root, tmp_path_factory) -> Path:
-    """The job run once without a fault, for the tests that compare against it."""
+def reference(digits_root, tmp_path_factory):
+    """The job run once without a fault, for the tests that compare against it. It trains in
+    the background while the first of them runs its own job; `reference()` waits for it
+    and is its run directory."""
     run_root = tmp_path_factory.mktemp("reference")
-    out = harness.train(job_overrides(digits_root, run_root, "reference"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    return run_root / "reference"
+    run = harness.start(harness.trainer(job_overrides(digits_root, run_root, "reference")))
+
+    def finished() -> Path:
+        out = run.finish()
+        assert out.returncode == 0, out.stderr[-3000:]
+        return run_root / "reference"
+
+    yield finished
+    run.kill()
 
 
 def test_sigkill_mid_epoch_resumes_bitwise_equal(job, reference, tmp_path):
@@ -85,9 +94,9 @@ def test_sigkill_mid_epoch_resumes_bitwise_equal(job, reference, tmp_path):
     out = job_run.finish()
     assert out.returncode == 0, out.stderr[-3000:]
     assert "(continuing at epoch" in out.stdout
-    assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
+    assert_bitwise_equal(final_weights(run_dir), final_weights(reference()))
     # The metrics file holds every step once, as the uninterrupted run's does.
-    assert train_steps(run_dir) == train_steps(reference) == list(range(1, 4 * 23 + 1))
+    assert train_steps(run_dir) == train_steps(reference()) == list(range(1, 4 * 23 + 1))
     ids = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
     assert len(ids) == 1  # the restarted job continued the same W&B run
 
@@ -104,11 +113,11 @@ def test_preemption_signal_on_one_rank_checkpoints_exits_and_resumes(job, refere
 
     again = harness.train(job("preempted"))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert_bitwise_equal(final_weights(run_dir), final_weights(reference))
+    assert_bitwise_equal(final_weights(run_dir), final_weights(reference()))
     assert train_steps(run_dir) == list(range(1, 4 * 23 + 1))
     # The resumed epoch's train loss/accuracy are the uninterrupted run's: the epoch sums
     # carried in the checkpoint are over all ranks, counted once.
-    assert epoch_metrics(run_dir) == epoch_metrics(reference)
+    assert epoch_metrics(run_dir) == epoch_metrics(reference())
 
 
 def test_sigterm_single_process_exits_75_with_checkpoint(job, tmp_path):

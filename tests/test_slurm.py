@@ -40,8 +40,8 @@ def jobs(slurm_cluster):
 
 
 def train_args(digits_root: Path, run_root: Path, *extra: str) -> list[str]:
-    """The smoke run without early stop, in run_root/slurm-<job id>."""
-    return smoke_overrides(digits_root, run_root, None, "plateau=none", *extra)
+    """The smoke run with a W&B run and no early stop, in run_root/slurm-<job id>."""
+    return smoke_overrides(digits_root, run_root, None, "logger=wandb", "plateau=none", *extra)
 
 
 def submit(jobs: list[Job], tmp_path: Path, args: list[str], *sbatch_args: str) -> Job:
@@ -77,29 +77,34 @@ def wandb_run(run_dir: Path) -> dict:
     return next(r["run"] for r in records if r["type"] == "run")
 
 
-def test_sbatch_trains_to_completion(slurm_cluster, jobs, tmp_path, digits_root):
-    job = submit(jobs, tmp_path, train_args(digits_root, tmp_path / "runs", "trainer.max_epochs=2"))
+TEN_EPOCHS = "trainer.max_epochs=10"
+"""Long enough for a preemption signal to land mid-run."""
 
-    assert job.wait(timeout=300) == "COMPLETED", job.describe()
-    info = job.info()
-    assert info["ExitCode"] == "0:0", job.describe()
-    log = job.log_text()
-    assert re.search(r"iterations per epoch\s+\d+", log), log
-    assert "2 process(es)" in log, log
-    # The run directory is keyed by the job id: a requeue finds it again.
-    run_dir = tmp_path / "runs" / f"slurm-{job.id}"
-    assert (run_dir / "checkpoints" / "last.pt").is_file()
-    assert (run_dir / "metrics.jsonl").is_file()
-    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
+
+@pytest.fixture(scope="module")
+def reference(slurm_cluster, digits_root, tmp_path_factory):
+    """A 10-epoch job on one CPU, left alone: the uninterrupted run that preempted jobs are
+    compared with. First asked for by the preemption test, so that both run at once on the
+    2-CPU node; cancelled at the end of the module whatever happened."""
+    submitted: list[Job] = []
+    run_root = tmp_path_factory.mktemp("reference")
+    args = train_args(digits_root, run_root / "runs", TEN_EPOCHS)
+    yield submit(submitted, run_root, args, "--cpus-per-task=1", "--job-name=reference")
+    for job in submitted:
+        job.cancel()
+
+
+def reference_dir(job: Job) -> Path:
+    """ROOT/runs/slurm-<job id>, beside the job's ROOT/logs."""
+    return job.log.parent.parent / "runs" / f"slurm-{job.id}"
 
 
 def test_preempted_job_requeues_and_matches_uninterrupted(
-    slurm_cluster, jobs, tmp_path, digits_root
+    slurm_cluster, jobs, reference, tmp_path, digits_root
 ):
     """USR1 to the batch shell: checkpoint, exit 75, requeue, resume, same final weights."""
-    args = train_args(digits_root, tmp_path / "runs", "trainer.max_epochs=10")
+    args = train_args(digits_root, tmp_path / "runs", TEN_EPOCHS)
     # One CPU each: both jobs run at once on the 2-CPU node (gloo does not care).
-    reference = submit(jobs, tmp_path, args, "--cpus-per-task=1", "--job-name=reference")
     preempted = submit(jobs, tmp_path, args, "--cpus-per-task=1", "--job-name=preempted")
 
     preempted.wait_for_log(r"^epoch 0:", timeout=300)
@@ -114,19 +119,31 @@ def test_preempted_job_requeues_and_matches_uninterrupted(
     assert re.search(r"exitcode\s*:\s*75", log), log  # torchrun reports the workers' 75
     assert re.search(r"resumed.*last\.pt", log), log
 
-    ref_dir = tmp_path / "runs" / f"slurm-{reference.id}"
     run_dir = tmp_path / "runs" / f"slurm-{preempted.id}"
-    assert_same_weights(model_state(ref_dir), model_state(run_dir))
+    assert_same_weights(model_state(reference_dir(reference)), model_state(run_dir))
     # The requeued job continued the same W&B run.
     ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
     assert len(ids) == 1, ids
 
 
+def test_sbatch_trains_to_completion(reference):
+    job = reference  # a plain sbatch job, never signalled
+    assert job.wait(timeout=300) == "COMPLETED", job.describe()
+    info = job.info()
+    assert info["ExitCode"] == "0:0", job.describe()
+    log = job.log_text()
+    assert re.search(r"iterations per epoch\s+\d+", log), log
+    assert "2 process(es)" in log, log
+    # The run directory is keyed by the job id: a requeue finds it again.
+    run_dir = reference_dir(job)
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    assert (run_dir / "metrics.jsonl").is_file()
+    assert list((run_dir / "wandb").glob("offline-run-*")), "no offline W&B run"
+
+
 def test_scancel_full_usr1_also_requeues(slurm_cluster, jobs, tmp_path, digits_root):
     """`scancel --signal=USR1 --full`: batch shell, agents and workers all get USR1 at once."""
-    job = submit(
-        jobs, tmp_path, train_args(digits_root, tmp_path / "runs", "trainer.max_epochs=10")
-    )
+    job = submit(jobs, tmp_path, train_args(digits_root, tmp_path / "runs", TEN_EPOCHS))
 
     job.wait_for_log(r"^epoch 0:", timeout=300)
     job.signal("USR1", "--full")
@@ -149,7 +166,7 @@ def test_submitit_sweep_groups_runs(slurm_cluster, tmp_path, digits_root):
             "-m",
             "batch.global_size=64,128",
             "hydra/launcher=slurm",
-            *train_args(digits_root, run_root, "trainer.max_epochs=2"),
+            *train_args(digits_root, run_root),  # 2 epochs
         ],
         timeout=600,
     )

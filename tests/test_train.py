@@ -26,6 +26,7 @@ from ddp.state import Training
 from ddp.step import Stepper
 from tests import harness
 from tests.distributed import run_distributed_test
+from tests.fixtures import smoke_overrides
 from tests.harness import BIN, records
 
 
@@ -234,15 +235,21 @@ def test_the_ddp_plan_command_refuses_with_exit_2_and_one_line():
     assert out.stderr.strip().splitlines() == ["error: batch.global_size=0 must be >= 1"]
 
 
-@pytest.mark.slow
-def test_single_process_with_plain_python(tmp_path, smoke):
-    out = harness.train([*smoke, "trainer.max_epochs=1"], nproc=0)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert summary(tmp_path / "runs" / "test")["micro_batches_per_rank"] == [23 * 2]
+@pytest.fixture(scope="module")
+def one_process(digits_root, tmp_path_factory):
+    """One epoch of the smoke run by one plain python process, with a random per-sample
+    shift named in the config. It runs in the background from the first test that asks;
+    `one_process()` waits for it: (its output, its run directory)."""
+    run_root = tmp_path_factory.mktemp("one-process")
+    shift = ["+data.transform._target_=ddp.transforms.RandomShift", "+data.transform.pixels=1"]
+    overrides = smoke_overrides(digits_root, run_root, "test", *shift, "trainer.max_epochs=1")
+    run = harness.start(harness.trainer(overrides, nproc=0))
+    yield lambda: (run.finish(), run_root / "test")
+    run.kill()
 
 
 @pytest.mark.slow
-def test_a_per_sample_transform_from_config_is_applied(smoke):
+def test_a_per_sample_transform_from_config_is_applied(smoke, one_process):
     # Normalize with std=0 turns every input into inf/nan: the job must see it and stop.
     broken = [
         "+data.transform._target_=ddp.transforms.Normalize",
@@ -252,8 +259,15 @@ def test_a_per_sample_transform_from_config_is_applied(smoke):
     ]
     out = harness.train([*smoke, *broken], nproc=0)
     assert out.returncode == 3 and "non-finite loss at epoch 0 step 0" in out.stdout
-    fine = ["+data.transform._target_=ddp.transforms.RandomShift", "+data.transform.pixels=1"]
-    assert harness.train([*smoke, *fine, "trainer.max_epochs=1"], nproc=0).returncode == 0
+    shifted, _ = one_process()  # RandomShift: a transform that keeps the inputs finite
+    assert shifted.returncode == 0, shifted.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_single_process_with_plain_python(one_process):
+    out, run_dir = one_process()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert summary(run_dir)["micro_batches_per_rank"] == [23 * 2]
 
 
 @pytest.mark.slow

@@ -307,3 +307,23 @@ def test_fp16_on_a_cpu_is_refused(digits_root, tmp_path):
         smoke_overrides(digits_root, tmp_path, "fp16", "trainer.precision=fp16"), nproc=0
     )
     assert out.returncode == 2 and "trainer.precision=fp16 needs a CUDA device" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_missing_streamed_shard_is_named_once_and_no_innocent_one_is_blamed(
+    digits_root, tmp_path
+):
+    """The rank that meets the missing shard stops the job; the launcher then kills the
+    other rank's shard pipes mid-read (status -15): that is no bad shard to report. Each
+    pipe stays open a few seconds after its tar, so the kill finds one open."""
+    for shard in sorted((digits_root / "train").glob("*.tar")):
+        if shard.name != "shard-000003.tar":
+            shutil.copy(shard, tmp_path / shard.name)
+    urls = f"pipe:sh -c 'cat {tmp_path}/shard-{{000000..000005}}.tar; sleep 5'"
+    overrides = smoke_overrides(
+        digits_root, tmp_path, "stream", f'data.urls="{urls}"', "data.num_samples=1438"
+    )
+    out = harness.train(overrides)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode != 0 and errors, out.stderr[-3000:]
+    assert all("shard-000003.tar" in line for line in errors), errors

@@ -11,7 +11,7 @@ import mmap
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from ddp.order import MicroBatch
 from ddp.shards.decode import LABEL_EXTS
 from ddp.shards.manifest import DataError, Manifest, SplitIndex, read_manifest
 from ddp.shards.tar import member_name
+
+if TYPE_CHECKING:
+    from ddp.data.images import ImageAugment
 
 
 class ShardDataset(Dataset):
@@ -50,6 +53,7 @@ class ShardDataset(Dataset):
         on_error: Literal["raise", "skip"] = "raise",
         manifest: Manifest | None = None,
         num_classes: int | None = None,
+        images: ImageAugment | None = None,
     ):
         self.split_dir = Path(split_dir)
         manifest = manifest if manifest is not None else read_manifest(self.split_dir)
@@ -58,6 +62,8 @@ class ShardDataset(Dataset):
         self.transform = transform
         self.on_error = on_error
         self.num_classes = num_classes
+        self.images = images
+        """Decodes and augments image inputs (data.augment); None: decoded as stored."""
         self.num_errors = 0
         """Bad samples met in this process (workers keep their own; see Batch.num_skipped)."""
         self._buffers: dict[int, memoryview] = {}
@@ -168,12 +174,15 @@ class ShardDataset(Dataset):
 
     def __getitems__(self, refs: MicroBatch | Sequence[int]) -> Batch:
         if isinstance(refs, MicroBatch):
-            return self.fetch(refs.indices, refs.padded)
+            return self.fetch(refs.indices, refs.padded, refs.epoch)
         indices = np.asarray(refs, dtype=np.int64)
         return self.fetch(indices, np.zeros(len(indices), dtype=bool))
 
-    def fetch(self, indices: np.ndarray, padded: np.ndarray) -> Batch:
-        """Read and decode one micro-batch (padded samples come out valid=False)."""
+    def fetch(self, indices: np.ndarray, padded: np.ndarray, epoch: int = 0) -> Batch:
+        """Read and decode one micro-batch (padded samples come out valid=False); images
+        are decoded and augmented for `epoch` by `self.images` (ddp.data.images)."""
+        if self.images is not None:
+            return self.images.fetch(self, indices, padded, epoch)
         inputs, targets, ok = self.decode(indices)
         return make_batch(inputs, targets, ok & ~padded, indices, int((~ok).sum()), self.transform)
 
@@ -187,6 +196,15 @@ class ShardDataset(Dataset):
             self.num_errors += int((~ok).sum())
             inputs, targets = self._replace_bad(inputs, targets, ok)
         return inputs, targets, ok
+
+    def labels(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The samples' labels and which are good (a bad one raises, or with
+        on_error="skip" comes back False, labelled 0)."""
+        return self._decode_targets(indices)
+
+    def sample_name(self, index: int) -> str:
+        """'SHARD: key KEY': how messages name a sample."""
+        return f"{self._shard_path(int(self.index.shard_of[index]))}: key {self.index.keys[index]}"
 
     def _fail(self, index: int, message: str) -> None:
         """Raise, or (on_error="skip") let the caller mark the sample invalid."""

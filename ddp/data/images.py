@@ -278,15 +278,23 @@ class Jpegs:
 
 
 def check_device_decoder(device: torch.device) -> None:
-    """ConfigError unless `device` can decode JPEGs (a GPU needs torchvision's nvJPEG)."""
+    """ConfigError unless `device` decodes JPEGs: on a GPU, torchvision's nvJPEG is tried
+    on a small image at start-up, so a torchvision without it (or built for another
+    torch) is reported as such, not blamed on the first sample."""
     if device.type != "cuda":
         return  # Pillow, in the training process
     try:
-        from torchvision.io import decode_jpeg  # noqa: F401
-    except Exception as err:  # noqa: BLE001 - missing, or built for another torch
+        from PIL import Image
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 100, 50)).save(buffer, format="JPEG")
+        probe = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        decode_jpeg([probe], mode=ImageReadMode.RGB, device=device)
+    except Exception as err:  # noqa: BLE001 - missing, built for another torch, no nvJPEG
         raise ConfigError(
-            "data.augment.placement=device needs torchvision (torchvision.io.decode_jpeg, "
-            f"nvJPEG) on a GPU: {describe(err)}"
+            "data.augment.placement=device needs torchvision's nvJPEG decoder on this GPU "
+            f"(torchvision.io.decode_jpeg): {describe(err)}"
         ) from err
 
 

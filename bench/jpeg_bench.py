@@ -42,8 +42,9 @@ from pathlib import Path
 
 import torch
 
+from ddp.data import images as images_module
 from ddp.data.batch import LoaderOptions
-from ddp.data.images import ImageAugment, _simplejpeg, decode_jpegs
+from ddp.data.images import ImageAugment, decode_jpegs
 from ddp.data.loaders import build_eval_loader, build_train_loader
 from ddp.plan import make_plan
 from ddp.shards import read_manifest
@@ -152,9 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path("/tmp/ddp-jpeg-bench"))
     p.add_argument("--torchvision", type=Path, help="a directory holding torchvision")
     p.add_argument("--prepare-workers", type=int, default=2)
+    p.add_argument("--pillow-only", action="store_true", help="ours without simplejpeg")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    if args.pillow_only:
+        images_module._simplejpeg = lambda: None  # every JPEG through Pillow
     tv = import_torchvision(args.torchvision)
     split = prepare(args.data, args.num_samples, args.prepare_workers)
     limit = read_manifest(split).num_samples
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\n{limit:,} photos of about 400x350 (JPEG q90) -> {args.size}x{args.size} uint8, "
         f"micro-batch {MICRO}, one process, one thread, best of {args.repeats}; torch "
         f"{torch.__version__}, torchvision {tv.__version__}, JPEGs decoded by "
-        f"{'simplejpeg' if _simplejpeg() else 'Pillow'}"
+        f"{'simplejpeg' if images_module._simplejpeg() else 'Pillow'}"
     )
     if args.json:
         args.json.write_text(json.dumps({"runs": runs, "best": best, "ratios": ratios}, indent=2))

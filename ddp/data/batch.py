@@ -128,7 +128,8 @@ class LoaderOptions:
     """Decode a split once and keep it in this process when its decoded inputs take at
     most this many MiB (0: always read the shards). Micro-batches are then gathers from
     memory in the training process; the shards and DataLoader workers are left alone.
-    Not with a transform and num_workers > 0: augmentation stays in the workers."""
+    Not with a transform and num_workers > 0 (augmentation stays in the workers), nor
+    with image augmentation (data.augment: new crops every epoch)."""
     device: torch.device | None = None
     """Where a split held in memory lives: None for the host, a GPU for data.on_device
     (then a micro-batch is a gather on the GPU, and nothing crosses the bus per step)."""

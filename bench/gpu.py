@@ -1,8 +1,8 @@
-"""ddp on a GPU, against what the GPU can do: one command, one table, under 5 minutes.
+"""ddp on a GPU, against what the GPU can do: one command, one table.
 
-    python bench/gpu.py [--json out.json] [--quick]
+    python bench/gpu.py [--parts resnet18,overhead,jpeg] [--json out.json] [--quick]
 
-Three comparisons, each against a baseline run in the same call:
+Four comparisons, each against a baseline run in the same call (--parts picks them):
 
 1. ResNet-18 (torchvision, 10 classes) on 45,000 synthetic 32x32x3 uint8 samples, bf16,
    global batch = micro-batch = 512, one process: ddp.train's steady samples/s (epochs
@@ -16,12 +16,22 @@ Three comparisons, each against a baseline run in the same call:
 2. The CNN and the MLP of bench/overhead.py: ours vs a raw DDP loop vs Lightning, in
    overhead.py's CUDA mode (one process per GPU, nccl): steps/s ratios.
 3. The shard path with workers against the in-memory split (from 1.).
+4. `jpeg` (issue 13): ResNet-50 (torchvision, 8 classes) at 224x224, bf16, channels-last,
+   micro-batch = global batch = 256, one process, 3 epochs (the last 2 timed), trained
+   from JPEG shards (`ddp-shards prepare photos`: about 400x350, quality 90; 20,480
+   training samples)
+   with data.augment (random-resized crop + flip) decoded in DataLoader workers
+   (placement=host, cores - 2 workers) and by nvJPEG on the GPU (placement=device, 4
+   workers packing bytes), against the bound: the same model, batch, precision,
+   memory order, normalisation and fused AdamW with random uint8 images already on
+   the GPU.
 
-GPU utilisation (nvidia-smi, sampled every 100 ms) is reported for our runs' whole
-training phase. Goals (issue 12): ResNet-18 >= 0.95x the bound; CNN and MLP >= 0.97x
-raw DDP and >= 1.5x Lightning; shard path with workers >= 0.95x the in-memory split.
-On a machine without a GPU, --quick runs the same code paths on the CPU with a small
-CNN (a smoke test, no figures worth reporting).
+GPU utilisation (nvidia-smi, sampled every 100 ms) is reported for our runs' steady
+epochs. Goals: (issue 12) ResNet-18 >= 0.95x the bound; CNN and MLP >= 0.97x raw DDP
+and >= 1.5x Lightning; shard path with workers >= 0.95x the in-memory split; (issue 13)
+ResNet-50 from JPEG shards >= 0.90x the bound with one of the two placements. On a
+machine without a GPU, --quick runs the same code paths on the CPU with a small CNN (a
+smoke test, no figures worth reporting).
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ GOALS = {
     "cnn ours / lightning": 1.5,
     "mlp ours / raw": 0.97,
     "mlp ours / lightning": 1.5,
+    "resnet50 jpeg, best placement / bound": 0.90,
 }
 
 
@@ -86,25 +97,56 @@ def ensure_data(work: Path, num_samples: int, shape: str) -> Path:
     return out
 
 
+def ensure_photos(work: Path, num_samples: int, size: str, val_samples: int) -> Path:
+    """`ddp-shards prepare photos` (all cores encode), `val_samples` of them for validation."""
+    out = work / f"photos-{num_samples}-{size.replace(',', 'x')}"
+    if not (out / "val" / "manifest.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, "-m", "ddp.shards.cli", "prepare", "photos",
+               f"--num-samples={num_samples}", f"--size={size}", "--shard-size=1000",
+               f"--val-fraction={val_samples / num_samples}", f"--out={out}",
+               f"--workers={os.cpu_count() or 1}"]  # fmt: skip
+        subprocess.run(cmd, cwd=ROOT, check=True)
+    return out
+
+
 # ----------------------------------------------------------------------------- bound
 
 
-def bound_samples_per_s(model_fn, batch: int, steps: int, warmup: int, device, dtype) -> float:
-    """The model trained on data already on the device: what the GPU alone allows."""
+def bound_samples_per_s(
+    model_fn,
+    batch: int,
+    steps: int,
+    warmup: int,
+    device,
+    dtype,
+    shape: tuple[int, int, int] = (32, 32, 3),
+    num_classes: int = 10,
+    channels_last: bool = False,
+    normalize: dict | None = None,
+) -> float:
+    """The model trained on data already on the device: what the GPU alone allows. The
+    uint8 images become inputs as ours do (ddp.data.device.InputPipeline)."""
     import torch
     import torch.nn.functional as F
 
-    from ddp.data.batch import to_model_input
+    from ddp.data.batch import Batch
+    from ddp.data.device import InputPipeline
 
     torch.manual_seed(0)
     model = model_fn().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    images = torch.randint(0, 256, (8, batch, 32, 32, 3), dtype=torch.uint8, device=device)
-    labels = torch.randint(0, 10, (8, batch), device=device)
+    images = torch.randint(0, 256, (8, batch, *shape), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, num_classes, (8, batch), device=device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else _null()
+    norm = normalize or {}
+    pipeline = InputPipeline(device, channels_last, norm.get("mean"), norm.get("std"))
+    valid = torch.ones(batch, dtype=torch.bool, device=device)
 
     def step(i: int) -> None:
-        x = to_model_input(images[i % 8])
+        x = pipeline(Batch(images[i % 8], labels[i % 8], valid, torch.arange(batch))).inputs
         with autocast:
             loss = F.cross_entropy(model(x).float(), labels[i % 8])
         loss.backward()
@@ -263,62 +305,66 @@ def run_overhead(work: Path, quick: bool) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path)
-    p.add_argument("--work", type=Path, default=Path("/tmp/ddp-gpu-bench"))
-    p.add_argument("--quick", action="store_true", help="a smoke run (also on a CPU)")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--compile", action="store_true", help="also time trainer.compile=true")
-    p.add_argument("--no-overhead", action="store_true", help="skip part 2 (overhead.py)")
-    args = p.parse_args(argv)
+Ratios = dict[str, tuple[float, float | None]]
+"""name -> (value, goal or None)."""
 
-    import torch
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    work = args.work
-    t_start = time.time()
-    samples, batch, epochs = (2_000, 64, 2) if args.quick else (50_000, 512, args.epochs)
-    data = ensure_data(work, samples, "32,32,3")
+def torchvision_model(name: str, num_classes: int):
+    """(model_fn, overrides, name) for a torchvision model, or a SmallCNN where the CPU
+    machine's torch has no matching torchvision (the --quick smoke run)."""
     try:
         import torchvision
 
         def model_fn():
-            return torchvision.models.resnet18(num_classes=10)
+            return getattr(torchvision.models, name)(num_classes=num_classes)
 
-        model = [
+        overrides = [
             "model=custom",
-            "model._target_=torchvision.models.resnet18",
-            "+model.num_classes=10",
+            f"model._target_=torchvision.models.{name}",
+            f"+model.num_classes={num_classes}",
         ]
-        model_name = "resnet18"
-    except ImportError:  # the CPU machine's torch has no matching torchvision
+        return model_fn, overrides, name
+    except ImportError:
         from ddp.models import SmallCNN
 
         def model_fn():
-            return SmallCNN(3, 10, (16, 32))
+            return SmallCNN(3, num_classes, (16, 32))
 
-        model = ["model=cnn", "model.in_channels=3", "model.channels=[16,32]"]
-        model_name = "smallcnn"
-    precision = "bf16" if cuda else "fp32"
+        overrides = ["model=cnn", "model.in_channels=3", "model.channels=[16,32]",
+                     f"model.num_classes={num_classes}"]  # fmt: skip
+        return model_fn, overrides, "smallcnn"
+
+
+def report(result: Result) -> None:
+    print(
+        f"  {result.name}: {result.samples_per_s:,.0f} samples/s "
+        f"(epochs {[round(e) for e in result.epochs]}, gpu {result.gpu_util})",
+        flush=True,
+    )
+
+
+def resnet18_part(args, device, work: Path) -> tuple[list[Result], Ratios]:
+    """1. and 3.: ResNet-18 on 32x32 npy shards, ours against the bound."""
+    import torch
+
+    cuda = device.type == "cuda"
+    samples, batch, epochs = (2_000, 64, 2) if args.quick else (50_000, 512, args.epochs)
+    data = ensure_data(work, samples, "32,32,3")
+    model_fn, model, model_name = torchvision_model("resnet18", 10)
     common = [
         *model,
         f"data.root={data}",
         f"batch.global_size={batch}",
         f"batch.micro_size={batch}",
         f"trainer.max_epochs={epochs}",
-        f"trainer.precision={precision}",
+        f"trainer.precision={'bf16' if cuda else 'fp32'}",
         "data.input_key=npy",
     ]
-
-    results: list[Result] = []
-    print(f"device: {torch.cuda.get_device_name(0) if cuda else 'cpu'}", flush=True)
     dtype = torch.bfloat16 if cuda else None
     bound = bound_samples_per_s(
         model_fn, batch, 20 if args.quick else 200, 5 if args.quick else 30, device, dtype
     )
-    results.append(Result(f"{model_name} bound (data on the GPU)", bound))
+    results = [Result(f"{model_name} bound (data on the GPU)", bound)]
     print(f"  bound {bound:,.0f} samples/s", flush=True)
     variants = {
         "ours (split on the GPU)": [],
@@ -335,36 +381,125 @@ def main(argv: list[str] | None = None) -> int:
         result = run_ours(f"{model_name}-{name}", [*common, *extra], work)
         result.name = f"{model_name} {label}"
         results.append(result)
-        print(
-            f"  {result.name}: {result.samples_per_s:,.0f} samples/s "
-            f"(epochs {[round(e) for e in result.epochs]}, gpu {result.gpu_util})",
-            flush=True,
-        )
-
-    ratios = {
-        f"{model_name} ours / bound": results[1].samples_per_s / bound,
-        f"{model_name} shards+workers / in-memory": results[2].samples_per_s
-        / results[1].samples_per_s,
-        f"{model_name} channels-last / NCHW": results[3].samples_per_s / results[1].samples_per_s,
-        f"{model_name} late-read step / synchronous": results[1].samples_per_s
-        / results[4].samples_per_s,
+        report(result)
+    memory = results[1].samples_per_s
+    ratios: Ratios = {
+        f"{model_name} ours / bound": (memory / bound, GOALS["resnet18 ours / bound"]),
+        f"{model_name} shards+workers / in-memory": (
+            results[2].samples_per_s / memory,
+            GOALS["resnet18 shards+workers / in-memory"],
+        ),
+        f"{model_name} channels-last / NCHW": (results[3].samples_per_s / memory, None),
+        f"{model_name} late-read step / synchronous": (memory / results[4].samples_per_s, None),
     }
     if args.compile:
-        ratios[f"{model_name} compiled / eager"] = (
-            results[5].samples_per_s / results[1].samples_per_s
-        )
-    if not args.no_overhead:
-        ratios.update(run_overhead(work, args.quick))
+        ratios[f"{model_name} compiled / eager"] = (results[5].samples_per_s / memory, None)
+    return results, ratios
 
-    print(f"\n{'run':<48} {'samples/s':>12} {'GPU util %':>11}")
+
+def jpeg_part(args, device, work: Path) -> tuple[list[Result], Ratios]:
+    """4.: ResNet-50 at 224 from JPEG shards, both placements, against the bound."""
+    import torch
+
+    cuda = device.type == "cuda"
+    if args.quick:  # a smoke run of the same code paths, also on a CPU
+        samples, photo, size, batch, epochs, val = 640, "64,56", 32, 32, 2, 64
+    else:
+        samples, photo, size, batch, epochs, val = 20_800, "400,350", 224, 256, 3, 320
+    data = ensure_photos(work, samples, photo, val)
+    model_fn, model, model_name = torchvision_model("resnet50", 8)
+    norm = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # conf/data/photos
+    dtype = torch.bfloat16 if cuda else None
+    steps, warmup = (10, 3) if args.quick else (80, 20)
+    bound = bound_samples_per_s(
+        model_fn, batch, steps, warmup, device, dtype, (size, size, 3), 8, True, norm
+    )
+    results = [Result(f"{model_name} {size}px bound (data on the GPU)", bound)]
+    print(f"  bound {bound:,.0f} samples/s", flush=True)
+    common = [  # experiment=photos_resnet50, spelled out (the smoke run swaps the model)
+        "data=photos",
+        *model,
+        "trainer.channels_last=true",
+        f"data.root={data}",
+        f"data.augment.size={size}",
+        f"batch.global_size={batch}",
+        f"batch.micro_size={batch}",
+        f"trainer.max_epochs={epochs}",
+        f"trainer.precision={'bf16' if cuda else 'fp32'}",
+    ]
+    host_workers = 2 if args.quick else max(1, (os.cpu_count() or 2) - 2)
+    device_workers = 2 if args.quick else 4
+    variants = {
+        f"host ({host_workers} workers decode)": [
+            "data.augment.placement=host",
+            f"data.num_workers={host_workers}",
+        ],
+        f"device (nvJPEG; {device_workers} workers pack bytes)": [
+            "data.augment.placement=device",
+            f"data.num_workers={device_workers}",
+        ],
+    }
+    ratios: Ratios = {}
+    for label, extra in variants.items():
+        placement = label.split()[0]
+        result = run_ours(f"{model_name}-jpeg-{placement}", [*common, *extra], work)
+        result.name = f"{model_name} jpeg, placement={label}"
+        results.append(result)
+        report(result)
+        ratios[f"{model_name} jpeg, {placement} / bound"] = (result.samples_per_s / bound, None)
+    best = max(value for value, _ in ratios.values())
+    ratios[f"{model_name} jpeg, best placement / bound"] = (
+        best,
+        GOALS["resnet50 jpeg, best placement / bound"],
+    )
+    return results, ratios
+
+
+PARTS = ("resnet18", "overhead", "jpeg")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path)
+    p.add_argument("--work", type=Path, default=Path("/tmp/ddp-gpu-bench"))
+    p.add_argument("--quick", action="store_true", help="a smoke run (also on a CPU)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--parts", default=",".join(PARTS), help=f"some of {','.join(PARTS)}")
+    p.add_argument("--compile", action="store_true", help="also time trainer.compile=true")
+    p.add_argument("--no-overhead", action="store_true", help="skip part 2 (overhead.py)")
+    args = p.parse_args(argv)
+    parts = [part for part in args.parts.split(",") if part]
+    if unknown := set(parts) - set(PARTS):
+        p.error(f"--parts: unknown {', '.join(sorted(unknown))} (choose from {', '.join(PARTS)})")
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    t_start = time.time()
+    print(f"device: {torch.cuda.get_device_name(0) if cuda else 'cpu'}", flush=True)
+    results: list[Result] = []
+    ratios: Ratios = {}
+    if "resnet18" in parts:
+        part_results, part_ratios = resnet18_part(args, device, args.work)
+        results += part_results
+        ratios.update(part_ratios)
+    if "overhead" in parts and not args.no_overhead:
+        for key, value in run_overhead(args.work, args.quick).items():
+            ratios[key] = (value, GOALS.get(key))
+    if "jpeg" in parts:
+        part_results, part_ratios = jpeg_part(args, device, args.work)
+        results += part_results
+        ratios.update(part_ratios)
+
+    print(f"\n{'run':<60} {'samples/s':>12} {'GPU util %':>11}")
     for r in results:
         util = "-" if r.gpu_util is None else f"{r.gpu_util:.0f}"
-        print(f"{r.name:<48} {r.samples_per_s:>12,.0f} {util:>11}")
-    print(f"\n{'ratio':<48} {'value':>8} {'goal':>8}")
-    for key, value in ratios.items():
-        goal = GOALS.get(key.replace(model_name, "resnet18"))
+        print(f"{r.name:<60} {r.samples_per_s:>12,.0f} {util:>11}")
+    print(f"\n{'ratio':<60} {'value':>8} {'goal':>8}")
+    for key, (value, goal) in ratios.items():
         verdict = "" if goal is None else ("PASS" if value >= goal else "FAIL")
-        print(f"{key:<48} {value:>8.3f} {'' if goal is None else f'>= {goal}':>8} {verdict}")
+        print(f"{key:<60} {value:>8.3f} {'' if goal is None else f'>= {goal}':>8} {verdict}")
     print(f"\n{time.time() - t_start:.0f} s in all")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -374,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                     "device": torch.cuda.get_device_name(0) if cuda else "cpu",
                     "torch": torch.__version__,
                     "results": [asdict(r) for r in results],
-                    "ratios": ratios,
+                    "ratios": {k: v for k, (v, _) in ratios.items()},
                 },
                 indent=2,
             )

@@ -16,6 +16,7 @@ from ddp import checkpoint
 from ddp.config import Config, ConfigError, WandbConfig
 from ddp.data.batch import LoaderOptions, TrainBatches
 from ddp.data.device import InputPipeline
+from ddp.data.images import ImageAugment, check_device_decoder
 from ddp.data.loaders import EvalLoader, build_eval_loader, build_train_loader
 from ddp.data.splits import Splits
 from ddp.data.streaming import build_stream_loader
@@ -170,6 +171,23 @@ def loader_options(config: Config, device: torch.device) -> LoaderOptions:
     )
 
 
+def image_augment(config: Config, train: bool) -> ImageAugment | None:
+    """data.augment for the training or the validation split (None: inputs as stored)."""
+    a = config.data.augment
+    if a is None:
+        return None
+    return ImageAugment(
+        size=a.size,
+        train=train,
+        seed=config.trainer.seed,
+        scale=(a.scale[0], a.scale[1]),
+        ratio=(a.ratio[0], a.ratio[1]),
+        flip=a.flip,
+        eval_crop=a.eval_crop,
+        placement=a.placement,  # type: ignore[arg-type]
+    )
+
+
 def build_loaders(
     config: Config, plan: BatchPlan, rank: int, splits: Splits, device: torch.device
 ) -> tuple[TrainBatches, EvalLoader]:
@@ -177,17 +195,21 @@ def build_loaders(
     d, seed = config.data, config.trainer.seed
     options = loader_options(config, device)
     transform = build(d.transform, "data.transform") if d.transform else None  # training only
+    if d.augment is not None and d.augment.placement == "device":
+        check_device_decoder(device)
     if splits.stream is not None:  # streaming: sequential reads, exact batch counts
         train: TrainBatches = build_stream_loader(
             splits.stream, plan, rank, seed, options, d.shuffle_buffer, transform
         )
     else:
         train = build_train_loader(
-            splits.train_dir, plan, rank, seed, options, transform, splits.train
-        )
+            splits.train_dir, plan, rank, seed, options, transform, splits.train,
+            image_augment(config, train=True),
+        )  # fmt: skip
     val = build_eval_loader(
-        splits.val_dir, plan.micro_size, rank, plan.world_size, options, splits.val
-    )
+        splits.val_dir, plan.micro_size, rank, plan.world_size, options, splits.val,
+        images=image_augment(config, train=False),
+    )  # fmt: skip
     return train, val
 
 

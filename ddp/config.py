@@ -19,6 +19,7 @@ from ddp.validate import ConfigError, integer_at_least, one_of, positive_or_none
 MISSING: Any = "???"  # OmegaConf's marker for a mandatory value (omegaconf.MISSING)
 
 __all__ = [
+    "AugmentConfig",
     "BatchConfig",
     "Config",
     "ConfigError",
@@ -30,6 +31,43 @@ __all__ = [
     "TrainerConfig",
     "WandbConfig",
 ]
+
+
+@dataclass
+class AugmentConfig:
+    """Image decoding and augmentation (ddp.data.images): at training time a random-resized
+    crop and a horizontal flip, at evaluation time a center crop, both resized to `size`;
+    each sample's crop drawn from (trainer.seed, epoch, sample index)."""
+
+    placement: str = MISSING
+    """host: decoded (libjpeg-turbo) and augmented in the DataLoader workers, uint8 crops
+    cross to the device; device: the JPEG bytes cross, a GPU decodes them (nvJPEG) and
+    crops there (on a CPU-only run: in the training process)."""
+    size: int = MISSING
+    """Side of the square the crops are resized to (e.g. 224)."""
+    scale: list[float] = MISSING
+    """[min, max] area of a training crop as a fraction of the image (0.08-1: ImageNet's)."""
+    ratio: list[float] = MISSING
+    """[min, max] aspect (width / height) of a training crop before resizing."""
+    flip: bool = MISSING
+    """Mirror a training crop left-right with probability 1/2."""
+    eval_crop: float = MISSING
+    """Evaluation keeps the centered square of this fraction of the shorter side
+    (0.875: resize to size / 0.875, center-crop size)."""
+
+    def __post_init__(self) -> None:
+        one_of("data.augment.placement", self.placement, ("host", "device"))
+        integer_at_least("data.augment.size", self.size, 1)
+        for key in ("scale", "ratio"):
+            low_high = list(getattr(self, key))
+            require(
+                len(low_high) == 2 and 0 < low_high[0] <= low_high[1],
+                f"data.augment.{key}={low_high} must be [min, max] with 0 < min <= max",
+            )
+        require(self.scale[1] <= 1, f"data.augment.scale={list(self.scale)} must be within (0, 1]")
+        require(
+            0 < self.eval_crop <= 1, f"data.augment.eval_crop={self.eval_crop} must be in (0, 1]"
+        )
 
 
 @dataclass
@@ -72,8 +110,16 @@ class DataConfig:
     normalize: Any = MISSING
     """{mean: [...], std: [...]} per channel, applied on the device after uint8 images
     are scaled to [0, 1]; null: none."""
+    augment: AugmentConfig | None = MISSING
+    """Decode image members and augment them (conf/data/augment/); null: inputs as stored."""
 
     def __post_init__(self) -> None:
+        if self.augment is not None:
+            require(not self.urls, "data.augment needs indexed shards: unset data.urls")
+            require(
+                self.augment.placement == "host" or self.transform is None,
+                "data.transform runs on the host: not with data.augment.placement=device",
+            )
         if self.normalize is not None:
             n = self.normalize
             ok = isinstance(n, dict) and {"mean", "std"} <= set(n)

@@ -34,6 +34,8 @@ class MicroBatch:
     """int64 sample indices into the split, in consumption order."""
     padded: np.ndarray
     """bool per sample: True for repeats that only fill up a batch."""
+    epoch: int = 0
+    """The epoch it belongs to (image augmentation draws from (seed, epoch, sample))."""
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -89,7 +91,7 @@ def rank_micro_batches(
         begin = step * plan.global_size + rank * per_rank
         for j in range(plan.accumulate):
             lo = begin + j * micro
-            yield MicroBatch(step, j, sequence[lo : lo + micro], padded[lo : lo + micro])
+            yield MicroBatch(step, j, sequence[lo : lo + micro], padded[lo : lo + micro], epoch)
 
 
 def eval_micro_batches(

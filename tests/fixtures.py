@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from ddp.shards import index_split, read_manifest
-from ddp.shards.prepare import prepare_digits, prepare_synthetic
+from ddp.shards.prepare import prepare_digits, prepare_photos, prepare_synthetic
 from tests import harness
 
 # ---- shards made once per session
@@ -37,6 +37,15 @@ def png_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """90 synthetic 5x4 RGB images in 3 classes, stored as PNG, 32 to a shard."""
     out = tmp_path_factory.mktemp("png")
     prepare_synthetic(out, 90, (5, 4, 3), num_classes=3, fmt="png", shard_size=32)
+    return out
+
+
+@pytest.fixture(scope="session")
+def photos_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`ddp-shards prepare photos` at a small size: 160 JPEGs of about 64x56 in 8 classes,
+    128 for training in 3 shards of <= 48, 32 for validation."""
+    out = tmp_path_factory.mktemp("photos")
+    prepare_photos(out, 160, seed=0, size=(64, 56), shard_size=48, val_fraction=0.2)
     return out
 
 
@@ -108,6 +117,27 @@ def corrupt_npy(split: Path, shard_pos: int, sample: int) -> str:
     data[offset : offset + 6] = b"garbag"
     path.write_bytes(bytes(data))
     return shard.keys[sample]
+
+
+def corrupt_member(split: Path, shard_pos: int, sample: int, ext: str, edit) -> str:
+    """Rewrite one member in place with `edit(bytes) -> bytes` of the same size (the
+    manifest still matches); return its key."""
+    shard = read_manifest(split).shards[shard_pos]
+    path = split / shard.name
+    data = bytearray(path.read_bytes())
+    offset, size = shard.members[ext]["offsets"][sample], shard.members[ext]["sizes"][sample]
+    edited = edit(bytes(data[offset : offset + size]))
+    assert len(edited) == size
+    data[offset : offset + size] = edited
+    path.write_bytes(bytes(data))
+    return shard.keys[sample]
+
+
+def break_huffman_table(jpeg: bytes) -> bytes:
+    """The JPEG with its first Huffman table's code counts overflowing: the headers a
+    reader checks first (size, scan, end marker) stay valid, decoding fails."""
+    at = jpeg.index(b"\xff\xc4") + 5  # marker, length (2), table class/id (1)
+    return jpeg[:at] + b"\xff" * 16 + jpeg[at + 16 :]
 
 
 def copy_shards(src: Path, dst: Path, edit_first_npy: Callable[[bytes], bytes]) -> Path:

@@ -37,7 +37,12 @@ def test_the_schema_holds_no_values() -> None:
 
     from ddp import config as schema
 
-    for cls in (schema.DataConfig, schema.TrainerConfig, schema.PlateauConfig):
+    for cls in (
+        schema.DataConfig,
+        schema.AugmentConfig,
+        schema.TrainerConfig,
+        schema.PlateauConfig,
+    ):
         for f in fields(cls):
             assert f.default == schema.MISSING, f"{cls.__name__}.{f.name}"
 

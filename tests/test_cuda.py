@@ -1,6 +1,7 @@
 """On a GPU: the main job, bitwise resume, bf16 and fp16, the late-read step, the split on
-the device, and two ranks sharing one GPU over gloo (with CUDA tensors, so the comm hook,
-pinned memory and the side-stream prefetch run across ranks).
+the device, two ranks sharing one GPU over gloo (with CUDA tensors, so the comm hook,
+pinned memory and the side-stream prefetch run across ranks), and JPEGs decoded by nvJPEG
+(the host's crops, corrupt ones named or skipped, a bitwise resume).
 
 Skipped without CUDA (CI has none). On the GPU machine: `pytest -m cuda tests/test_cuda.py`
 (bench/gpu_check.sh runs it with the benchmark).
@@ -127,3 +128,83 @@ def test_prefetch_on_a_side_stream_hands_over_the_right_batches():
         expected = pipeline(batch).inputs
         torch.cuda.synchronize()
         assert torch.equal(fetched.inputs, expected)
+
+
+# ---- JPEGs decoded on the GPU (data.augment.placement=device, issue 13)
+
+
+def photo_batches(photos_root: Path, placement: str, size: int = 40) -> list:
+    from ddp.data.batch import LoaderOptions
+    from ddp.data.images import ImageAugment
+    from ddp.data.loaders import build_train_loader
+    from ddp.plan import make_plan
+
+    images = ImageAugment(size=size, train=True, seed=0, placement=placement)
+    options = LoaderOptions(input_key="jpg", pin_memory=True)
+    loader = build_train_loader(
+        photos_root / "train", make_plan(128, 32, 16, 1), 0, 0, options, images=images
+    )
+    return list(loader.epoch(1))
+
+
+def test_nvjpeg_cuts_the_crops_the_host_cuts(photos_root):
+    from ddp.data.device import InputPipeline, Prefetcher
+
+    pipeline = InputPipeline(torch.device("cuda"))
+    host = list(Prefetcher(iter(photo_batches(photos_root, "host")), pipeline))
+    device = list(Prefetcher(iter(photo_batches(photos_root, "device")), pipeline))
+    assert len(host) == len(device) == 8
+    for a, b in zip(host, device, strict=True):
+        assert b.inputs.is_cuda and b.inputs.shape == (16, 3, 40, 40)
+        assert torch.equal(a.targets, b.targets) and bool(b.valid.all())
+        # nvJPEG and libjpeg-turbo round differently (IDCT, chroma upsampling): levels,
+        # where another crop would differ by tens of levels on average.
+        assert (a.inputs - b.inputs).abs().mean() < 3 / 255
+
+
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_a_jpeg_nvjpeg_cannot_decode_is_named_or_skipped(photos_root, on_error):
+    import re
+    from dataclasses import replace
+
+    import numpy as np
+
+    from ddp.data.images import decode_jpegs
+    from ddp.shards import DataError
+    from tests.fixtures import break_huffman_table
+
+    (batch, *_) = photo_batches(photos_root, "device")
+    jpegs = replace(batch.jpegs, data=batch.jpegs.data.clone(), on_error=on_error)
+    lo, hi = jpegs.offsets[4].item(), jpegs.offsets[5].item()
+    broken = break_huffman_table(bytes(jpegs.data[lo:hi].numpy()))
+    jpegs.data[lo:hi] = torch.from_numpy(np.frombuffer(broken, dtype=np.uint8).copy())
+    cuda = torch.device("cuda")
+    if on_error == "raise":
+        with pytest.raises(DataError, match=re.escape(f"{jpegs.names[4]}: undecodable JPEG")):
+            decode_jpegs(replace(batch, jpegs=jpegs), cuda)
+        return
+    clean = decode_jpegs(batch, cuda)
+    skipped = decode_jpegs(replace(batch, jpegs=jpegs), cuda)
+    assert skipped.num_skipped == 1 and skipped.valid.tolist() == [i != 4 for i in range(16)]
+    assert not skipped.inputs[4].any()
+    keep = torch.arange(16) != 4
+    assert torch.equal(skipped.inputs[keep], clean.inputs[keep])
+
+
+def test_gpu_decoding_trains_and_resumes_bitwise_equal(photos_root, tmp_path):
+    def job(name: str, *extra: str) -> list[str]:
+        return ["experiment=photos", f"data.root={photos_root}", f"run.root={tmp_path}",
+                f"run.name={name}", "trainer.device=cuda", "trainer.deterministic=true",
+                "data.augment.placement=device", "data.augment.size=32", "data.num_workers=2",
+                "batch.global_size=32", "batch.micro_size=16", "trainer.max_epochs=3",
+                "trainer.progress=false", "plateau=none", "logger=none", *extra]  # fmt: skip
+
+    straight = python_train(job("straight"))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = python_train(job("resumed", "trainer.max_steps=6"))  # epoch 1, step 2 of 4
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = python_train(job("resumed"))
+    assert again.returncode == 0 and "(continuing at epoch 1 step 2" in again.stdout
+    assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
+    vals = harness.records(tmp_path / "straight", "val")
+    assert vals[-1]["val/accuracy"] > 1 / 8  # it learns something from GPU-decoded crops

@@ -4,6 +4,7 @@
 - `batch`: `Batch`, `LoaderOptions`, and `TrainBatches`, the contract every training
   loader meets.
 - `samples`: member bytes -> arrays, shared by both loaders.
+- `images`: image members decoded and augmented (data.augment), on the host or the device.
 - `dataset`: `ShardDataset`, random access into tar shards by manifest offsets.
 - `memory`: `MemorySplit`, a small split decoded once and served from memory.
 - `loaders`: `TrainLoader` and `EvalLoader` over a dataset or a memory split.

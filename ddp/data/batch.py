@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import torch
 
 from ddp.validate import integer_at_least, one_of, require
+
+if TYPE_CHECKING:
+    from ddp.data.images import Jpegs
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -31,6 +34,9 @@ class Batch:
     They stay on the host (only the sample audit reads them)."""
     num_skipped: int = 0
     """Bad samples replaced in this batch (on_error="skip")."""
+    jpegs: Jpegs | None = None
+    """Images still encoded, for the device to decode and augment (data.augment.placement
+    =device); `inputs` is empty until `InputPipeline` fills it."""
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -54,6 +60,7 @@ class Batch:
             inputs=self.inputs.pin_memory(),
             targets=self.targets.pin_memory(),
             valid=self.valid.pin_memory(),
+            jpegs=self.jpegs.pin_memory() if self.jpegs is not None else None,
         )
 
 
@@ -124,7 +131,8 @@ class LoaderOptions:
     """Decode a split once and keep it in this process when its decoded inputs take at
     most this many MiB (0: always read the shards). Micro-batches are then gathers from
     memory in the training process; the shards and DataLoader workers are left alone.
-    Not with a transform and num_workers > 0: augmentation stays in the workers."""
+    Not with a transform and num_workers > 0 (augmentation stays in the workers), nor
+    with image augmentation (data.augment: new crops every epoch)."""
     device: torch.device | None = None
     """Where a split held in memory lives: None for the host, a GPU for data.on_device
     (then a micro-batch is a gather on the GPU, and nothing crosses the bus per step)."""

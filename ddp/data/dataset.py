@@ -12,7 +12,7 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from ddp.order import MicroBatch
 from ddp.shards.decode import LABEL_EXTS
 from ddp.shards.manifest import DataError, Manifest, SplitIndex, read_manifest
 from ddp.shards.tar import member_name
+
+if TYPE_CHECKING:
+    from ddp.data.images import ImageAugment
 
 
 class ShardDataset(Dataset):
@@ -52,6 +55,7 @@ class ShardDataset(Dataset):
         manifest: Manifest | None = None,
         num_classes: int | None = None,
         classes: Sequence[str] | None = None,
+        images: ImageAugment | None = None,
     ):
         self.split_dir = Path(split_dir)
         manifest = manifest if manifest is not None else read_manifest(self.split_dir)
@@ -59,10 +63,12 @@ class ShardDataset(Dataset):
         self.input_key, self.target_key = input_key, target_key
         self.input_exts = alternatives(input_key)
         """Member extensions that may hold the input, first present wins (`jpg;png`)."""
-        self.labels = LabelKey.parse(target_key, classes or manifest.meta.get("classes"))
+        self.label_key = LabelKey.parse(target_key, classes or manifest.meta.get("classes"))
         self.transform = transform
         self.on_error = on_error
         self.num_classes = num_classes
+        self.images = images
+        """Decodes and augments image inputs (data.augment); None: decoded as stored."""
         self.num_errors = 0
         """Bad samples met in this process (workers keep their own; see Batch.num_skipped)."""
         self._buffers: dict[int, memoryview] = {}
@@ -82,7 +88,10 @@ class ShardDataset(Dataset):
         """Every sample has an input member and a label member (of one of the extensions
         named): found now, naming the first sample without, not mid-epoch."""
         all_samples = np.arange(len(self))
-        for key, exts in ((self.input_key, self.input_exts), (self.target_key, self.labels.exts)):
+        for key, exts in (
+            (self.input_key, self.input_exts),
+            (self.target_key, self.label_key.exts),
+        ):
             _, _, present = self._choose(all_samples, exts)
             if not present.all():
                 first = int(np.flatnonzero(~present)[0])
@@ -198,12 +207,15 @@ class ShardDataset(Dataset):
 
     def __getitems__(self, refs: MicroBatch | Sequence[int]) -> Batch:
         if isinstance(refs, MicroBatch):
-            return self.fetch(refs.indices, refs.padded)
+            return self.fetch(refs.indices, refs.padded, refs.epoch)
         indices = np.asarray(refs, dtype=np.int64)
         return self.fetch(indices, np.zeros(len(indices), dtype=bool))
 
-    def fetch(self, indices: np.ndarray, padded: np.ndarray) -> Batch:
-        """Read and decode one micro-batch (padded samples come out valid=False)."""
+    def fetch(self, indices: np.ndarray, padded: np.ndarray, epoch: int = 0) -> Batch:
+        """Read and decode one micro-batch (padded samples come out valid=False); images
+        are decoded and augmented for `epoch` by `self.images` (ddp.data.images)."""
+        if self.images is not None:
+            return self.images.fetch(self, indices, padded, epoch)
         inputs, targets, ok = self.decode(indices)
         return make_batch(inputs, targets, ok & ~padded, indices, int((~ok).sum()), self.transform)
 
@@ -218,6 +230,20 @@ class ShardDataset(Dataset):
             inputs, targets = self._replace_bad(inputs, targets, ok)
         return inputs, targets, ok
 
+    def labels(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The samples' labels and which are good (a bad one raises, or with
+        on_error="skip" comes back False, labelled 0)."""
+        return self._decode_targets(indices)
+
+    def input_member(self, index: int) -> memoryview:
+        """The bytes of a sample's input member (the first of `input_exts` it has)."""
+        (member,), _ = self._members(np.array([index], dtype=np.int64), self.input_exts)
+        return member
+
+    def sample_name(self, index: int) -> str:
+        """'SHARD: key KEY': how messages name a sample."""
+        return f"{self._shard_path(int(self.index.shard_of[index]))}: key {self.index.keys[index]}"
+
     def _fail(self, index: int, message: str) -> None:
         """Raise, or (on_error="skip") let the caller mark the sample invalid."""
         if self.on_error == "raise":
@@ -225,15 +251,15 @@ class ShardDataset(Dataset):
 
     def _decode_targets(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ok = np.ones(len(indices), dtype=bool)
-        members, exts = self._members(indices, self.labels.exts)
-        if self.labels.plain and self.labels.exts[0] in LABEL_EXTS and len(indices):
+        members, exts = self._members(indices, self.label_key.exts)
+        if self.label_key.plain and self.label_key.exts[0] in LABEL_EXTS and len(indices):
             fast = parse_labels(members, len(indices))
             if fast is not None and self._in_range(fast):
                 return fast, ok
         targets = np.zeros(len(indices), dtype=np.int64)
         for i, (index, member, ext) in enumerate(zip(indices, members, exts, strict=True)):
             try:
-                targets[i] = self.labels.decode(ext, member, self.num_classes)
+                targets[i] = self.label_key.decode(ext, member, self.num_classes)
             except Exception as err:  # noqa: BLE001 - any decode failure is bad data
                 self._fail(int(index), f"undecodable .{ext}: {describe(err)}")
                 ok[i] = False

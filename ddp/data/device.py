@@ -1,7 +1,8 @@
 """A batch's way onto the device: the bytes as stored cross the bus, the work happens there.
 
 - `InputPipeline`: uint8 images -> float CHW in [0, 1], per-channel normalisation, the
-  model's memory order; on the device, after the copy.
+  model's memory order; on the device, after the copy. JPEGs still encoded
+  (data.augment.placement=device) are decoded and cropped there first (ddp.data.images).
 - `Prefetcher`: on a GPU, the next micro-batch is copied (from pinned memory) and put
   through the pipeline on a side stream while the current one computes, the pattern of
   timm's PrefetchLoader; elsewhere it simply applies the pipeline.
@@ -15,6 +16,7 @@ from dataclasses import replace
 import torch
 
 from ddp.data.batch import Batch, to_model_input
+from ddp.data.images import decode_jpegs
 
 
 class InputPipeline:
@@ -35,6 +37,8 @@ class InputPipeline:
 
     def __call__(self, batch: Batch) -> Batch:
         batch = batch.to(self.device)
+        if batch.jpegs is not None:  # data.augment.placement=device: decoded here
+            batch = decode_jpegs(batch, self.device)
         inputs = to_model_input(batch.inputs)
         if self.mean is not None and inputs.dim() == 4:
             inputs = (inputs - self.mean) / self.std

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ddp.data.batch import Batch, LoaderOptions, Transform
 from ddp.data.dataset import ShardDataset
+from ddp.data.images import ImageAugment
 from ddp.data.memory import MemorySplit
 from ddp.order import MicroBatch, check_start_step, eval_micro_batches, rank_micro_batches
 from ddp.plan import BatchPlan
@@ -84,7 +85,7 @@ class _MicroBatchFetcher(Dataset):
 
     def __getitems__(self, micro: MicroBatch) -> Batch | WorkerFailure:
         try:
-            return self.dataset.fetch(micro.indices, micro.padded)
+            return self.dataset.fetch(micro.indices, micro.padded, micro.epoch)
         except DataError as err:
             return WorkerFailure(str(err))
 
@@ -128,6 +129,8 @@ def _memory_split(
     dataset: ShardDataset, options: LoaderOptions, training: bool
 ) -> MemorySplit | None:
     if training and dataset.transform is not None and options.num_workers > 0:
+        return None
+    if dataset.images is not None:  # decoded (and augmented) per micro-batch, per epoch
         return None
     if not MemorySplit.fits(dataset, options.in_memory_max_mb):
         return None
@@ -217,6 +220,7 @@ def open_dataset(
     options: LoaderOptions,
     transform: Transform | None = None,
     manifest: Manifest | None = None,
+    images: ImageAugment | None = None,
 ) -> ShardDataset:
     return ShardDataset(
         split_dir,
@@ -227,6 +231,7 @@ def open_dataset(
         manifest,
         options.num_classes,
         options.classes,
+        images,
     )
 
 
@@ -238,9 +243,10 @@ def build_train_loader(
     options: LoaderOptions | None = None,
     transform: Transform | None = None,
     manifest: Manifest | None = None,
+    images: ImageAugment | None = None,
 ) -> TrainLoader:
     options = options or LoaderOptions()
-    dataset = open_dataset(split_dir, options, transform, manifest)
+    dataset = open_dataset(split_dir, options, transform, manifest, images)
     return TrainLoader(dataset, plan, rank, seed, options)
 
 
@@ -252,8 +258,9 @@ def build_eval_loader(
     options: LoaderOptions | None = None,
     manifest: Manifest | None = None,
     transform: Transform | None = None,
+    images: ImageAugment | None = None,
 ) -> EvalLoader:
     options = options or LoaderOptions()
-    dataset = open_dataset(split_dir, options, transform, manifest)
+    dataset = open_dataset(split_dir, options, transform, manifest, images)
     micro_batches = eval_micro_batches(len(dataset), micro_size, rank, world_size)
     return EvalLoader(dataset, micro_batches, options)

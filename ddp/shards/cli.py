@@ -16,7 +16,12 @@ from ddp.order import rank_micro_batches
 from ddp.plan import PlanError, make_plan
 from ddp.shards.index import index_split
 from ddp.shards.manifest import DataError, Manifest, read_manifest
-from ddp.shards.prepare import prepare_digits, prepare_imagefolder, prepare_synthetic
+from ddp.shards.prepare import (
+    prepare_digits,
+    prepare_imagefolder,
+    prepare_photos,
+    prepare_synthetic,
+)
 from ddp.shards.verify import verify_split
 
 BAD_INPUT = 2
@@ -29,6 +34,13 @@ def _shape(text: str) -> tuple[int, int, int]:
     if len(parts) != 3 or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"--shape {text!r}: expected H,W,C with positive ints")
     return parts[0], parts[1], parts[2]
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 8 for p in parts):
+        raise argparse.ArgumentTypeError(f"--size {text!r}: expected W,H with ints >= 8")
+    return int(parts[0]), int(parts[1])
 
 
 def _steps(text: str) -> tuple[int | None, int | None]:
@@ -59,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--shard-size", type=int, default=1000)
     synth.add_argument("--val-fraction", type=float, default=0.1)
     synth.add_argument("--out", type=Path, required=True)
+
+    photos = sources.add_parser(
+        "photos", help="natural-image JPEGs cut from scikit-learn's two sample photos"
+    )
+    photos.add_argument("--num-samples", type=int, default=10_000)
+    photos.add_argument("--size", type=_size, default=(400, 350), help="W,H (about; +-20%%)")
+    photos.add_argument("--quality", type=int, default=90)
+    photos.add_argument("--seed", type=int, default=0)
+    photos.add_argument("--shard-size", type=int, default=1000)
+    photos.add_argument("--val-fraction", type=float, default=0.1)
+    photos.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    photos.add_argument("--out", type=Path, default=Path("data/photos"))
 
     folder = sources.add_parser("imagefolder", help="SRC/CLASS/*.jpg|png")
     folder.add_argument("src", type=Path)
@@ -117,6 +141,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             args.format,
             args.shard_size,
             args.val_fraction,
+        )
+    elif args.source == "photos":
+        if args.num_samples < 1 or not 1 <= args.quality <= 100 or args.workers < 1:
+            raise ValueError("--num-samples and --workers must be >= 1, --quality in [1, 100]")
+        manifests = prepare_photos(
+            args.out,
+            args.num_samples,
+            seed=args.seed,
+            size=args.size,
+            quality=args.quality,
+            shard_size=args.shard_size,
+            val_fraction=args.val_fraction,
+            workers=args.workers,
         )
     else:
         manifests = prepare_imagefolder(

@@ -1,13 +1,17 @@
 """Turn raw data into train/val splits of tar shards with manifests.
 
-All three sources are seeded and offline: scikit-learn's bundled digits, a
-synthetic set of learnable class patterns, and an image folder on disk.
+All four sources are seeded and offline: scikit-learn's bundled digits, natural-image
+JPEGs cut from scikit-learn's two sample photos, a synthetic set of learnable class
+patterns, and an image folder on disk.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import math
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +101,108 @@ def prepare_digits(
         "seed": seed,
     }
     return _write_splits(Path(out), make, len(labels), val_fraction, seed, shard_size, meta)
+
+
+PHOTOS = ("china", "flower")
+"""scikit-learn's sample photos (640x427 each), in load_sample_images' order."""
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+
+
+@functools.cache
+def sample_photos() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_sample_images
+
+    return tuple(load_sample_images().images)
+
+
+def photo_sample(
+    index: int, seed: int, size: tuple[int, int] = (400, 350), quality: int = 90
+) -> tuple[bytes, int]:
+    """Sample `index`: a JPEG cut from one of the two photos, and its label.
+
+    The photo alternates with the index; a region of 45-90% of the photo's height, its
+    center drawn in one of the photo's four quadrants, is rescaled to about `size`
+    (width, height; each side within +-20%, the aspect varied too) and saved at
+    `quality`. The label is photo x 4 + quadrant (8 classes, see `photo_classes`):
+    learnable from the content, and a random crop of the image mostly keeps it. A pure
+    function of (index, seed): any worker count writes the same bytes.
+    """
+    from PIL import Image
+
+    photos = sample_photos()
+    rng = np.random.Generator(np.random.PCG64([seed, index, 0x70686F]))
+    source = index % len(photos)
+    photo = photos[source]
+    height, width = photo.shape[:2]
+    zoom, aspect = rng.uniform(0.85, 1.15), rng.uniform(0.85, 1.18)
+    out_w = max(8, round(size[0] * zoom * math.sqrt(aspect)))
+    out_h = max(8, round(size[1] * zoom / math.sqrt(aspect)))
+    region_h = rng.uniform(0.45, 0.9) * height
+    region_w = min(region_h * out_w / out_h, width)
+    region_h = region_w * out_h / out_w
+    quadrant = int(rng.integers(len(QUADRANTS)))
+    row, col = divmod(quadrant, 2)
+    cy = _center_in_half(rng, row, region_h, height)
+    cx = _center_in_half(rng, col, region_w, width)
+    box = (cx - region_w / 2, cy - region_h / 2, cx + region_w / 2, cy + region_h / 2)
+    image = Image.fromarray(photo).resize((out_w, out_h), Image.Resampling.BICUBIC, box=box)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue(), source * len(QUADRANTS) + quadrant
+
+
+def _center_in_half(rng: np.random.Generator, half: int, extent: float, length: int) -> float:
+    """A center in half `half` (0: first, 1: second) of [0, length] where a region of
+    `extent` around it stays inside."""
+    low = max(extent / 2, half * length / 2)
+    high = min(length - extent / 2, (half + 1) * length / 2)
+    return rng.uniform(low, high)
+
+
+def photo_classes() -> list[str]:
+    return [f"{photo}/{quadrant}" for photo in PHOTOS for quadrant in QUADRANTS]
+
+
+def _photo_members(args: tuple[int, int, tuple[int, int], int]) -> Sample:
+    index, seed, size, quality = args
+    jpeg, label = photo_sample(index, seed, size, quality)
+    return f"photo-{index:08d}", {"jpg": jpeg, "cls": str(label).encode()}
+
+
+def prepare_photos(
+    out: Path,
+    num_samples: int,
+    seed: int = 0,
+    size: tuple[int, int] = (400, 350),
+    quality: int = 90,
+    shard_size: int = 1000,
+    val_fraction: float = 0.1,
+    workers: int = 1,
+) -> dict[str, Manifest]:
+    """`num_samples` natural-image JPEGs (see `photo_sample`) as KEY.jpg + KEY.cls,
+    encoded by `workers` processes (the bytes do not depend on how many)."""
+
+    def make(indices: np.ndarray) -> Iterator[Sample]:
+        jobs = [(int(i), seed, size, quality) for i in indices]
+        if pool is None:
+            yield from map(_photo_members, jobs)
+        else:
+            yield from pool.map(_photo_members, jobs, chunksize=32)
+
+    meta = {
+        "source": "sklearn.datasets.load_sample_images (photos)",
+        "classes": photo_classes(),
+        "num_classes": len(photo_classes()),
+        "size": list(size),
+        "quality": quality,
+        "seed": seed,
+    }
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        return _write_splits(Path(out), make, num_samples, val_fraction, seed, shard_size, meta)
+    finally:
+        if pool is not None:
+            pool.shutdown()
 
 
 def synthetic_arrays(

@@ -28,8 +28,11 @@ def register() -> None:
     ConfigStore.instance().store(name="config_schema", node=Config)
     if not OmegaConf.has_resolver("ddp.run_name"):
         OmegaConf.register_new_resolver("ddp.run_name", _run_name)
+        # Cached in the config: Hydra copies the cache into each sweep point's config,
+        # so a job that submitit runs on a node resolves the directory its launcher
+        # made, not one named after its own SLURM job.
         OmegaConf.register_new_resolver(
-            "ddp.sweep_name", lambda name=None: name or default_sweep_name()
+            "ddp.sweep_name", lambda name=None: name or default_sweep_name(), use_cache=True
         )
 
 

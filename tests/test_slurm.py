@@ -117,7 +117,7 @@ def test_preempted_job_requeues_and_matches_uninterrupted(
     assert info["Restarts"] == "1", preempted.describe()
     assert info["ExitCode"] == "0:0", preempted.describe()
     assert re.search(r"exitcode\s*:\s*75", log), log  # torchrun reports the workers' 75
-    assert re.search(r"resumed.*last\.pt", log), log
+    assert re.search(r"continuing at epoch \d+ step \d+ from .*last\.pt", log), log
 
     run_dir = tmp_path / "runs" / f"slurm-{preempted.id}"
     assert_same_weights(model_state(reference_dir(reference)), model_state(run_dir))
@@ -151,7 +151,9 @@ def test_scancel_full_usr1_also_requeues(slurm_cluster, jobs, tmp_path, digits_r
     assert job.wait(timeout=300) == "COMPLETED", job.describe()
     assert job.info()["Restarts"] == "1", job.describe()
     log = job.log_text()
-    assert re.search(r"exitcode\s*:\s*75", log) and re.search(r"resumed.*last\.pt", log), log
+    assert re.search(r"exitcode\s*:\s*75", log) and re.search(
+        r"continuing at epoch \d+ step \d+ from .*last\.pt", log
+    ), log
     assert re.search(r"^epoch 9:", log, re.MULTILINE), log
 
 

@@ -3,6 +3,7 @@ and clear errors on bad data."""
 
 from __future__ import annotations
 
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from ddp.data.loaders import build_eval_loader, build_train_loader
 from ddp.plan import make_plan
 from ddp.shards import DataError, index_split, read_manifest
 from ddp.shards.prepare import prepare_synthetic
-from tests.fixtures import copy_split, corrupt_npy
+from tests.fixtures import as_v1, copy_split, corrupt_npy
 
 
 def epoch_batches(
@@ -303,3 +304,23 @@ def test_reads_shards_written_by_webdataset(digits_root: Path, tmp_path: Path) -
     ours = [b for b in build_eval_loader(digits_root / "val", 359, 0, 1)]
     theirs = [b for b in build_eval_loader(split, 359, 0, 1)]
     assert same(ours, theirs)
+
+
+def test_a_v1_manifest_gives_the_very_batches_of_v2(digits_root: Path, tmp_path: Path) -> None:
+    split = copy_split(digits_root / "train", tmp_path / "train")
+    plan = make_plan(1438, 64, 16, 2)
+    ours = epoch_batches(split, plan, rank=1, epoch=2, start_step=3, **SHARDS)
+    as_v1(split)
+    assert read_manifest(split).version == 1
+    assert same(epoch_batches(split, plan, rank=1, epoch=2, start_step=3, **SHARDS), ours)
+
+
+def test_a_dataset_pickles_its_index_by_path(digits_root: Path) -> None:
+    """A spawned DataLoader worker gets the index files' names, not their content."""
+    dataset = ShardDataset(digits_root / "train")
+    data = pickle.dumps(dataset.index)
+    assert len(data) < 4000 and b"manifest.0.keys.txt" in data
+    again = pickle.loads(data)
+    picked = np.array([0, 700, 1437])
+    assert again.keys[700] == dataset.index.keys[700]
+    assert np.array_equal(again.offsets["npy"][picked], dataset.index.offsets["npy"][picked])

@@ -113,9 +113,10 @@ class ShardDataset(Dataset):
     def _check_headers(self, shard_id: int, path: Path) -> None:
         """The tar headers of the shard's first and last samples name the keys the
         manifest says: catches a shard replaced by another of the same size."""
-        samples = np.flatnonzero(self.index.shard_of == shard_id)
+        samples = self.index.shard_range(shard_id)
         offsets = self.index.offsets[self.input_key]
-        checked = [int(i) for i in samples[[0, -1]] if offsets[i] >= 512] if len(samples) else []
+        ends = (samples[0], samples[-1]) if samples else ()
+        checked = [i for i in ends if offsets[i] >= 512]
         if not checked:
             return
         with open(path, "rb") as f:
@@ -140,7 +141,7 @@ class ShardDataset(Dataset):
         if offset < 0:
             raise LookupError(f"the sample has no .{ext} member")
         size = int(self.index.sizes[ext][index])
-        return self._buffer(int(self.index.shard_of[index]))[offset : offset + size]
+        return self._buffer(int(self.index.shard_of(index)))[offset : offset + size]
 
     def _members(self, indices: np.ndarray, ext: str) -> list[memoryview] | None:
         """Views of one member per sample (None if some sample lacks it): slicing
@@ -149,12 +150,12 @@ class ShardDataset(Dataset):
         if len(indices) == 0 or offsets.min() < 0:
             return None
         ends = (offsets + self.index.sizes[ext][indices]).tolist()
-        shards = self.index.shard_of[indices].tolist()
+        shards = self.index.shard_of(indices).tolist()
         buffers = {shard: self._buffer(shard) for shard in set(shards)}
         return [buffers[s][o:e] for s, o, e in zip(shards, offsets.tolist(), ends, strict=True)]
 
     def _error(self, index: int, message: str) -> DataError:
-        path = self._shard_path(int(self.index.shard_of[index]))
+        path = self._shard_path(int(self.index.shard_of(index)))
         return DataError(f"{path}: key {self.index.keys[index]}: {message}")
 
     # -- samples ----------------------------------------------------------------

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ddp.order import rank_micro_batches
 from ddp.plan import PlanError, make_plan
-from ddp.shards.index import index_split
-from ddp.shards.manifest import DataError, Manifest, read_manifest
+from ddp.shards.index import index_split, manifest_version, upgrade_split
+from ddp.shards.manifest import VERSION, DataError, Manifest, manifest_path, read_manifest
 from ddp.shards.prepare import prepare_digits, prepare_imagefolder, prepare_synthetic
 from ddp.shards.verify import verify_split
 
@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = commands.add_parser("index", help="write manifest.json for existing *.tar shards")
     index.add_argument("dir", type=Path)
+    index.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="rewrite an older manifest as v2 from the manifest itself, without reading shards",
+    )
 
     verify = commands.add_parser("verify", help="checksums, counts, decodability")
     verify.add_argument("dir", type=Path)
@@ -117,7 +122,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    print(_summary(str(args.dir), index_split(args.dir)))
+    before = manifest_version(args.dir)
+    manifest = upgrade_split(args.dir) if args.upgrade else index_split(args.dir)
+    print(_summary(str(args.dir), manifest))
+    if before is not None and before != VERSION:
+        how = "from the manifest (shards not read)" if args.upgrade else "from the shards"
+        print(f"{manifest_path(args.dir)}: upgraded from v{before} to v{VERSION}, {how}")
     return 0
 
 
@@ -134,7 +144,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_order(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.dir)
-    keys = [key for shard in manifest.shards for key in shard.keys]
+    keys = manifest.keys  # looked up per printed sample, never loaded whole
     global_size = args.micro_size * args.accumulate * args.world_size
     plan = make_plan(len(keys), global_size, args.micro_size, args.world_size, args.drop_last)
     lo, hi = args.steps
@@ -151,7 +161,12 @@ def cmd_order(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "index": cmd_index, "verify": cmd_verify, "order": cmd_order}
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "index": cmd_index,
+    "verify": cmd_verify,
+    "order": cmd_order,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

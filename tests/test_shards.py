@@ -330,3 +330,22 @@ def test_cli_prepare_synthetic_png(tmp_path: Path, capsys) -> None:
     assert main(argv) == 0
     assert read_manifest(tmp_path / "train").extensions == ["cls", "png"]
     assert main(["verify", str(tmp_path / "train")]) == 0
+
+
+def test_synth_index_writes_any_size_without_shards(tmp_path: Path, capsys) -> None:
+    split = tmp_path / "synth"
+    argv = ["synth-index", str(split), "--shards", "300", "--samples-per-shard", "1000"]
+    assert main(argv) == 0
+    assert "300,000 samples in 300 shards (synthetic: no tar files)" in capsys.readouterr().out
+    manifest = read_manifest(split)
+    assert manifest.num_samples == 300_000 and manifest.extensions == ["cls", "npy"]
+    assert manifest.meta["synthetic"] and len(manifest.table.sha256[299]) == 64
+    assert manifest.keys[1234] == "shard-000001.tar#234"  # no keys: shard and position
+    members = (split / "manifest.0.members.npy.npy").stat()
+    assert members.st_size > 300_000 * 16 and members.st_blocks * 512 < 300_000  # a hole
+    assert main(["order", str(split), *ORDER_ARGS]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(line.startswith("shard-") and "#" in line for line in lines)
+    (split / "x.tar").write_bytes(b"")
+    assert main(argv) == 2
+    assert "holds tar shards" in capsys.readouterr().err

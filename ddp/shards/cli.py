@@ -1,4 +1,5 @@
-"""`ddp-shards`: prepare, index, verify shards, and print the order a rank reads.
+"""`ddp-shards`: prepare, index, verify shards, print the order a rank reads, and write
+a synthetic index (no shards) to measure what grows with the number of samples.
 
 Exit codes: 0 fine, 1 `verify` found problems, 2 bad input (missing or corrupt
 data, bad arguments), each with one line naming the culprit.
@@ -16,6 +17,7 @@ from ddp.plan import PlanError, make_plan
 from ddp.shards.index import index_split, manifest_version, upgrade_split
 from ddp.shards.manifest import VERSION, DataError, Manifest, manifest_path, read_manifest
 from ddp.shards.prepare import prepare_digits, prepare_imagefolder, prepare_synthetic
+from ddp.shards.synthetic import write_synthetic_index
 from ddp.shards.verify import verify_split
 
 BAD_INPUT = 2
@@ -87,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("--seed", type=int, default=0)
     order.add_argument("--steps", type=_steps, default=(None, None), help="a:b, steps [a, b)")
     order.add_argument("--drop-last", action="store_true")
+
+    synth = commands.add_parser(
+        "synth-index", help="a synthetic v2 index of any size, no tar files (for benchmarks)"
+    )
+    synth.add_argument("dir", type=Path)
+    synth.add_argument("--shards", type=int, required=True)
+    synth.add_argument("--samples-per-shard", type=int, required=True)
+    synth.add_argument("--extensions", default="cls,npy", help="comma-separated member columns")
+    synth.add_argument("--sample-bytes", type=int, default=4096, help="sets the shard sizes")
     return parser
 
 
@@ -161,11 +172,21 @@ def cmd_order(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth_index(args: argparse.Namespace) -> int:
+    extensions = [e for e in args.extensions.split(",") if e]
+    manifest = write_synthetic_index(
+        args.dir, args.shards, args.samples_per_shard, extensions, args.sample_bytes
+    )
+    print(f"{_summary(str(args.dir), manifest)} (synthetic: no tar files)")
+    return 0
+
+
 COMMANDS = {
     "prepare": cmd_prepare,
     "index": cmd_index,
     "verify": cmd_verify,
     "order": cmd_order,
+    "synth-index": cmd_synth_index,
 }
 
 

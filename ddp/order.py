@@ -16,8 +16,8 @@ a keyed permutation of [0, N) computed per position (`EpochPermutation`). Memory
 the cost of a seek do not depend on N; a billion-sample epoch costs what a thousand-
 sample one does.
 
-π is a Feistel network on the mixed-radix domain Z_a × Z_b (a = ⌈√N⌉, b = ⌈N/a⌉,
-so a·b − N < a), with cycle walking back into [0, N):
+π is a Feistel network on the mixed-radix domain Z_a × Z_b (a close to √N, b = ⌈N/a⌉,
+so a·b − N < a; `radix`), with cycle walking back into [0, N):
 
 - a bijection: each round maps (L, R) ∈ Z_m × Z_n to (R, (L + F(R)) mod m) ∈ Z_n × Z_m,
   undone by L = (R' − F(R)) mod m whatever F is; an even number of rounds returns to
@@ -29,25 +29,36 @@ so a·b − N < a), with cycle walking back into [0, N):
 - O(1) per position: fewer than a of the a·b values lie outside [0, N), a fraction
   below 1/b ≈ 1/√N, so a walk takes one network evaluation plus ~1/√N more on
   average (at most a·b − N).
-- random enough: six rounds whose round function is a 64-bit mixer (splitmix64's
-  finaliser) keyed per round from SeedSequence((seed, epoch)); Luby-Rackoff needs
-  three or four rounds for a pseudo-random permutation. tests/test_order.py holds it
-  to a true shuffle's statistics (shard runs, rank correlation, epoch-to-epoch
-  independence, where a sample lands).
+- random enough: six rounds (24 up to N = SMALL) of a keyed 64-bit multiply-
+  xorshift-multiply mix, round keys from SeedSequence((seed, epoch)); Luby-Rackoff
+  needs three or four rounds for a pseudo-random permutation. tests/test_order.py
+  holds it to a true shuffle's statistics (shard runs, rank correlation, neighbour
+  gaps, epoch-to-epoch independence, where a sample lands, which orders of a tiny N
+  come up); four rounds pass them too, two do not.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.random import SeedSequence  # numpy loads it lazily: now, not on the first seek
 
 from ddp.plan import BatchPlan
 
 ROUNDS = 6
 """Feistel rounds (even: the state returns to Z_a × Z_b)."""
+
+SMALL = 1 << 12
+"""Up to this N, four times the rounds: a tiny domain needs more of them to come close
+to a uniformly random permutation (N = 6: the orders drawn by six or twelve rounds are
+told apart from a true shuffle's by a χ² test, by 24 they are not), and there the cost
+per index does not matter."""
+
+RADIX_TRIES = 4096
+"""How many splits a·b of the domain `radix` considers."""
 
 BLOCK = 8192
 """Positions computed per call in `rank_micro_batches`: large enough that numpy's
@@ -83,20 +94,31 @@ class EpochPermutation:
     radix: tuple[int, int]
     """(a, b): the network permutes Z_a × Z_b, a·b >= num_samples."""
     keys: tuple[int, ...]
-    """One 64-bit key per round."""
+    """One 64-bit key per round (an even number of rounds)."""
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         positions = np.asarray(positions, dtype=np.int64)
         if positions.size and (positions.min() < 0 or positions.max() >= self.num_samples):
             raise ValueError(f"positions must lie in [0, {self.num_samples})")
-        out = self._network(positions.astype(np.uint64))
-        walking = np.flatnonzero(out >= self.num_samples)
-        while walking.size:  # cycle walking: ~1/sqrt(N) of the values, once or twice
-            out[walking] = self._network(out[walking])
-            walking = walking[out[walking] >= self.num_samples]
-        return out.astype(np.int64)
+        return self._walk(self.network(positions.view(np.uint64)), self.network)
 
-    def _network(self, x: np.ndarray) -> np.ndarray:
+    def table(self) -> np.ndarray:
+        """All of π at once (int64, N values): the network over its whole domain in one
+        call, then the walks by lookups in that table instead of more network calls."""
+        a, b = self.radix
+        network = self.network(np.arange(a * b, dtype=np.uint64))
+        return self._walk(network[: self.num_samples], network.__getitem__)
+
+    def _walk(self, out: np.ndarray, step: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Cycle walking: apply the network again to values outside [0, N) (~1/√N of them,
+        once or twice) until they land inside."""
+        walking = np.flatnonzero(out >= self.num_samples)
+        while walking.size:
+            out[walking] = step(out[walking])
+            walking = walking[out[walking] >= self.num_samples]
+        return out.view(np.int64)
+
+    def network(self, x: np.ndarray) -> np.ndarray:
         """The Feistel network on [0, a·b) (uint64 in, uint64 out). In place, on two
         scratch arrays: numpy's temporaries would cost more than the arithmetic."""
         a, b = self.radix
@@ -118,15 +140,15 @@ class EpochPermutation:
 def _round_function(
     x: np.ndarray, key: int, modulus: np.uint64, out: np.ndarray, scratch: np.ndarray
 ) -> None:
-    """out = F_key(x) in [0, modulus): splitmix64's finaliser of x XOR key, scaled by a
-    multiply-shift (x and modulus < 2^32, so the product fits in 64 bits)."""
+    """out = F_key(x) in [0, modulus): x XOR key, multiplied, folded, multiplied again
+    (the shape of splitmix64's finaliser: every input bit reaches the top 32), then the
+    top 32 bits scaled by a multiply-shift (modulus < 2^32: the product fits in 64 bits).
+    In place on `out`; `scratch` is spare room."""
     np.bitwise_xor(x, np.uint64(key), out=out)
-    for shift, multiplier in ((30, _MIX1), (27, _MIX2)):
-        np.right_shift(out, np.uint64(shift), out=scratch)
-        out ^= scratch
-        out *= multiplier
-    np.right_shift(out, np.uint64(31), out=scratch)
+    out *= _MIX1
+    np.right_shift(out, np.uint64(32), out=scratch)
     out ^= scratch
+    out *= _MIX2
     out >>= np.uint64(32)
     out *= modulus
     out >>= np.uint64(32)
@@ -145,17 +167,28 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> EpochPermutati
         )
     if num_samples >= 1 << 62:
         raise ValueError(f"num_samples={num_samples} is beyond the order's 2^62")
-    a = math.isqrt(num_samples - 1) + 1 if num_samples > 1 else 1  # least a with a² >= N
-    b = max(1, -(-num_samples // a))
-    keys = np.random.SeedSequence([seed, epoch]).generate_state(ROUNDS, dtype=np.uint64)
-    return EpochPermutation(num_samples, (a, b), tuple(int(k) for k in keys))
+    rounds = ROUNDS if num_samples > SMALL else 4 * ROUNDS
+    keys = SeedSequence([seed, epoch]).generate_state(rounds, dtype=np.uint64)
+    return EpochPermutation(num_samples, radix(num_samples), tuple(int(k) for k in keys))
+
+
+def radix(num_samples: int) -> tuple[int, int]:
+    """(a, b) with a·b >= N, neither more than twice the other (a balanced network mixes
+    best), a·b − N least among the RADIX_TRIES values of a just below √N: often 0
+    (N = 50,000 = 200 × 250), so cycle walking, whose small arrays cost numpy's per-call
+    overhead, is rare or never needed."""
+    top = math.isqrt(max(num_samples, 1) - 1) + 1  # the least a with a² >= N
+    a = np.arange(top, max(1, top - RADIX_TRIES + 1) - 1, -1, dtype=np.int64)
+    b = -(-max(num_samples, 1) // a)
+    waste = np.where(b <= 2 * a, a * b - num_samples, np.iinfo(np.int64).max)
+    best = int(np.argmin(waste))  # ties keep the larger a: the more balanced
+    return int(a[best]), int(b[best])
 
 
 def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     """The whole permutation of range(num_samples), materialised (int64): for small N
     (streaming's shard order, tests). Training reads it position by position."""
-    perm = epoch_permutation(num_samples, seed, epoch)
-    return perm(np.arange(num_samples, dtype=np.int64))
+    return epoch_permutation(num_samples, seed, epoch).table()
 
 
 def sequence_at(

@@ -10,11 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ddp.order import rank_micro_batches
 from ddp.plan import make_plan
 from ddp.shards import DataError, Manifest, index_split, read_manifest, write_manifest
 from ddp.shards.cli import main
+from ddp.shards.manifest import ShardTable
 from ddp.shards.prepare import prepare_imagefolder, prepare_synthetic
 from tests import harness
 from tests.fixtures import as_v1, copy_split, corrupt_npy
@@ -349,3 +352,14 @@ def test_synth_index_writes_any_size_without_shards(tmp_path: Path, capsys) -> N
     (split / "x.tar").write_bytes(b"")
     assert main(argv) == 2
     assert "holds tar shards" in capsys.readouterr().err
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=8), st.booleans())
+def test_a_samples_shard_is_found_without_an_array_per_sample(counts: list, even: bool) -> None:
+    """By division when the shards hold one count (the last no more), else by search."""
+    if even:
+        counts = [counts[0]] * (len(counts) - 1) + [min(counts[-1], counts[0])]
+    table = ShardTable([f"{i}.tar" for i in range(len(counts))], *[np.array(counts)] * 2, [])
+    expected = np.repeat(np.arange(len(counts)), counts)
+    assert np.array_equal(table.shard_of(np.arange(len(expected))), expected)

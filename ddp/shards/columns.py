@@ -273,7 +273,9 @@ def _load(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         raise IndexFileError(
             f"{path}: {array.dtype}{list(array.shape)} but the manifest needs int64{list(shape)}"
         )
-    return array
+    # A plain ndarray over the map: np.memmap's subclass hooks cost microseconds on every
+    # operation of every micro-batch; the map lives as long as the view.
+    return np.asarray(array)
 
 
 def _map_bytes(path: Path) -> mmap.mmap | bytes:

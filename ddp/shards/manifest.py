@@ -110,9 +110,15 @@ class ShardTable:
     was recorded (labels that are not integers, or a manifest from before ranges)."""
     starts: np.ndarray = field(init=False)
     """int64 (shards + 1,): index of each shard's first sample; starts[-1] is N."""
+    stride: int = field(init=False)
+    """The sample count of every shard but the last when they all hold that many and
+    the last no more (as writers make them), else 0."""
 
     def __post_init__(self) -> None:
         self.starts = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        first = int(self.counts[0]) if len(self.counts) else 0
+        uniform = first > 0 and (self.counts[:-1] == first).all() and self.counts[-1] <= first
+        self.stride = first if uniform else 0
 
     def __len__(self) -> int:
         return len(self.names)
@@ -122,8 +128,11 @@ class ShardTable:
         return int(self.starts[-1])
 
     def shard_of(self, indices: np.ndarray) -> np.ndarray:
-        """The shard (position in `names`) of each sample index: a binary search over
-        the shard starts instead of an array per sample."""
+        """The shard (position in `names`) of each sample index: a division when the
+        shards are of one size (but the last), else a binary search over the shard
+        starts; never an array per sample."""
+        if self.stride:  # index < N <= shards × stride: the quotient is a shard
+            return np.asarray(indices) // self.stride
         return np.searchsorted(self.starts, indices, side="right") - 1
 
     def to_json(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from ddp.order import rank_micro_batches
 from ddp.plan import make_plan
 from ddp.shards import DataError, Manifest, index_split, read_manifest, write_manifest
 from ddp.shards.cli import main
+from ddp.shards.columns import NO_LABEL
 from ddp.shards.manifest import ShardTable
 from ddp.shards.prepare import prepare_imagefolder, prepare_synthetic
 from tests import harness
@@ -363,3 +364,19 @@ def test_a_samples_shard_is_found_without_an_array_per_sample(counts: list, even
     table = ShardTable([f"{i}.tar" for i in range(len(counts))], *[np.array(counts)] * 2, [])
     expected = np.repeat(np.arange(len(counts)), counts)
     assert np.array_equal(table.shard_of(np.arange(len(expected))), expected)
+
+
+def test_labels_are_recorded_where_they_are_integers(tmp_path: Path) -> None:
+    """Per sample where .cls is an integer int64 holds; no range for a shard with others
+    (the loader judges those per sample)."""
+    split = tmp_path / "labels"
+    split.mkdir()
+    with tarfile.open(split / "shard-000000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, label in (("a", b"3"), ("b", b"cat"), ("c", b"9" * 30), ("d", b" 7\n")):
+            for ext, data in (("cls", label), ("npy", b"x")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    shard = index_split(split).shards[0]
+    assert shard.labels["cls"] == [3, NO_LABEL, NO_LABEL, 7] and shard.label_ranges == {}
+    assert read_manifest(split).samples.labels["cls"].tolist() == shard.labels["cls"]

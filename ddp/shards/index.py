@@ -113,10 +113,12 @@ def read_labels(path: Path, columns: dict[str, dict[str, list[int]]]) -> dict[st
 
 
 def _integer(data: bytes) -> int:
+    """The label in a member, or NO_LABEL when it is not an integer that int64 holds."""
     try:
-        return int(data)
+        value = int(data)
     except ValueError:
         return NO_LABEL
+    return value if NO_LABEL < value < -NO_LABEL else NO_LABEL
 
 
 def label_ranges(

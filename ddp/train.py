@@ -32,6 +32,7 @@ from ddp.config import Config, TrainerConfig
 from ddp.data.device import Prefetcher
 from ddp.data.splits import open_splits
 from ddp.dist import collectives
+from ddp.dist.agreement import check_same_job
 from ddp.dist.env import detect
 from ddp.dist.exit import ExitCode, retire
 from ddp.dist.group import init_distributed, pick_device, shutdown
@@ -65,14 +66,15 @@ def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, override
     training, schedule = build_training(config, plan, device)
     pos = training.restore(resumed, launch.rank, launch.world_size) if resumed else Position()
 
+    config_record = as_record(config)  # once: it costs tens of ms
     env = init_distributed(launch, device, config.trainer.timeout_s, config.trainer.backend)
+    check_same_job(env, config_record, run_dir)  # every host: same code, config, run dir
     lock = claim_run_dir(run_dir, env)  # one job per run directory, from here to the exit
     stop = StopRequest()
     ckpt_dir = run_dir / "checkpoints"
     if env.is_main and ckpt_dir.is_dir():
         checkpoint.remove_stale_temporaries(ckpt_dir)
     wrap_ddp(training, env, config.trainer.compile, config.trainer.compile_mode)
-    config_record = as_record(config)  # once: it costs tens of ms
     tracker = Tracker.start(  # W&B starts on a thread while the rest is set up
         run_dir,
         config_record,

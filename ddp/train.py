@@ -86,15 +86,16 @@ def train(config: Config, run_dir: Path, sweep_dir: Path | None = None, override
         monitor=config.plateau.monitor,
         monitor_mode=config.plateau.mode,
     )
+    auditable = config.trainer.audit_samples and train_loader.indexed
+    audit = SampleAudit(plan.num_samples if auditable else 0)
+    audit.resume(resumed, env)  # a resumed epoch's counts so far
     checkpoints = Checkpointer(
-        ckpt_dir, config.trainer, config_record, plan, training, env, tracker.run_id
+        ckpt_dir, config.trainer, config_record, plan, training, env, tracker.run_id, audit
     )
     autocast = autocast_for(config, device)
     lag = step_lag(config, training, device)  # on a GPU, read a step's totals a step late
     stepper = Stepper(training, env, autocast, config.trainer.grad_clip, lag)
     pipeline = input_pipeline(config, training.model, device)  # uint8 -> float on the device
-    auditable = config.trainer.audit_samples and train_loader.indexed
-    audit = SampleAudit(plan.num_samples if auditable else 0)
     plateau = training.plateau
     progress = Progress(env.is_main, plan.iterations_per_epoch, plan.global_size)
     progress.print(f"batch plan ({env.world_size} process(es), {device.type}):\n{plan.table()}")

@@ -50,6 +50,7 @@ if ((HOSTS == 0)); then
     RUN_DIR=/run/slurm
     NODES=("$(hostname -s)")
     SLURMD_TIMEOUT=300
+    CRED_EXPIRE=10
 else
     # Paths of its own everywhere: the one-node cluster may run beside it.
     SLURM_ETC=/etc/slurm/ddp-hosts
@@ -58,6 +59,7 @@ else
     RUN_DIR=/run/slurm-ddp-hosts
     mapfile -t NODES < <(seq -f 'node%g' 1 "$HOSTS")
     SLURMD_TIMEOUT=6
+    CRED_EXPIRE=5 # SLURM's minimum: its jobs are requeued twice in one test
 fi
 CTLD_HOST=${NODES[0]}
 SLURM_CONF="$SLURM_ETC/slurm.conf"
@@ -177,7 +179,7 @@ SlurmdUser=root
 AuthType=auth/munge
 # A requeued job may start again cred_expire + 1 s after the requeue (default
 # 120 s). 10 s keeps preemption tests short; step launches here take < 1 s.
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=$CRED_EXPIRE
 StateSaveLocation=$STATE_DIR/slurmctld
 SlurmdSpoolDir=$STATE_DIR/slurmd$(per_node)
 SlurmctldPidFile=$CTLD_PID
@@ -359,6 +361,7 @@ cmd_stop() {
     kill_daemon "$CTLD_PID" slurmctld
     if ((HOSTS > 0)); then
         "$HOSTS_SH" down
+        rmdir "$RUN_DIR" 2>/dev/null || true
         # munged serves the one-node cluster too: leave it to that cluster's stop.
         running /run/slurm/slurmctld.pid slurmctld || kill_daemon "$MUNGE_PID" munged
     else

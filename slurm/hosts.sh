@@ -74,6 +74,7 @@ write_hosts_file() {
 make_host() {
     local host=$1 count=$2 ns
     ns="$PREFIX$host"
+    ip netns del "$ns" 2>/dev/null || true # left by an interrupted `up`
     ip netns add "$ns"
     # The veth's bridge end keeps the namespace's name: one glance at `ip link` says
     # which host it belongs to.
@@ -186,15 +187,31 @@ cmd_unblock() {
     nft_on "$1" delete table inet ddp_hosts 2>/dev/null || true
 }
 
+# The hosts that exist, also those half made by an interrupted `up` (a namespace
+# without its files), so that `down` leaves nothing behind.
+all_hosts() {
+    {
+        hosts
+        ip netns list 2>/dev/null | awk -v ns="${PREFIX}node" \
+            'index($1, ns) == 1 { print substr($1, length(ns) - 3) }'
+    } | sort -uV
+}
+
 cmd_down() {
     need_root
-    local host pids
-    for host in $(hosts); do
+    local host pids i
+    for host in $(all_hosts); do
         pids=$(host_pids "$host" | xargs)
+        [[ -n $pids ]] || continue
         # shellcheck disable=SC2086  # a list of pids
-        [[ -n $pids ]] && kill -KILL $pids 2>/dev/null || true
+        kill -KILL $pids 2>/dev/null || true
+        # A namespace lives on while a process in it does: wait for them to go.
+        for ((i = 0; i < 50; i++)); do
+            [[ -z $(host_pids "$host") ]] && break
+            sleep 0.1
+        done
     done
-    for host in $(hosts); do
+    for host in $(all_hosts); do
         umount "$DIR/$host/mnt" "$DIR/$host/uts" 2>/dev/null || true
         ip netns del "$PREFIX$host" 2>/dev/null || true # its veth goes with it
         rm -rf "${DIR:?}/$host"

@@ -66,7 +66,7 @@ def route_to(host: str) -> Route | None:
         try:
             with socket.socket(family, socket.SOCK_DGRAM) as probe:
                 probe.connect((address, 9))  # UDP: picks the route, sends nothing
-                source = probe.getsockname()[0]
+                source = probe.getsockname()[0].split("%")[0]  # no IPv6 scope: fe80::1%eth0
         except OSError:  # no route to this address: try the next one
             continue
         if source in owners:

@@ -33,8 +33,11 @@ train: data
 
 # DDP_TEST_SLURM=1: the SLURM tests may start the local one-node cluster (as root;
 # slurm/cluster.sh installs Debian's packages); elsewhere they skip with the reason.
+# DDP_TEST_HOSTS=1: the multi-host tests may build two namespace hosts (as root;
+# slurm/hosts.sh) and their 2-node SLURM cluster, and remove them at the end.
 test: data
-	OMP_NUM_THREADS=1 DDP_TEST_SLURM=$${DDP_TEST_SLURM:-1} $(BIN)/python -m pytest -q $(ARGS)
+	OMP_NUM_THREADS=1 DDP_TEST_SLURM=$${DDP_TEST_SLURM:-1} DDP_TEST_HOSTS=$${DDP_TEST_HOSTS:-1} \
+		$(BIN)/python -m pytest -q $(ARGS)
 
 # Ours vs a raw DDP loop vs Lightning (installs the bench extra), then the data loader.
 bench: data

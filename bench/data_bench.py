@@ -1,10 +1,13 @@
 """Loader throughput on the same shards: ours vs webdataset's pipeline vs the floor.
 
     python bench/data_bench.py [--num-samples 50000] [--data /tmp/ddp-data-bench]
+                               [--in-memory-max-mb 256]
 
 Cases: small 32x32x3 uint8 samples stored as npy and as png. Rows:
 - floor: read every shard file front to back into memory (no decode, no order);
-- ddp full shuffle: TrainLoader, one process (num_workers=0), exact epoch order;
+- ddp full shuffle: TrainLoader, one process (num_workers=0), exact epoch order; the
+  split is held in memory when it fits in --in-memory-max-mb (the loader's default,
+  256), read from the shards with 0;
 - webdataset: shard shuffle + 1,000-sample shuffle buffer + decode + batched,
   one process, same float CHW conversion;
 - resume ratio: time to the first batch at 90% of an epoch over at its start.
@@ -56,10 +59,14 @@ def floor(split: Path) -> float:
     return read_manifest(split).num_samples / (time.perf_counter() - start)
 
 
-def ours(split: Path, fmt: str) -> float:
+def options(fmt: str, in_memory_mb: int) -> LoaderOptions:
+    return LoaderOptions(input_key=fmt, in_memory_max_mb=in_memory_mb)
+
+
+def ours(split: Path, fmt: str, in_memory_mb: int) -> float:
     n = read_manifest(split).num_samples
     plan = make_plan(n, MICRO, MICRO, 1)
-    loader = build_train_loader(split, plan, 0, 0, LoaderOptions(input_key=fmt))
+    loader = build_train_loader(split, plan, 0, 0, options(fmt, in_memory_mb))
     start = time.perf_counter()
     seen = sum(len(batch) for batch in loader.epoch(1))
     return seen / (time.perf_counter() - start)
@@ -87,19 +94,19 @@ def webdataset(split: Path, fmt: str) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def first_batch_seconds(split: Path, fmt: str, fraction: float) -> float:
+def first_batch_seconds(split: Path, fmt: str, fraction: float, in_memory_mb: int) -> float:
     n = read_manifest(split).num_samples
     plan = make_plan(n, MICRO, MICRO, 1)
     step = int(fraction * plan.iterations_per_epoch)
     start = time.perf_counter()
-    loader = build_train_loader(split, plan, 0, 0, LoaderOptions(input_key=fmt))
+    loader = build_train_loader(split, plan, 0, 0, options(fmt, in_memory_mb))
     next(iter(loader.epoch(1, start_step=step)))
     return time.perf_counter() - start
 
 
-def resume_ratio(split: Path, fmt: str, repeats: int = 5) -> float:
-    at_start = min(first_batch_seconds(split, fmt, 0.0) for _ in range(repeats))
-    at_90 = min(first_batch_seconds(split, fmt, 0.9) for _ in range(repeats))
+def resume_ratio(split: Path, fmt: str, in_memory_mb: int, repeats: int = 5) -> float:
+    at_start = min(first_batch_seconds(split, fmt, 0.0, in_memory_mb) for _ in range(repeats))
+    at_90 = min(first_batch_seconds(split, fmt, 0.9, in_memory_mb) for _ in range(repeats))
     return at_90 / at_start
 
 
@@ -109,7 +116,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path("/tmp/ddp-data-bench"))
     parser.add_argument("--formats", default="npy,png")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--in-memory-max-mb", type=int, default=256, help="0: read the shards")
     args = parser.parse_args()
+    memory = args.in_memory_max_mb
     torch.set_num_threads(1)
     print(
         f"{'case':<6} {'floor (read)':>14} {'ddp shuffle':>14} {'webdataset':>14} "
@@ -117,15 +126,15 @@ def main() -> None:
     )
     for fmt in args.formats.split(","):
         split = prepare(args.data, fmt, args.num_samples)
-        ours(split, fmt)  # warm the page cache and the code paths
+        ours(split, fmt, memory)  # warm the page cache and the code paths
         row = [
             best_of(args.repeats, floor, split),
-            best_of(args.repeats, ours, split, fmt),
+            best_of(args.repeats, ours, split, fmt, memory),
             best_of(max(1, args.repeats // 2), webdataset, split, fmt),
         ]
         print(
             f"{fmt:<6} {row[0]:>14,.0f} {row[1]:>14,.0f} {row[2]:>14,.0f} "
-            f"{row[1] / row[2]:>7.1f}x {resume_ratio(split, fmt):>10.2f}x"
+            f"{row[1] / row[2]:>7.1f}x {resume_ratio(split, fmt, memory):>10.2f}x"
         )
     print(
         f"samples/s (best of {args.repeats}), one process, one thread, "

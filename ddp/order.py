@@ -10,16 +10,62 @@ takes its own slice of each global batch, so
 - the global order does not depend on the world size: global batch b is always
   `sequence[b*G:(b+1)*G]`, and ranks cut it into contiguous slices in rank order,
 - resuming at (epoch, step) seeks straight to `step * G` in the sequence.
+
+The sequence is never materialised: the sample at position p is `π(p)`, where π is
+a keyed permutation of [0, N) computed per position (`EpochPermutation`). Memory and
+the cost of a seek do not depend on N; a billion-sample epoch costs what a thousand-
+sample one does.
+
+π is a Feistel network on the mixed-radix domain Z_a × Z_b (a close to √N, b = ⌈N/a⌉,
+so a·b − N < a; `radix`), with cycle walking back into [0, N):
+
+- a bijection: each round maps (L, R) ∈ Z_m × Z_n to (R, (L + F(R)) mod m) ∈ Z_n × Z_m,
+  undone by L = (R' − F(R)) mod m whatever F is; an even number of rounds returns to
+  Z_a × Z_b, and x ↔ (x // b, x % b) numbers it as [0, a·b). Cycle walking (apply
+  the network again until the value lands in [0, N)) turns that permutation of
+  [0, a·b) into one of [0, N): the walk from x stays on x's cycle, which holds x
+  itself, so it ends; and two inputs cannot meet, since walking back from an output
+  through out-of-range values reaches exactly one in-range predecessor.
+- O(1) per position: fewer than a of the a·b values lie outside [0, N), a fraction
+  below 1/b ≈ 1/√N, so a walk takes one network evaluation plus ~1/√N more on
+  average (at most a·b − N).
+- random enough: six rounds (24 up to N = SMALL) of a keyed 64-bit multiply-
+  xorshift-multiply mix, round keys from SeedSequence((seed, epoch)); Luby-Rackoff
+  needs three or four rounds for a pseudo-random permutation. tests/test_order.py
+  holds it to a true shuffle's statistics (shard runs, rank correlation, neighbour
+  gaps, epoch-to-epoch independence, where a sample lands, which orders of a tiny N
+  come up); four rounds pass them too, two do not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.random import SeedSequence  # numpy loads it lazily: now, not on the first seek
 
 from ddp.plan import BatchPlan
+
+ROUNDS = 6
+"""Feistel rounds (even: the state returns to Z_a × Z_b)."""
+
+SMALL = 1 << 12
+"""Up to this N, four times the rounds: a tiny domain needs more of them to come close
+to a uniformly random permutation (N = 6: the orders drawn by six or twelve rounds are
+told apart from a true shuffle's by a χ² test, by 24 they are not), and there the cost
+per index does not matter."""
+
+RADIX_TRIES = 4096
+"""How many splits a·b of the domain `radix` considers."""
+
+BLOCK = 8192
+"""Positions computed per call in `rank_micro_batches`: large enough that numpy's
+per-call overhead vanishes, small enough to stay O(1) in memory."""
+
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 @dataclass(frozen=True)
@@ -41,37 +87,134 @@ class MicroBatch:
         return len(self.indices)
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """A permutation of range(num_samples), a pure function of (seed, epoch, N).
+@dataclass(frozen=True)
+class EpochPermutation:
+    """π, a keyed permutation of [0, num_samples) for one (seed, epoch): `perm(positions)`
+    gives the samples at those positions of the epoch's order. Holds a few integers."""
 
-    Seeding PCG64 with the pair (seed, epoch) through SeedSequence gives
-    unrelated streams for neighbouring epochs and seeds, on every platform.
+    num_samples: int
+    radix: tuple[int, int]
+    """(a, b): the network permutes Z_a × Z_b, a·b >= num_samples."""
+    keys: tuple[int, ...]
+    """One 64-bit key per round (an even number of rounds)."""
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size and (positions.min() < 0 or positions.max() >= self.num_samples):
+            raise ValueError(f"positions must lie in [0, {self.num_samples})")
+        return self._walk(self.network(positions.view(np.uint64)), self.network)
+
+    def table(self) -> np.ndarray:
+        """All of π at once (int64, N values): the network over its whole domain in one
+        call, then the walks by lookups in that table instead of more network calls."""
+        a, b = self.radix
+        network = self.network(np.arange(a * b, dtype=np.uint64))
+        return self._walk(network[: self.num_samples], network.__getitem__)
+
+    def _walk(self, out: np.ndarray, step: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Cycle walking: apply the network again to values outside [0, N) (~1/√N of them,
+        once or twice) until they land inside."""
+        walking = np.flatnonzero(out >= self.num_samples)
+        while walking.size:
+            out[walking] = step(out[walking])
+            walking = walking[out[walking] >= self.num_samples]
+        return out.view(np.int64)
+
+    def network(self, x: np.ndarray) -> np.ndarray:
+        """The Feistel network on [0, a·b) (uint64 in, uint64 out). In place, on two
+        scratch arrays: numpy's temporaries would cost more than the arithmetic."""
+        a, b = self.radix
+        left, right = np.divmod(x, np.uint64(b))
+        moduli = (np.uint64(a), np.uint64(b))
+        mixed, scratch = np.empty_like(x), np.empty_like(x)
+        for i, key in enumerate(self.keys):
+            modulus = moduli[i % 2]  # left's: a, b, a, b, ...
+            _round_function(right, key, modulus, mixed, scratch)
+            mixed += left  # < 2 * modulus: one conditional subtraction reduces it
+            np.subtract(mixed, modulus, out=scratch)  # wraps around when mixed < modulus
+            np.minimum(mixed, scratch, out=mixed)
+            left, right, mixed = right, mixed, left
+        left *= np.uint64(b)
+        left += right
+        return left
+
+
+def _round_function(
+    x: np.ndarray, key: int, modulus: np.uint64, out: np.ndarray, scratch: np.ndarray
+) -> None:
+    """out = F_key(x) in [0, modulus): x XOR key, multiplied, folded, multiplied again
+    (the shape of splitmix64's finaliser: every input bit reaches the top 32), then the
+    top 32 bits scaled by a multiply-shift (modulus < 2^32: the product fits in 64 bits).
+    In place on `out`; `scratch` is spare room."""
+    np.bitwise_xor(x, np.uint64(key), out=out)
+    out *= _MIX1
+    np.right_shift(out, np.uint64(32), out=scratch)
+    out ^= scratch
+    out *= _MIX2
+    out >>= np.uint64(32)
+    out *= modulus
+    out >>= np.uint64(32)
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> EpochPermutation:
+    """π for (seed, epoch) over [0, num_samples): a pure function.
+
+    Round keys come from SeedSequence((seed, epoch)): unrelated for neighbouring
+    epochs and seeds, and the same on every platform.
     """
     if num_samples < 0 or seed < 0 or epoch < 0:
         raise ValueError(
-            f"epoch_order needs non-negative values, got num_samples={num_samples}, "
+            f"the epoch order needs non-negative values, got num_samples={num_samples}, "
             f"seed={seed}, epoch={epoch}"
         )
-    rng = np.random.Generator(np.random.PCG64([seed, epoch]))
-    return rng.permutation(num_samples).astype(np.int64, copy=False)
+    if num_samples >= 1 << 62:
+        raise ValueError(f"num_samples={num_samples} is beyond the order's 2^62")
+    rounds = ROUNDS if num_samples > SMALL else 4 * ROUNDS
+    keys = SeedSequence([seed, epoch]).generate_state(rounds, dtype=np.uint64)
+    return EpochPermutation(num_samples, radix(num_samples), tuple(int(k) for k in keys))
+
+
+def radix(num_samples: int) -> tuple[int, int]:
+    """(a, b) with a·b >= N, neither more than twice the other (a balanced network mixes
+    best), a·b − N least among the RADIX_TRIES values of a just below √N: often 0
+    (N = 50,000 = 200 × 250), so cycle walking, whose small arrays cost numpy's per-call
+    overhead, is rare or never needed."""
+    top = math.isqrt(max(num_samples, 1) - 1) + 1  # the least a with a² >= N
+    a = np.arange(top, max(1, top - RADIX_TRIES + 1) - 1, -1, dtype=np.int64)
+    b = -(-max(num_samples, 1) // a)
+    waste = np.where(b <= 2 * a, a * b - num_samples, np.iinfo(np.int64).max)
+    best = int(np.argmin(waste))  # ties keep the larger a: the more balanced
+    return int(a[best]), int(b[best])
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The whole permutation of range(num_samples), materialised (int64): for small N
+    (streaming's shard order, tests). Training reads it position by position."""
+    return epoch_permutation(num_samples, seed, epoch).table()
+
+
+def sequence_at(
+    plan: BatchPlan, perm: EpochPermutation, positions: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The samples at `positions` of the epoch's global sequence, and their padding flags.
+
+    Position p < N holds π(p); past N (no drop_last) the last global batch is filled
+    with the epoch's first samples again: p holds π(p − N). G <= N, so p − N < N.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    padded = positions >= plan.num_samples
+    return perm(np.where(padded, positions - plan.num_samples, positions)), padded
 
 
 def global_sequence(plan: BatchPlan, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     """The epoch's samples in global consumption order, and their padding flags.
 
     Length is `plan.samples_per_epoch`: the order truncated (drop_last) or padded
-    with its own first samples so the last global batch is full.
+    with its own first samples so the last global batch is full. Materialised: for
+    tests and small N; `rank_micro_batches` computes only what a rank reads.
     """
-    order = epoch_order(plan.num_samples, seed, epoch)
-    length = plan.samples_per_epoch
-    padding = length - len(order)
-    if padding <= 0:
-        return order[:length], np.zeros(length, dtype=bool)
-    # G <= N, so the padding (< G) never needs more than one copy of the order.
-    sequence = np.concatenate([order, order[:padding]])
-    padded = np.zeros(length, dtype=bool)
-    padded[len(order) :] = True
-    return sequence, padded
+    perm = epoch_permutation(plan.num_samples, seed, epoch)
+    return sequence_at(plan, perm, np.arange(plan.samples_per_epoch, dtype=np.int64))
 
 
 def rank_micro_batches(
@@ -80,18 +223,23 @@ def rank_micro_batches(
     """Rank `rank`'s micro-batches for the epoch, from `start_step` to its end.
 
     Yields exactly (iterations_per_epoch - start_step) * accumulate micro-batches.
-    Resuming costs one permutation, whatever the position in the epoch.
+    Positions are computed a block of steps at a time: starting at any step costs
+    one block, whatever the position in the epoch, and memory stays one block.
     """
     _check_rank(rank, plan.world_size)
     check_start_step(plan, start_step)
-    sequence, padded = global_sequence(plan, seed, epoch)
-    per_rank = plan.samples_per_rank_per_iteration
-    micro = plan.micro_size
-    for step in range(start_step, plan.iterations_per_epoch):
-        begin = step * plan.global_size + rank * per_rank
-        for j in range(plan.accumulate):
-            lo = begin + j * micro
-            yield MicroBatch(step, j, sequence[lo : lo + micro], padded[lo : lo + micro], epoch)
+    perm = epoch_permutation(plan.num_samples, seed, epoch)
+    per_rank, micro = plan.samples_per_rank_per_iteration, plan.micro_size
+    steps_per_block = max(1, BLOCK // per_rank)
+    offsets = rank * per_rank + np.arange(per_rank, dtype=np.int64)
+    for first in range(start_step, plan.iterations_per_epoch, steps_per_block):
+        steps = range(first, min(first + steps_per_block, plan.iterations_per_epoch))
+        starts = np.arange(steps.start, steps.stop, dtype=np.int64) * plan.global_size
+        indices, padded = sequence_at(plan, perm, (starts[:, None] + offsets).ravel())
+        for k, step in enumerate(steps):
+            for j in range(plan.accumulate):
+                lo = k * per_rank + j * micro
+                yield MicroBatch(step, j, indices[lo : lo + micro], padded[lo : lo + micro], epoch)
 
 
 def eval_micro_batches(

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from ddp.plateau import PlateauTracker
 from ddp.run_dir import RunLock
 from ddp.tracking.metrics_file import METRICS_FILE
 from ddp.validate import ConfigError
+
+if TYPE_CHECKING:  # ddp.step imports this module
+    from ddp.step import SampleAudit
 
 EPOCH_SUMS = ("loss", "correct", "count", "skipped")
 """Per-step totals (over all ranks) that add up to the epoch's train metrics."""
@@ -220,8 +223,10 @@ class Checkpointer:
         training: Training,
         env: DistEnv,
         wandb_run_id: str | None,
+        audit: SampleAudit | None = None,
     ) -> None:
         self.directory = directory
+        self.audit = audit
         self.trainer = trainer
         self.config_record, self.plan = config_record, plan
         self.training, self.env = training, env
@@ -254,6 +259,7 @@ class Checkpointer:
             "plan": self.plan.as_dict(),
             "config": self.config_record,
             "wandb_run_id": self.wandb_run_id,
+            "audit": self.audit.state(self.env) if self.audit else None,
         }
 
     def save(self, pos: Position, best: bool = False, leaving: bool = False) -> None:

@@ -31,6 +31,7 @@ from ddp.config import Config, TrainerConfig
 from ddp.data.device import Prefetcher
 from ddp.data.splits import open_splits
 from ddp.dist import collectives
+from ddp.dist.agreement import check_same_job
 from ddp.dist.env import detect
 from ddp.dist.exit import ExitCode, retire
 from ddp.dist.group import init_distributed, pick_device, shutdown
@@ -66,7 +67,9 @@ def train(
     training, schedule = build_training(config, plan, device)
     pos = training.restore(resumed, launch.rank, launch.world_size) if resumed else Position()
 
+    config_record = as_record(config)  # once: it costs tens of ms
     env = init_distributed(launch, device, config.trainer.timeout_s, config.trainer.backend)
+    check_same_job(env, config_record, run_dir)  # every host: same code, config, run dir
     lock = claim_run_dir(run_dir, env)  # one job per run directory, from here to the exit
     stop = StopRequest()
     ckpt_dir = run_dir / "checkpoints"
@@ -74,7 +77,6 @@ def train(
         checkpoint.remove_stale_temporaries(ckpt_dir)
     t = config.trainer
     wrap_ddp(training, env, t.compile, t.compile_mode, t.compile_backend)
-    config_record = as_record(config)  # once: it costs tens of ms
     tracker = Tracker.start(  # W&B starts on a thread while the rest is set up
         run_dir,
         config_record,
@@ -86,15 +88,16 @@ def train(
         monitor=config.plateau.monitor,
         monitor_mode=config.plateau.mode,
     )
+    auditable = config.trainer.audit_samples and train_loader.indexed
+    audit = SampleAudit(plan.num_samples if auditable else 0)
+    audit.resume(resumed, env)  # a resumed epoch's counts so far
     checkpoints = Checkpointer(
-        ckpt_dir, config.trainer, config_record, plan, training, env, tracker.run_id
+        ckpt_dir, config.trainer, config_record, plan, training, env, tracker.run_id, audit
     )
     autocast = autocast_for(config, device)
     lag = step_lag(config, training, device)  # on a GPU, read a step's totals a step late
     stepper = Stepper(training, env, autocast, config.trainer.grad_clip, lag)
     pipeline = input_pipeline(config, training.model, device)  # uint8 -> float on the device
-    auditable = config.trainer.audit_samples and train_loader.indexed
-    audit = SampleAudit(plan.num_samples if auditable else 0)
     plateau = training.plateau
     progress = Progress(
         env.is_main, plan.iterations_per_epoch, plan.global_size, config.trainer.progress

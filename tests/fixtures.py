@@ -9,6 +9,7 @@ Registered by conftest.py (`pytest_plugins`).
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -138,6 +139,30 @@ def break_huffman_table(jpeg: bytes) -> bytes:
     reader checks first (size, scan, end marker) stay valid, decoding fails."""
     at = jpeg.index(b"\xff\xc4") + 5  # marker, length (2), table class/id (1)
     return jpeg[:at] + b"\xff" * 16 + jpeg[at + 16 :]
+
+
+def as_v1(split: Path, label_ranges: bool = True) -> None:
+    """Rewrite a split's manifest in the version 1 layout (every key and member offset in
+    manifest.json), as `ddp-shards index` wrote it before manifest v2; the v2 index files
+    go. `label_ranges=False`: as written before label ranges were recorded."""
+    manifest = read_manifest(split)
+    shards = [
+        {
+            "name": s.name,
+            "size": s.size,
+            "sha256": s.sha256,
+            "num_samples": s.num_samples,
+            "keys": s.keys,
+            "members": s.members,
+            **({"label_ranges": s.label_ranges} if label_ranges else {}),
+        }
+        for s in manifest.shards
+    ]
+    head = {"format": "ddp-shards", "version": 1, "num_samples": manifest.num_samples}
+    content = {**head, "num_shards": len(shards), "meta": manifest.meta, "shards": shards}
+    (split / "manifest.json").write_text(json.dumps(content, separators=(",", ":")))
+    for path in split.glob("manifest.*.*"):
+        path.unlink()
 
 
 def copy_shards(src: Path, dst: Path, edit_first_npy: Callable[[bytes], bytes]) -> Path:

@@ -79,9 +79,15 @@ def ensure_cluster() -> str | None:
 class Job:
     id: str
     log: Path
+    slurm_conf: str | None = None
+    """The cluster's slurm.conf when not the default one (the hosts' cluster)."""
+
+    def scontrol_env(self) -> dict[str, str]:
+        return {"SLURM_CONF": self.slurm_conf} if self.slurm_conf else {}
 
     def info(self) -> dict[str, str]:
-        out = harness.run(["scontrol", "show", "job", "--oneliner", self.id], timeout=30)
+        cmd = ["scontrol", "show", "job", "--oneliner", self.id]
+        out = harness.run(cmd, timeout=30, **self.scontrol_env())
         if out.returncode != 0:
             return {}
         return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
@@ -123,11 +129,12 @@ class Job:
         raise AssertionError(f"log never matched {pattern!r}\n{self.describe()}")
 
     def signal(self, sig: str, *scancel_args: str) -> None:
-        out = harness.run(["scancel", f"--signal={sig}", *scancel_args, self.id], timeout=30)
+        cmd = ["scancel", f"--signal={sig}", *scancel_args, self.id]
+        out = harness.run(cmd, timeout=30, **self.scontrol_env())
         assert out.returncode == 0, out.stderr
 
     def cancel(self) -> None:
-        harness.run(["scancel", self.id], timeout=30)
+        harness.run(["scancel", self.id], timeout=30, **self.scontrol_env())
 
 
 def sbatch(script: Path, args: list[str], log_dir: Path, *sbatch_args: str, **env: str) -> Job:
@@ -139,4 +146,4 @@ def sbatch(script: Path, args: list[str], log_dir: Path, *sbatch_args: str, **en
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.strip().split(";")[0]
     name = next((a.split("=", 1)[1] for a in sbatch_args if a.startswith("--job-name=")), "ddp")
-    return Job(job_id, log_dir / f"{name}-{job_id}.out")
+    return Job(job_id, log_dir / f"{name}-{job_id}.out", env.get("SLURM_CONF"))

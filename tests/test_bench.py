@@ -83,3 +83,19 @@ def test_quick_bench_runs_and_writes_json(tmp_path):
     assert rows["steady steps/s (whole epochs)"]["ours/raw"] > 0
     assert rows["launch -> first step s"]["ours"] > 0
     assert {g["goal"] for g in result["goals"]} >= {"mlp: steps/s ours/raw >= 0.97"}
+
+
+@pytest.mark.slow
+def test_index_bench_runs_at_a_simulated_hundred_million(tmp_path):
+    """bench/index_bench.py end to end on a synthetic 100 M index (no v1 code needed)."""
+    cmd = [sys.executable, str(ROOT / "bench" / "index_bench.py"), "--sizes", "100M"]
+    proc = harness.run([*cmd, "--repeats", "1", "--data", str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| 100M")]
+    assert [row[1] for row in rows] == [
+        "v1",
+        "v2 (synthetic)",
+        "`ddp-shards order, one step`",
+        "`ddp-plan`",
+    ]
+    assert "not run" in rows[0][3] and "load average" in proc.stdout

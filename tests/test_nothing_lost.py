@@ -25,7 +25,7 @@ import pytest
 from ddp import checkpoint
 from ddp.shards import index_split
 from tests import harness
-from tests.fixtures import copy_split, smoke_overrides
+from tests.fixtures import as_v1, copy_split, smoke_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -316,13 +316,9 @@ def test_a_label_outside_the_models_classes_is_refused_at_start_up(digits_root, 
 def test_a_label_outside_the_classes_is_named_when_the_manifest_has_no_ranges(
     digits_root, mislabelled
 ):
-    """A manifest written before label ranges were recorded: found in the batch."""
+    """A (v1) manifest written before label ranges were recorded: found in the batch."""
     data, key = mislabelled
-    manifest = data / "train" / "manifest.json"
-    content = json.loads(manifest.read_text())
-    for shard in content["shards"]:
-        shard.pop("label_ranges", None)
-    manifest.write_text(json.dumps(content))
+    as_v1(data / "train", label_ranges=False)
     overrides = smoke_overrides(digits_root, data.parent / "runs", "x", f"data.root={data}")
     out = harness.train([*overrides, "data.in_memory_max_mb=0"], nproc=0)
     assert_refused(out, "shard-000000.tar", f"key {key}", "label 12 is outside [0, 10)")

@@ -10,14 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ddp.order import rank_micro_batches
 from ddp.plan import make_plan
 from ddp.shards import DataError, Manifest, index_split, read_manifest, write_manifest
 from ddp.shards.cli import main
+from ddp.shards.columns import NO_LABEL
+from ddp.shards.manifest import ShardTable
 from ddp.shards.prepare import prepare_imagefolder, prepare_synthetic
 from tests import harness
-from tests.fixtures import copy_split, corrupt_npy
+from tests.fixtures import as_v1, copy_split, corrupt_npy
 
 
 def extract(split: Path, dst: Path) -> list[str]:
@@ -62,7 +66,101 @@ def test_manifest_round_trip(digits_root: Path, tmp_path: Path) -> None:
     write_manifest(tmp_path, manifest)
     again = read_manifest(tmp_path)
     assert again.to_json() == manifest.to_json()
+    assert list(again.shards) == list(manifest.shards)  # keys, members, labels
     assert json.loads((tmp_path / "manifest.json").read_text())["num_samples"] == 1438
+
+
+def test_manifest_v2_is_small_json_beside_mapped_index_files(digits_root: Path) -> None:
+    """Per shard in the JSON; per sample in .npy files read by memory map, keys one per
+    line (line i + 1 names sample i)."""
+    split = digits_root / "train"
+    content = json.loads((split / "manifest.json").read_text())
+    assert content["version"] == 2 and content["num_shards"] == 6
+    assert set(content["shards"]) == {"names", "sizes", "num_samples", "sha256", "label_ranges"}
+    assert content["shards"]["label_ranges"]["cls"] == {"low": [0] * 6, "high": [9] * 6}
+    index = content["index"]
+    files = sorted(p.name for p in split.glob("manifest.*.*"))
+    named = [*index["members"].values(), *index["labels"].values()]
+    assert files == sorted([*named, index["keys"], index["key_offsets"]])
+    manifest = read_manifest(split)
+    members = np.load(split / index["members"]["npy"], mmap_mode="r")
+    assert isinstance(members, np.memmap) and members.shape == (1438, 2)
+    first = manifest.shards[0]
+    assert members[:3, 0].tolist() == first.members["npy"]["offsets"][:3]
+    lines = (split / index["keys"]).read_text().splitlines()
+    assert lines == list(manifest.keys) and lines[1000] == manifest.keys[1000]
+    labels = np.load(split / index["labels"]["cls"])
+    assert labels[:256].tolist() == first.labels["cls"] and set(labels.tolist()) == set(range(10))
+
+
+@pytest.fixture
+def v1_split(digits_root: Path, tmp_path: Path) -> tuple[Path, Manifest]:
+    """A copy of digits' val split under a version 1 manifest, and its v2 manifest."""
+    split = copy_split(digits_root / "val", tmp_path / "val")
+    ours = read_manifest(split)
+    as_v1(split)
+    return split, ours
+
+
+def test_a_v1_manifest_is_read_as_before_and_index_upgrades_it(
+    v1_split: tuple[Path, Manifest], capsys: pytest.CaptureFixture
+) -> None:
+    split, ours = v1_split
+    old = read_manifest(split)
+    assert old.version == 1 and offsets_of(old) == offsets_of(ours)
+    assert list(old.keys) == list(ours.keys) and old.meta == ours.meta
+    assert main(["verify", str(split)]) == 0
+    assert main(["index", str(split)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"{split}/manifest.json: upgraded from v1 to v2, from the shards"
+    new = read_manifest(split)
+    assert new.version == 2 and list(new.shards) == list(ours.shards)
+    assert main(["index", str(split)]) == 0  # v2 already: no upgrade line
+    assert "upgraded" not in capsys.readouterr().out
+
+
+def test_index_upgrade_rewrites_a_v1_manifest_without_reading_shards(
+    v1_split: tuple[Path, Manifest], capsys: pytest.CaptureFixture
+) -> None:
+    split, ours = v1_split
+    for shard in split.glob("*.tar"):
+        shard.unlink()
+    assert main(["index", "--upgrade", str(split)]) == 0
+    assert "upgraded from v1 to v2, from the manifest (shards not read)" in capsys.readouterr().out
+    new = read_manifest(split)
+    assert new.version == 2 and offsets_of(new) == offsets_of(ours)
+    assert new.table.label_ranges["cls"].tolist() == ours.table.label_ranges["cls"].tolist()
+    assert new.samples.labels == {}  # per-sample labels are known only from the shards
+
+
+def test_a_rewrite_replaces_the_index_files_and_readers_keep_theirs(
+    digits_root: Path, tmp_path: Path
+) -> None:
+    split = copy_split(digits_root / "val", tmp_path / "val")
+    before = read_manifest(split)
+    index_split(split)
+    assert sorted({p.name.split(".")[1] for p in split.glob("manifest.*.*")}) == ["1"]
+    assert list(read_manifest(split).keys) == list(before.keys)
+    assert before.keys[358] == read_manifest(split).keys[358]  # unlinked, still mapped
+
+
+def test_a_missing_or_wrong_index_file_is_one_line_naming_it(
+    digits_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    split = copy_split(digits_root / "val", tmp_path / "val")
+    (split / "manifest.0.keys.npy").unlink()
+    with pytest.raises(DataError, match=r"manifest.0.keys.npy: index file missing \(listed in"):
+        read_manifest(split)
+    index_split(split)
+    np.save(split / "manifest.1.members.npy.npy", np.zeros((5, 2), dtype=np.int64))
+    assert main(["order", str(split), *ORDER_ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "manifest.1.members.npy.npy: int64[5, 2] but the manifest needs int64[359, 2]" in err
+    assert "\n" not in err
+
+
+ORDER_ARGS = ["--epoch", "0", "--rank", "0", "--world-size", "1", "--micro-size", "4"]
+ORDER_ARGS += ["--accumulate", "1", "--steps", "0:1"]
 
 
 def test_index_of_a_plain_tar_matches_prepare(digits_root: Path, tmp_path: Path) -> None:
@@ -236,3 +334,49 @@ def test_cli_prepare_synthetic_png(tmp_path: Path, capsys) -> None:
     assert main(argv) == 0
     assert read_manifest(tmp_path / "train").extensions == ["cls", "png"]
     assert main(["verify", str(tmp_path / "train")]) == 0
+
+
+def test_synth_index_writes_any_size_without_shards(tmp_path: Path, capsys) -> None:
+    split = tmp_path / "synth"
+    argv = ["synth-index", str(split), "--shards", "300", "--samples-per-shard", "1000"]
+    assert main(argv) == 0
+    assert "300,000 samples in 300 shards (synthetic: no tar files)" in capsys.readouterr().out
+    manifest = read_manifest(split)
+    assert manifest.num_samples == 300_000 and manifest.extensions == ["cls", "npy"]
+    assert manifest.meta["synthetic"] and len(manifest.table.sha256[299]) == 64
+    assert manifest.keys[1234] == "shard-000001.tar#234"  # no keys: shard and position
+    members = (split / "manifest.0.members.npy.npy").stat()
+    assert members.st_size > 300_000 * 16 and members.st_blocks * 512 < 300_000  # a hole
+    assert main(["order", str(split), *ORDER_ARGS]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(line.startswith("shard-") and "#" in line for line in lines)
+    (split / "x.tar").write_bytes(b"")
+    assert main(argv) == 2
+    assert "holds tar shards" in capsys.readouterr().err
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=8), st.booleans())
+def test_a_samples_shard_is_found_without_an_array_per_sample(counts: list, even: bool) -> None:
+    """By division when the shards hold one count (the last no more), else by search."""
+    if even:
+        counts = [counts[0]] * (len(counts) - 1) + [min(counts[-1], counts[0])]
+    table = ShardTable([f"{i}.tar" for i in range(len(counts))], *[np.array(counts)] * 2, [])
+    expected = np.repeat(np.arange(len(counts)), counts)
+    assert np.array_equal(table.shard_of(np.arange(len(expected))), expected)
+
+
+def test_labels_are_recorded_where_they_are_integers(tmp_path: Path) -> None:
+    """Per sample where .cls is an integer int64 holds; no range for a shard with others
+    (the loader judges those per sample)."""
+    split = tmp_path / "labels"
+    split.mkdir()
+    with tarfile.open(split / "shard-000000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, label in (("a", b"3"), ("b", b"cat"), ("c", b"9" * 30), ("d", b" 7\n")):
+            for ext, data in (("cls", label), ("npy", b"x")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    shard = index_split(split).shards[0]
+    assert shard.labels["cls"] == [3, NO_LABEL, NO_LABEL, 7] and shard.label_ranges == {}
+    assert read_manifest(split).samples.labels["cls"].tolist() == shard.labels["cls"]

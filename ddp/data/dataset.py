@@ -97,7 +97,7 @@ class ShardDataset(Dataset):
                 first = int(np.flatnonzero(~present)[0])
                 found = ", ".join(self.index.offsets) or "none"
                 raise DataError(
-                    f"{self._shard_path(int(self.index.shard_of[first]))}: key "
+                    f"{self._shard_path(int(self.index.shard_of(first)))}: key "
                     f"{self.index.keys[first]} has no .{' or .'.join(exts)} member (data: "
                     f"{key!r}; the split's extensions: {found})"
                 )
@@ -145,10 +145,10 @@ class ShardDataset(Dataset):
     def _check_headers(self, shard_id: int, path: Path) -> None:
         """The tar headers of the shard's first and last samples name the keys the
         manifest says: catches a shard replaced by another of the same size."""
-        samples = np.flatnonzero(self.index.shard_of == shard_id)
-        if not len(samples):
+        samples = self.index.shard_range(shard_id)
+        if not samples:
             return
-        ends = samples[[0, -1]]
+        ends = np.array([samples[0], samples[-1]], dtype=np.int64)
         which, offsets, _ = self._choose(ends, self.input_exts)
         checked = zip(ends.tolist(), which.tolist(), offsets.tolist(), strict=True)
         with open(path, "rb") as f:
@@ -174,7 +174,7 @@ class ShardDataset(Dataset):
         if offset < 0:
             raise LookupError(f"the sample has no .{ext} member")
         size = int(self.index.sizes[ext][index])
-        return self._buffer(int(self.index.shard_of[index]))[offset : offset + size]
+        return self._buffer(int(self.index.shard_of(index)))[offset : offset + size]
 
     def _members(
         self, indices: np.ndarray, exts: Sequence[str]
@@ -187,13 +187,13 @@ class ShardDataset(Dataset):
         sizes = np.where(present, sizes[which, np.arange(len(indices))], 0)
         offsets = np.where(present, offsets, 0)
         ends = (offsets + sizes).tolist()
-        shards = self.index.shard_of[indices].tolist()
+        shards = self.index.shard_of(indices).tolist()
         buffers = {shard: self._buffer(shard) for shard in set(shards)}
         views = [buffers[s][o:e] for s, o, e in zip(shards, offsets.tolist(), ends, strict=True)]
         return views, [exts[w] for w in which.tolist()]
 
     def _error(self, index: int, message: str) -> DataError:
-        path = self._shard_path(int(self.index.shard_of[index]))
+        path = self._shard_path(int(self.index.shard_of(index)))
         return DataError(f"{path}: key {self.index.keys[index]}: {message}")
 
     # -- samples ----------------------------------------------------------------
@@ -242,7 +242,7 @@ class ShardDataset(Dataset):
 
     def sample_name(self, index: int) -> str:
         """'SHARD: key KEY': how messages name a sample."""
-        return f"{self._shard_path(int(self.index.shard_of[index]))}: key {self.index.keys[index]}"
+        return f"{self._shard_path(int(self.index.shard_of(index)))}: key {self.index.keys[index]}"
 
     def _fail(self, index: int, message: str) -> None:
         """Raise, or (on_error="skip") let the caller mark the sample invalid."""

@@ -13,23 +13,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import numpy as np
+
 from ddp.config import DataConfig
+from ddp.shards.columns import NO_LABEL, Keys
 from ddp.shards.index import find_shards
 from ddp.shards.manifest import MANIFEST_NAME, DataError, Manifest, read_manifest
 
 
 @dataclass(frozen=True)
 class StreamIndex:
-    """What a manifest beside streamed shards tells: per URL, its sample keys and the
-    index of its first sample in the split."""
+    """What a manifest beside streamed shards tells: per URL, its sample keys (read when
+    the stream reaches it), its sample count and the index of its first sample."""
 
     manifest_path: Path
-    keys: list[list[str]]
+    keys: Sequence[list[str]]
+    """keys[u]: the keys of URL u's shard, in tar order."""
     starts: list[int]
+    counts: list[int]
 
-    @property
-    def counts(self) -> list[int]:
-        return [len(k) for k in self.keys]
+
+class _ShardKeys(Sequence[list[str]]):
+    """Per URL, its shard's keys, read from the manifest's index when asked for."""
+
+    def __init__(self, keys: Keys, ranges: list[tuple[int, int]]):
+        self._keys, self._ranges = keys, ranges
+
+    def __len__(self) -> int:
+        return len(self._ranges)
+
+    def __getitem__(self, url: int) -> list[str]:  # type: ignore[override]
+        return self._keys.range(*self._ranges[url])
 
 
 @dataclass(frozen=True)
@@ -85,7 +99,7 @@ def open_split(split_dir: Path) -> Manifest:
     """The split's manifest, which must list every shard in the directory: a tar it
     does not list would silently never be trained on."""
     manifest = read_manifest(split_dir)
-    listed = {shard.name for shard in manifest.shards}
+    listed = set(manifest.table.names)
     for path in find_shards(split_dir):
         if str(path.relative_to(split_dir)) not in listed:
             raise DataError(
@@ -97,21 +111,31 @@ def open_split(split_dir: Path) -> Manifest:
 
 def check_labels(split_dir: Path, manifest: Manifest, target_key: str, num_classes: int) -> None:
     """Every label the indexer recorded lies in [0, num_classes); else DataError naming
-    the first sample outside (read from its shard: only that shard's labels)."""
-    for shard in manifest.shards:
-        low, high = shard.label_ranges.get(target_key, (0, 0))
-        if 0 <= low and high < num_classes:
-            continue
-        path = split_dir / shard.name
-        col = shard.members[target_key]
-        with open(path, "rb") as f:
-            for key, offset, size in zip(shard.keys, col["offsets"], col["sizes"], strict=True):
-                label = int(os.pread(f.fileno(), size, offset)) if offset >= 0 else 0
-                if not 0 <= label < num_classes:
-                    raise DataError(
-                        f"{path}: key {key}: label {label} is outside [0, {num_classes}) "
-                        f"(model.num_classes={num_classes})"
-                    )
+    the first sample outside (read from its shard: only that shard's labels). One
+    comparison per shard: the ranges are columns of the shard table."""
+    ranges = manifest.table.label_ranges.get(target_key)
+    if ranges is None:
+        return
+    recorded = ranges[:, 0] != NO_LABEL
+    outside = recorded & ((ranges[:, 0] < 0) | (ranges[:, 1] >= num_classes))
+    for shard in np.flatnonzero(outside).tolist():
+        _name_bad_label(split_dir, manifest, shard, target_key, num_classes)
+
+
+def _name_bad_label(
+    split_dir: Path, manifest: Manifest, shard: int, target_key: str, num_classes: int
+) -> None:
+    path = split_dir / manifest.table.names[shard]
+    lo, hi = int(manifest.table.starts[shard]), int(manifest.table.starts[shard + 1])
+    col = np.asarray(manifest.samples.members[target_key][lo:hi]).tolist()
+    with open(path, "rb") as f:
+        for key, (offset, size) in zip(manifest.keys.range(lo, hi), col, strict=True):
+            label = int(os.pread(f.fileno(), size, offset)) if offset >= 0 else 0
+            if not 0 <= label < num_classes:
+                raise DataError(
+                    f"{path}: key {key}: label {label} is outside [0, {num_classes}) "
+                    f"(model.num_classes={num_classes})"
+                )
 
 
 def train_samples(data: DataConfig) -> int:
@@ -190,31 +214,35 @@ def find_stream_index(
             return None
     manifest_dir = Path(manifest_dir)
     manifest = read_manifest(manifest_dir)
-    starts, start = {}, 0
-    for shard in manifest.shards:
-        starts[shard.name] = (start, shard)
-        start += shard.num_samples
-    keys, first = [], []
+    table = manifest.table
+    position = {name: s for s, name in enumerate(table.names)}
+    ranges, counts = [], []
     for url, path in zip(urls, paths, strict=True):
         name = _name_in(path, manifest_dir) if path is not None else None
         if name is None and auto:
             return None  # the shards are not all beside the manifest: it is not theirs
         if name is None:
             name = url.rstrip("/").rsplit("/", 1)[-1]
-        if name not in starts:
+        if name not in position:
             raise DataError(
                 f"{url}: not listed in {manifest_dir / MANIFEST_NAME} (re-run "
                 f"`ddp-shards index {manifest_dir}`, or leave the manifest out)"
             )
-        begin, shard = starts[name]
-        if path is not None and path.is_file() and path.stat().st_size != shard.size:
+        s = position[name]
+        size = int(table.sizes[s])
+        if path is not None and path.is_file() and path.stat().st_size != size:
             raise DataError(
-                f"{path}: {path.stat().st_size:,} bytes but the manifest says {shard.size:,} "
+                f"{path}: {path.stat().st_size:,} bytes but the manifest says {size:,} "
                 f"(re-run `ddp-shards index {manifest_dir}`)"
             )
-        keys.append(shard.keys)
-        first.append(begin)
-    return StreamIndex(manifest_dir / MANIFEST_NAME, keys, first)
+        ranges.append((int(table.starts[s]), int(table.starts[s + 1])))
+        counts.append(int(table.counts[s]))
+    return StreamIndex(
+        manifest_dir / MANIFEST_NAME,
+        _ShardKeys(manifest.keys, ranges),
+        [lo for lo, _ in ranges],
+        counts,
+    )
 
 
 def _name_in(path: Path, directory: Path) -> str | None:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ddp.dist.env import Launch
+from ddp.dist.network import use_interface_towards_master
 from ddp.validate import ConfigError
 
 
@@ -114,12 +115,21 @@ def init_distributed(
     """Start the process group (world_size > 1) with a timeout on every collective.
 
     A rendezvous port already taken by another program is bad input, not a crash:
-    ConfigError naming the address.
+    ConfigError naming the address. Across hosts, gloo and NCCL bind to the interface of
+    the route to MASTER_ADDR unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME say otherwise
+    (ddp.dist.network).
     """
     if launch.world_size == 1:
         backend = None
     else:
         _export_submitit_env()
+        route = use_interface_towards_master(launch)
+        if route is not None and launch.local_rank == 0:  # one line per host
+            print(
+                f"network: {route.interface} ({route.source}) towards MASTER_ADDR "
+                f"{os.environ['MASTER_ADDR']} ({route.destination})",
+                flush=True,
+            )
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = dt.timedelta(seconds=timeout_s)

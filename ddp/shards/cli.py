@@ -1,4 +1,5 @@
-"""`ddp-shards`: prepare, index, verify shards, and print the order a rank reads.
+"""`ddp-shards`: prepare, index, verify shards, print the order a rank reads, and write
+a synthetic index (no shards) to measure what grows with the number of samples.
 
 Exit codes: 0 fine, 1 `verify` found problems, 2 bad input (missing or corrupt
 data, bad arguments), each with one line naming the culprit.
@@ -12,16 +13,19 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from ddp.order import rank_micro_batches
 from ddp.plan import PlanError, make_plan
-from ddp.shards.index import index_split
-from ddp.shards.manifest import DataError, Manifest, read_manifest
+from ddp.shards.index import index_split, manifest_version, upgrade_split
+from ddp.shards.manifest import VERSION, DataError, Manifest, manifest_path, read_manifest
 from ddp.shards.prepare import (
     prepare_digits,
     prepare_imagefolder,
     prepare_photos,
     prepare_synthetic,
 )
+from ddp.shards.synthetic import write_synthetic_index
 from ddp.shards.verify import verify_split
 
 BAD_INPUT = 2
@@ -98,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="first write x.tar beside each x.tar.gz / .tgz / .tar.bz2 / .tar.xz",
     )
+    index.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="rewrite an older manifest as v2 from the manifest itself, without reading shards",
+    )
 
     verify = commands.add_parser("verify", help="checksums, counts, decodability")
     verify.add_argument("dir", type=Path)
@@ -117,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EXT",
         help="also print this text member of each sample (e.g. source: the file it came from)",
     )
+
+    synth = commands.add_parser(
+        "synth-index", help="a synthetic v2 index of any size, no tar files (for benchmarks)"
+    )
+    synth.add_argument("dir", type=Path)
+    synth.add_argument("--shards", type=int, required=True)
+    synth.add_argument("--samples-per-shard", type=int, required=True)
+    synth.add_argument("--extensions", default="cls,npy", help="comma-separated member columns")
+    synth.add_argument("--sample-bytes", type=int, default=4096, help="sets the shard sizes")
     return parser
 
 
@@ -165,7 +183,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    print(_summary(str(args.dir), index_split(args.dir, decompress_first=args.decompress)))
+    before = manifest_version(args.dir)
+    if args.upgrade:
+        manifest = upgrade_split(args.dir)
+    else:
+        manifest = index_split(args.dir, decompress_first=args.decompress)
+    print(_summary(str(args.dir), manifest))
+    if before is not None and before != VERSION:
+        how = "from the manifest (shards not read)" if args.upgrade else "from the shards"
+        print(f"{manifest_path(args.dir)}: upgraded from v{before} to v{VERSION}, {how}")
     return 0
 
 
@@ -182,7 +208,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_order(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.dir)
-    keys = [key for shard in manifest.shards for key in shard.keys]
+    keys = manifest.keys  # looked up per printed sample, never loaded whole
     global_size = args.micro_size * args.accumulate * args.world_size
     plan = make_plan(len(keys), global_size, args.micro_size, args.world_size, args.drop_last)
     lo, hi = args.steps
@@ -205,25 +231,35 @@ def _member_reader(split_dir: Path, manifest: Manifest, ext: str):
     """index -> the text of that sample's `ext` member ("-" where it has none)."""
     if ext not in manifest.extensions:
         raise DataError(f"{split_dir}: no sample has a .{ext} member")
-    spans = []  # (shard, offset, size) per sample index
-    for shard in manifest.shards:
-        absent = {"offsets": [-1] * shard.num_samples, "sizes": [0] * shard.num_samples}
-        column = shard.members.get(ext, absent)
-        spans += [
-            (shard.name, o, n) for o, n in zip(column["offsets"], column["sizes"], strict=True)
-        ]
+    column, table = manifest.samples.members[ext], manifest.table
 
     def read(index: int) -> str:
-        name, offset, size = spans[index]
+        offset, size = (int(v) for v in column[index])
         if offset < 0:
             return "-"
+        name = table.names[int(table.shard_of(np.array([index]))[0])]
         with open(split_dir / name, "rb") as f:
             return os.pread(f.fileno(), size, offset).decode("utf-8", "replace").strip()
 
     return read
 
 
-COMMANDS = {"prepare": cmd_prepare, "index": cmd_index, "verify": cmd_verify, "order": cmd_order}
+def cmd_synth_index(args: argparse.Namespace) -> int:
+    extensions = [e for e in args.extensions.split(",") if e]
+    manifest = write_synthetic_index(
+        args.dir, args.shards, args.samples_per_shard, extensions, args.sample_bytes
+    )
+    print(f"{_summary(str(args.dir), manifest)} (synthetic: no tar files)")
+    return 0
+
+
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "index": cmd_index,
+    "verify": cmd_verify,
+    "order": cmd_order,
+    "synth-index": cmd_synth_index,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,15 +10,25 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
+import json
 import lzma
 import os
+import re
 import shutil
 import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from ddp.shards.columns import NO_LABEL
 from ddp.shards.decode import LABEL_EXTS
-from ddp.shards.manifest import DataError, Manifest, ShardInfo, read_manifest, write_manifest
+from ddp.shards.manifest import (
+    DataError,
+    Manifest,
+    ShardInfo,
+    manifest_path,
+    read_manifest,
+    write_manifest,
+)
 from ddp.shards.tar import split_member_name
 
 SHARD_GLOB = "*.tar"
@@ -67,6 +77,8 @@ def index_shard(path: Path, name: str | None = None, checksum: bool = True) -> S
         if parts is None:
             continue
         key, ext = parts
+        if "\n" in key:
+            raise DataError(f"{path}: key {key!r} holds a newline (keys are stored one per line)")
         if not keys or keys[-1] != key:
             if key in seen:
                 raise DataError(f"{path}: key {key} appears twice (members are not grouped)")
@@ -80,32 +92,53 @@ def index_shard(path: Path, name: str | None = None, checksum: bool = True) -> S
             raise DataError(f"{path}: key {key} has two .{ext} members")
         col["offsets"][-1] = offset
         col["sizes"][-1] = size
+    labels = read_labels(path, columns)
     return ShardInfo(
         name=name or path.name,
         size=path.stat().st_size,
         sha256=sha256_file(path) if checksum else "",
         keys=keys,
         members=dict(sorted(columns.items())),
-        label_ranges=label_ranges(path, columns),
+        label_ranges=label_ranges(labels, columns),
+        labels=labels,
     )
 
 
-def label_ranges(path: Path, columns: dict[str, dict[str, list[int]]]) -> dict[str, list[int]]:
-    """[smallest, largest] of every label column whose members are all plain integers."""
-    ranges = {}
+def read_labels(path: Path, columns: dict[str, dict[str, list[int]]]) -> dict[str, list[int]]:
+    """The integer label of every sample, per label column (NO_LABEL where a sample has
+    no such member, or one that is not a plain integer)."""
+    labels = {}
     with open(path, "rb") as f:
         for ext in sorted(set(columns) & set(LABEL_EXTS)):
             col = columns[ext]
-            try:
-                labels = [
-                    int(os.pread(f.fileno(), size, offset))
-                    for offset, size in zip(col["offsets"], col["sizes"], strict=True)
-                    if offset >= 0
-                ]
-            except ValueError:  # not integers: the loader judges them per sample
-                continue
-            if labels:
-                ranges[ext] = [min(labels), max(labels)]
+            labels[ext] = [
+                _integer(os.pread(f.fileno(), size, offset)) if offset >= 0 else NO_LABEL
+                for offset, size in zip(col["offsets"], col["sizes"], strict=True)
+            ]
+    return labels
+
+
+def _integer(data: bytes) -> int:
+    """The label in a member, or NO_LABEL when it is not an integer that int64 holds."""
+    try:
+        value = int(data)
+    except ValueError:
+        return NO_LABEL
+    return value if NO_LABEL < value < -NO_LABEL else NO_LABEL
+
+
+def label_ranges(
+    labels: dict[str, list[int]], columns: dict[str, dict[str, list[int]]]
+) -> dict[str, list[int]]:
+    """[smallest, largest] of every label column whose members are all plain integers
+    (otherwise the loader judges them per sample)."""
+    ranges = {}
+    for ext, values in labels.items():
+        present = [
+            v for v, offset in zip(values, columns[ext]["offsets"], strict=True) if offset >= 0
+        ]
+        if present and NO_LABEL not in present:
+            ranges[ext] = [min(present), max(present)]
     return ranges
 
 
@@ -173,26 +206,48 @@ def index_split(
         raise DataError(f"{split_dir}: no *.tar shards to index")
     if meta is None:
         meta = _previous_meta(split_dir)
-    manifest = Manifest(
-        [index_shard(p, name=str(p.relative_to(split_dir))) for p in paths], meta=dict(meta or {})
-    )
-    _check_unique_keys(split_dir, manifest)
+    infos = [index_shard(p, name=str(p.relative_to(split_dir))) for p in paths]
+    _check_unique_keys(split_dir, infos)
+    manifest = Manifest.from_shards(infos, meta)
     if write:
         write_manifest(split_dir, manifest)
     return manifest
 
 
-def _previous_meta(split_dir: Path) -> dict:
-    """Re-indexing keeps what prepare recorded (classes, shape, source)."""
+def upgrade_split(split_dir: str | os.PathLike) -> Manifest:
+    """Rewrite a split's manifest as version 2 from the manifest itself, without reading
+    the shards (for large splits indexed by an older version; `index_split` re-reads
+    them). Labels per sample are not known then; label ranges are kept."""
+    manifest = read_manifest(split_dir)
+    write_manifest(split_dir, manifest)
+    return manifest
+
+
+def manifest_version(split_dir: str | os.PathLike) -> int | None:
+    """The version of the split's manifest.json; None when there is none (or it is not
+    readable: the index replaces it)."""
     try:
-        return read_manifest(split_dir).meta
-    except DataError:
+        with open(manifest_path(split_dir), "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    match = re.search(rb'"version"\s*:\s*(\d+)', head)
+    return int(match.group(1)) if match else None
+
+
+def _previous_meta(split_dir: Path) -> dict:
+    """Re-indexing keeps what prepare recorded (classes, shape, source), even when the
+    old index files are gone or broken: only the JSON is read."""
+    try:
+        meta = json.loads(manifest_path(split_dir).read_text()).get("meta", {})
+    except (OSError, ValueError, AttributeError):
         return {}
+    return meta if isinstance(meta, dict) else {}
 
 
-def _check_unique_keys(split_dir: Path, manifest: Manifest) -> None:
+def _check_unique_keys(split_dir: Path, shards: list[ShardInfo]) -> None:
     owner: dict[str, str] = {}
-    for shard in manifest.shards:
+    for shard in shards:
         for key in shard.keys:
             if key in owner:
                 raise DataError(f"{split_dir}: key {key} is in both {owner[key]} and {shard.name}")

@@ -1,25 +1,43 @@
 """The manifest: what a split directory of tar shards holds, and where.
 
-`manifest.json` sits beside the shards of one split. Per shard it records the
-sample count, byte size and sha256, and per sample the key plus the byte offset
-and size of every member (columns per extension), so a reader seeks to any
-sample without scanning a tar. Shards stay plain WebDataset tars; the manifest
-is an index beside them, never a replacement.
+`manifest.json` sits beside the shards of one split. Version 2 keeps it small: per
+shard (as columns) the name, byte size, sample count, sha256 and label range, plus the
+split's metadata and the names of the per-sample index files (`ddp.shards.columns`):
+member offsets and sizes per extension, labels, keys, read by memory map. So a process
+pays for the shards at start-up and for the pages of the samples it reads, not for N.
+
+Version 1 (everything in the JSON, per sample) is still read, into memory as before;
+`ddp-shards index` writes version 2 (and says so when it replaces a version 1).
+Shards stay plain WebDataset tars; the manifest is an index beside them, never a
+replacement.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
+from ddp.shards.columns import (
+    NO_LABEL,
+    IndexFileError,
+    Keys,
+    ListKeys,
+    PositionalKeys,
+    SampleColumns,
+    open_columns,
+    remove_other_generations,
+    write_columns,
+)
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "ddp-shards"
-VERSION = 1
+VERSION = 2
 
 
 class DataError(Exception):
@@ -31,7 +49,8 @@ class DataError(Exception):
 
 @dataclass
 class ShardInfo:
-    """One tar shard and the index of its samples."""
+    """One tar shard and the index of its samples, all in memory: what the indexer
+    produces and `verify` compares, one shard at a time."""
 
     name: str
     """File name relative to the split directory."""
@@ -46,24 +65,17 @@ class ShardInfo:
     label_ranges: dict[str, list[int]] = field(default_factory=dict)
     """ext -> [smallest, largest] integer label of a label column (cls, ...), recorded by
     the indexer so a start-up can check them against the model's classes."""
+    labels: dict[str, list[int]] = field(default_factory=dict)
+    """ext -> the integer label of every sample (NO_LABEL where absent or not an
+    integer), for label columns; empty when not known (an upgraded v1 manifest)."""
 
     @property
     def num_samples(self) -> int:
         return len(self.keys)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "size": self.size,
-            "sha256": self.sha256,
-            "num_samples": self.num_samples,
-            "keys": self.keys,
-            "members": self.members,
-            "label_ranges": self.label_ranges,
-        }
-
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShardInfo:
+        """One shard of a version 1 manifest."""
         shard = cls(
             data["name"],
             int(data["size"]),
@@ -84,39 +96,216 @@ class ShardInfo:
 
 
 @dataclass
-class Manifest:
-    """All shards of one split, in the order that defines sample indices."""
+class ShardTable:
+    """Everything per shard, as columns: O(shards) memory, whatever N."""
 
-    shards: list[ShardInfo]
-    meta: dict[str, Any] = field(default_factory=dict)
-    """Free-form facts about the split (source, classes, shape), for people."""
+    names: list[str]
+    sizes: np.ndarray
+    """int64 byte size of each tar."""
+    counts: np.ndarray
+    """int64 samples in each shard."""
+    sha256: list[str]
+    label_ranges: dict[str, np.ndarray] = field(default_factory=dict)
+    """ext -> int64 (shards, 2): [smallest, largest] label; NO_LABEL rows where none
+    was recorded (labels that are not integers, or a manifest from before ranges)."""
+    starts: np.ndarray = field(init=False)
+    """int64 (shards + 1,): index of each shard's first sample; starts[-1] is N."""
+    stride: int = field(init=False)
+    """The sample count of every shard but the last when they all hold that many and
+    the last no more (as writers make them), else 0."""
+
+    def __post_init__(self) -> None:
+        self.starts = np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)])
+        first = int(self.counts[0]) if len(self.counts) else 0
+        uniform = first > 0 and (self.counts[:-1] == first).all() and self.counts[-1] <= first
+        self.stride = first if uniform else 0
+
+    def __len__(self) -> int:
+        return len(self.names)
 
     @property
     def num_samples(self) -> int:
-        return sum(shard.num_samples for shard in self.shards)
+        return int(self.starts[-1])
+
+    def shard_of(self, indices: np.ndarray) -> np.ndarray:
+        """The shard (position in `names`) of each sample index: a division when the
+        shards are of one size (but the last), else a binary search over the shard
+        starts; never an array per sample."""
+        if self.stride:  # index < N <= shards × stride: the quotient is a shard
+            return np.asarray(indices) // self.stride
+        return np.searchsorted(self.starts, indices, side="right") - 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "names": self.names,
+            "sizes": self.sizes.tolist(),
+            "num_samples": self.counts.tolist(),
+            "sha256": self.sha256,
+            "label_ranges": {
+                ext: {side: _nullable(r[:, i]) for i, side in enumerate(("low", "high"))}
+                for ext, r in self.label_ranges.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ShardTable:
+        table = cls(
+            list(data["names"]),
+            np.asarray(data["sizes"], dtype=np.int64),
+            np.asarray(data["num_samples"], dtype=np.int64),
+            list(data["sha256"]),
+            {
+                ext: np.stack([_from_nullable(r["low"]), _from_nullable(r["high"])], axis=1)
+                for ext, r in data.get("label_ranges", {}).items()
+            },
+        )
+        columns = [table.sizes, table.counts, table.sha256, *table.label_ranges.values()]
+        if any(len(c) != len(table.names) for c in columns):
+            raise ValueError("the shard columns have different lengths")
+        return table
+
+
+def _nullable(values: np.ndarray) -> list[int | None]:
+    return [None if v == NO_LABEL else v for v in values.tolist()]
+
+
+def _from_nullable(values: list[int | None]) -> np.ndarray:
+    return np.asarray([NO_LABEL if v is None else v for v in values], dtype=np.int64)
+
+
+class ShardList(Sequence[ShardInfo]):
+    """`manifest.shards`: each ShardInfo built from the columns when asked for, so a
+    manifest never holds per-sample Python objects."""
+
+    def __init__(self, manifest: Manifest):
+        self._manifest = manifest
+
+    def __len__(self) -> int:
+        return len(self._manifest.table)
+
+    @overload
+    def __getitem__(self, index: int) -> ShardInfo: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[ShardInfo]: ...
+
+    def __getitem__(self, index: int | slice) -> ShardInfo | list[ShardInfo]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return self._manifest.shard(range(len(self))[index])
+
+    def __iter__(self) -> Iterator[ShardInfo]:
+        return (self._manifest.shard(s) for s in range(len(self)))
+
+
+@dataclass
+class Manifest:
+    """All shards of one split, in the order that defines sample indices: sample i is
+    the i-th key when the shards are read in this order."""
+
+    table: ShardTable
+    samples: SampleColumns
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Free-form facts about the split (source, classes, shape), for people."""
+    version: int = VERSION
+    """The format it was read from (1: an old manifest, held in memory)."""
+
+    @property
+    def num_samples(self) -> int:
+        return self.table.num_samples
 
     @property
     def extensions(self) -> list[str]:
-        return sorted({ext for shard in self.shards for ext in shard.members})
+        return sorted(self.samples.members)
+
+    @property
+    def keys(self) -> Keys:
+        return self.samples.keys
+
+    @property
+    def shards(self) -> ShardList:
+        return ShardList(self)
+
+    def shard(self, s: int) -> ShardInfo:
+        """Shard s with its samples' keys, member columns and labels, read from the index."""
+        lo, hi = int(self.table.starts[s]), int(self.table.starts[s + 1])
+        members, labels = {}, {}
+        for ext in self.extensions:
+            col = np.asarray(self.samples.members[ext][lo:hi])
+            if (col[:, 0] >= 0).any():
+                members[ext] = {"offsets": col[:, 0].tolist(), "sizes": col[:, 1].tolist()}
+                if ext in self.samples.labels:
+                    labels[ext] = np.asarray(self.samples.labels[ext][lo:hi]).tolist()
+        return ShardInfo(
+            name=self.table.names[s],
+            size=int(self.table.sizes[s]),
+            sha256=self.table.sha256[s],
+            keys=self.keys.range(lo, hi),
+            members=members,
+            label_ranges={
+                ext: r[s].tolist()
+                for ext, r in self.table.label_ranges.items()
+                if r[s, 0] != NO_LABEL
+            },
+            labels=labels,
+        )
+
+    @classmethod
+    def from_shards(
+        cls, shards: Sequence[ShardInfo], meta: dict[str, Any] | None = None, version: int = VERSION
+    ) -> Manifest:
+        """A manifest held in memory (a fresh index, a v1 manifest), ready to write."""
+        counts = [s.num_samples for s in shards]
+        table = ShardTable(
+            [s.name for s in shards],
+            np.asarray([s.size for s in shards], dtype=np.int64),
+            np.asarray(counts, dtype=np.int64),
+            [s.sha256 for s in shards],
+            {
+                ext: np.asarray(
+                    [s.label_ranges.get(ext, [NO_LABEL, NO_LABEL]) for s in shards],
+                    dtype=np.int64,
+                ).reshape(-1, 2)
+                for ext in sorted({e for s in shards for e in s.label_ranges})
+            },
+        )
+
+        members = {
+            ext: _concat([_member_column(s, ext) for s in shards], (0, 2))
+            for ext in sorted({e for s in shards for e in s.members})
+        }
+        labels = {
+            ext: _concat([_label_column(s, ext) for s in shards], (0,))
+            for ext in sorted({e for s in shards for e in s.labels})
+        }
+        keys = ListKeys([key for s in shards for key in s.keys])
+        return cls(table, SampleColumns(members, labels, keys), dict(meta or {}), version)
 
     def to_json(self) -> dict[str, Any]:
+        """manifest.json without its "index" entry (which names the files of one write)."""
         return {
             "format": FORMAT,
             "version": VERSION,
             "num_samples": self.num_samples,
-            "num_shards": len(self.shards),
+            "num_shards": len(self.table),
             "meta": self.meta,
-            "shards": [shard.to_json() for shard in self.shards],
+            "shards": self.table.to_json(),
         }
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Manifest:
-        if data.get("format") != FORMAT or data.get("version") != VERSION:
-            raise ValueError(f"not a {FORMAT} v{VERSION} manifest")
-        manifest = cls([ShardInfo.from_json(s) for s in data["shards"]], dict(data.get("meta", {})))
-        if data.get("num_samples", manifest.num_samples) != manifest.num_samples:
-            raise ValueError("num_samples does not match the shards' keys")
-        return manifest
+
+def _member_column(shard: ShardInfo, ext: str) -> np.ndarray:
+    col = shard.members.get(ext)
+    if col is None:
+        return np.full((shard.num_samples, 2), -1, dtype=np.int64)
+    return np.array([col["offsets"], col["sizes"]], dtype=np.int64).reshape(2, -1).T
+
+
+def _label_column(shard: ShardInfo, ext: str) -> np.ndarray:
+    return np.asarray(shard.labels.get(ext, [NO_LABEL] * shard.num_samples), dtype=np.int64)
+
+
+def _concat(parts: list[np.ndarray], empty: tuple[int, ...]) -> np.ndarray:
+    return np.ascontiguousarray(np.concatenate(parts)) if parts else np.zeros(empty, np.int64)
 
 
 def manifest_path(split_dir: str | os.PathLike) -> Path:
@@ -124,7 +313,9 @@ def manifest_path(split_dir: str | os.PathLike) -> Path:
 
 
 def read_manifest(split_dir: str | os.PathLike) -> Manifest:
-    """Load `split_dir/manifest.json`, or raise DataError naming the file."""
+    """Load `split_dir/manifest.json` (v1 or v2), or raise DataError naming the file.
+
+    A v2 manifest maps its index files: the cost is the shard table, not N."""
     path = manifest_path(split_dir)
     if not Path(split_dir).is_dir():
         raise DataError(f"{split_dir}: no such directory")
@@ -134,62 +325,83 @@ def read_manifest(split_dir: str | os.PathLike) -> Manifest:
             "made by other tools)"
         )
     try:
-        return Manifest.from_json(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT or data.get("version") not in (1, VERSION):
+            raise ValueError(f"not a {FORMAT} manifest of version 1 or 2")
+        manifest = _from_v1(data) if data["version"] == 1 else _from_v2(Path(split_dir), data)
+        if data.get("num_samples", manifest.num_samples) != manifest.num_samples:
+            raise ValueError("num_samples does not match the shards")
+        return manifest
+    except IndexFileError as err:
+        raise DataError(f"{err} (listed in {path}; re-run `ddp-shards index {split_dir}`)") from err
     except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"{path}: unreadable manifest: {err}") from err
 
 
+def _from_v1(data: dict[str, Any]) -> Manifest:
+    shards = [ShardInfo.from_json(s) for s in data["shards"]]
+    return Manifest.from_shards(shards, dict(data.get("meta", {})), version=1)
+
+
+def _from_v2(split_dir: Path, data: dict[str, Any]) -> Manifest:
+    table = ShardTable.from_json(data["shards"])
+    keys = PositionalKeys(table.names, table.starts)  # used only by an index without keys
+    samples = open_columns(split_dir, data["index"], table.num_samples, keys)
+    return Manifest(table, samples, dict(data.get("meta", {})))
+
+
 def write_manifest(split_dir: str | os.PathLike, manifest: Manifest) -> Path:
-    """Write the manifest atomically, so a reader never sees half a file."""
+    """Write the manifest as version 2: a new generation of index files, then
+    manifest.json naming them (atomically replaced), then the old files go. A reader
+    sees the old manifest or the new one, never a mix."""
+    split_dir = Path(split_dir)
+    try:
+        entry = write_columns(split_dir, manifest.samples)
+    except UnicodeEncodeError as err:
+        raise DataError(f"{split_dir}: a key is not valid text: {err}") from err
+    return write_json(split_dir, {**manifest.to_json(), "index": entry})
+
+
+def write_json(split_dir: Path, content: dict[str, Any]) -> Path:
+    """Replace manifest.json atomically, then drop index files it no longer names."""
     path = manifest_path(split_dir)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.to_json(), separators=(",", ":")))
+    tmp.write_text(json.dumps(content, separators=(",", ":")))
     os.replace(tmp, path)
+    remove_other_generations(split_dir, content["index"]["generation"])
     return path
 
 
-@dataclass(frozen=True)
 class SplitIndex:
-    """The manifest flattened into arrays over global sample indices.
-
-    Sample i of the split is the i-th key when shards are read in manifest order.
-    Arrays make a micro-batch's lookup one fancy-index, not a Python loop.
+    """A split's samples by global index, for the loader: which shard (a search over
+    the shard starts), where its members lie (mapped columns), its key (read only to
+    name it). O(shards) memory; a lookup touches the pages of the samples it asks for.
     """
 
-    shard_names: list[str]
-    shard_sizes: list[int]
-    shard_of: np.ndarray
-    """int32 per sample: position of its shard in shard_names."""
-    keys: list[str]
-    offsets: dict[str, np.ndarray]
-    """ext -> int64 per sample (-1 where missing)."""
-    sizes: dict[str, np.ndarray]
+    def __init__(self, table: ShardTable, samples: SampleColumns):
+        self.table, self.samples = table, samples
+        self.shard_names: list[str] = table.names
+        self.shard_sizes: list[int] = table.sizes.tolist()
+        self.keys: Keys = samples.keys
+        self.offsets: dict[str, np.ndarray] = {e: c[:, 0] for e, c in samples.members.items()}
+        """ext -> int64 per sample (-1 where missing), a view of the mapped column."""
+        self.sizes: dict[str, np.ndarray] = {e: c[:, 1] for e, c in samples.members.items()}
+        self.labels: dict[str, np.ndarray] = samples.labels
 
     @property
     def num_samples(self) -> int:
-        return len(self.keys)
+        return self.table.num_samples
+
+    def shard_of(self, indices: np.ndarray) -> np.ndarray:
+        return self.table.shard_of(indices)
+
+    def shard_range(self, shard: int) -> range:
+        """The sample indices of one shard."""
+        return range(int(self.table.starts[shard]), int(self.table.starts[shard + 1]))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return SplitIndex, (self.table, self.samples)  # the columns pickle by path
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> SplitIndex:
-        exts = manifest.extensions
-        counts = [shard.num_samples for shard in manifest.shards]
-        shard_of = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-
-        def column(ext: str, part: str) -> np.ndarray:
-            missing = [-1]
-            parts = [
-                np.asarray(
-                    s.members.get(ext, {}).get(part, missing * s.num_samples), dtype=np.int64
-                )
-                for s in manifest.shards
-            ]
-            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-
-        return cls(
-            shard_names=[s.name for s in manifest.shards],
-            shard_sizes=[s.size for s in manifest.shards],
-            shard_of=shard_of,
-            keys=[key for s in manifest.shards for key in s.keys],
-            offsets={ext: column(ext, "offsets") for ext in exts},
-            sizes={ext: column(ext, "sizes") for ext in exts},
-        )
+        return cls(manifest.table, manifest.samples)

@@ -22,12 +22,12 @@ def verify_split(split_dir: str | os.PathLike, decode: bool = True) -> list[str]
     split_dir = Path(split_dir)
     manifest = read_manifest(split_dir)
     problems: list[str] = []
-    listed = {split_dir / shard.name for shard in manifest.shards}
+    listed = {split_dir / name for name in manifest.table.names}
     for path in find_shards(split_dir):
         if path not in listed:
             problems.append(f"{path}: shard not in the manifest (re-run `ddp-shards index`)")
     shapes: dict[str, list[tuple[Path, str, tuple]]] = defaultdict(list)
-    for shard in manifest.shards:
+    for shard in manifest.shards:  # one shard's index in memory at a time
         problems.extend(_verify_shard(split_dir / shard.name, shard, decode, shapes))
     problems.extend(_odd_shapes(shapes))
     return problems
@@ -71,6 +71,8 @@ def _verify_shard(path: Path, shard: ShardInfo, decode: bool, shapes: dict) -> l
         )
     elif actual.members != shard.members:
         problems.append(f"{path}: member offsets differ from the manifest (re-run index)")
+    elif any(actual.labels.get(ext) != labels for ext, labels in shard.labels.items()):
+        problems.append(f"{path}: labels differ from the manifest (re-run index)")
     if decode and not problems:
         problems.extend(_decode_errors(path, shard, shapes))
     return problems

@@ -1,0 +1,178 @@
+"""The network of a job across hosts: which interface the process group binds to, and
+whether the rendezvous host can be reached at all. No torch import.
+
+Left alone, gloo binds to the address its host's own name resolves to. On a machine
+whose /etc/hosts maps its name to 127.0.1.1 (Debian's installer writes that line) it is
+loopback: peers on other hosts then dial their own loopback and the job fails at start
+with "Gloo connectFullMesh failed ... Connection refused, remote=[127.0.1.1]" (seen on
+the namespace hosts of slurm/hosts.sh). NCCL's bootstrap picks an interface by its own
+rules, which on a node with several networks need not be the one the other nodes reach.
+
+`use_interface_towards_master` chooses for both, when the user has not: the interface
+that holds the source address of this host's route to MASTER_ADDR (rank 0's host), i.e.
+the network on which the other hosts reach rank 0. Routes are read from the kernel by
+connecting a UDP socket, which sends nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import ipaddress
+import os
+import socket
+import time
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+
+from ddp.dist.env import Launch
+from ddp.validate import ConfigError
+
+SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+@dataclass(frozen=True)
+class Route:
+    interface: str
+    source: str
+    """This host's address on `interface`: what the process group binds to."""
+    destination: str
+
+
+def this_host() -> str:
+    return socket.gethostname()
+
+
+def resolve(host: str, what: str = "host") -> list[str]:
+    """Every address of `host`, non-loopback first; ConfigError naming the host (and the
+    host that asked) when it does not resolve."""
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise ConfigError(
+            f"{what} {host} does not resolve on {this_host()} ({exc.strerror})"
+        ) from exc
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    return sorted(addresses, key=lambda a: ipaddress.ip_address(a.split("%")[0]).is_loopback)
+
+
+def route_to(host: str) -> Route | None:
+    """The interface and source address this host uses to reach `host` (its first
+    address that is not loopback, if it has one); None when no interface holds the
+    source address (no route, or an OS without getifaddrs)."""
+    owners = local_addresses()
+    for address in resolve(host, "MASTER_ADDR"):
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect((address, 9))  # UDP: picks the route, sends nothing
+                source = probe.getsockname()[0].split("%")[0]  # no IPv6 scope: fe80::1%eth0
+        except OSError:  # no route to this address: try the next one
+            continue
+        if source in owners:
+            return Route(owners[source], source, address)
+    return None
+
+
+def use_interface_towards_master(
+    launch: Launch, environ: MutableMapping[str, str] | None = None
+) -> Route | None:
+    """For a job that spans hosts, set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (each
+    only when unset) to the interface of the route to MASTER_ADDR. Returns the route
+    when it set one; None for a one-host job, when both are set already, or when no
+    interface holds the route's source address (the libraries' defaults then stand).
+    ConfigError when MASTER_ADDR does not resolve on this host."""
+    environ = os.environ if environ is None else environ
+    unset = [name for name in SOCKET_IFNAME_VARS if not environ.get(name)]
+    master = environ.get("MASTER_ADDR")
+    if launch.world_size == launch.local_world_size or not unset or not master:
+        return None  # every rank on this host: any interface reaches the others
+    route = route_to(master)
+    if route is None:
+        return None
+    for name in unset:
+        environ[name] = route.interface
+    return route
+
+
+def wait_for_rendezvous(host: str, port: int, timeout_s: float) -> None:
+    """Before torchrun's agent joins a c10d rendezvous: `host` resolves here and, unless
+    this is the rendezvous host (whose agent serves the store), `host:port` accepts a
+    TCP connection within `timeout_s` (the other agents may still be starting). One
+    ConfigError line naming both hosts otherwise: torch would retry until its own
+    timeouts, with a C++ stack trace per attempt, and end in a traceback."""
+    addresses = resolve(host, "rendezvous host")
+    here = local_addresses()
+    if any(a in here or ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        return  # our agent will serve the store
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, timeout_s)):
+                return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                reason = exc.strerror or str(exc) or type(exc).__name__
+                raise ConfigError(
+                    f"cannot reach the rendezvous {host}:{port} from {this_host()} within "
+                    f"{timeout_s:g} s ({reason}): is torchrun running on {host}, and is port "
+                    f"{port} open to the other hosts?"
+                ) from exc
+        time.sleep(0.5)
+
+
+def local_addresses() -> dict[str, str]:
+    """Every address of this host's interfaces, IPv4 and IPv6, mapped to its interface
+    name (glibc's getifaddrs); empty where that is not available."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return {}
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    head = ctypes.POINTER(_IfAddrs)()
+    if not hasattr(libc, "getifaddrs") or libc.getifaddrs(ctypes.byref(head)) != 0:
+        return {}
+    owners: dict[str, str] = {}
+    try:
+        node = head
+        while node:
+            entry = node.contents
+            address = _address(entry.ifa_addr)
+            if address is not None:
+                owners.setdefault(address, entry.ifa_name.decode())
+            node = entry.ifa_next
+    finally:
+        libc.freeifaddrs(head)
+    return owners
+
+
+class _SockAddr(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_ushort), ("data", ctypes.c_ubyte * 26)]
+
+
+class _IfAddrs(ctypes.Structure):
+    pass
+
+
+_IfAddrs._fields_ = [
+    ("ifa_next", ctypes.POINTER(_IfAddrs)),
+    ("ifa_name", ctypes.c_char_p),
+    ("ifa_flags", ctypes.c_uint),
+    ("ifa_addr", ctypes.POINTER(_SockAddr)),
+    ("ifa_netmask", ctypes.POINTER(_SockAddr)),
+    ("ifa_ifu", ctypes.POINTER(_SockAddr)),
+    ("ifa_data", ctypes.c_void_p),
+]
+
+
+def _address(pointer) -> str | None:
+    """The text of a sockaddr_in (port, then 4 bytes) or sockaddr_in6 (port, flow
+    info, then 16 bytes); None for other families (e.g. AF_PACKET)."""
+    if not pointer:
+        return None
+    sockaddr = pointer.contents
+    raw = bytes(sockaddr.data)
+    if sockaddr.family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw[2:6])
+    if sockaddr.family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, raw[6:22])
+    return None

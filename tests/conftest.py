@@ -13,3 +13,12 @@ def no_process_left_behind():
     before = harness.running()
     yield
     harness.kill_running(keep=before)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test` runs 2 workers, `--dist loadgroup`), the tests that
+    start, use and stop the machine's SLURM daemons and namespace hosts run in one worker,
+    one after another; every other test starts its own processes on free ports."""
+    for item in items:
+        if item.get_closest_marker("slurm") or item.get_closest_marker("hosts"):
+            item.add_marker(pytest.mark.xdist_group("cluster"))

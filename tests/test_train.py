@@ -289,4 +289,4 @@ def test_a_cnn_trains_in_channels_last_order_unless_told_not_to(tmp_path, smoke,
         "features.3.weight"
     ]  # 8 -> 16 channels
     assert weight.is_contiguous(memory_format=torch.channels_last) == expected
-    assert records(run_dir, "val")[-1]["val/accuracy"] > 0.5  # it learns either way
+    assert records(run_dir, "val")[-1]["val/accuracy"] > 0.3  # it learns either way (chance: 0.1)

@@ -1,0 +1,181 @@
+"""Remote splits (ddp.data.remote, ddp.data.cache): the guarantees of a local split over
+shards served by nginx and by an S3 server, through a bounded, shared, verified cache."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ddp.data.batch import LoaderOptions
+from ddp.data.cache import GB, ShardCache
+from ddp.data.loaders import build_eval_loader, build_train_loader
+from ddp.data.remote import Remote
+from ddp.data.splits import open_location
+from ddp.plan import make_plan
+from ddp.shards import DataError
+from tests.servers import Nginx
+from tests.test_data import same
+
+SHARDS = LoaderOptions(in_memory_max_mb=0)
+"""Every micro-batch read from the shards (digits would fit in memory)."""
+DIGITS_SHARD = 420_000
+"""A bound on the bytes of one digits training shard (256 samples)."""
+
+
+def cache_in(path: Path, max_bytes: int = GB, timeout_s: float = 10, endpoint=None) -> ShardCache:
+    return ShardCache(path, max_bytes, Remote(timeout_s=timeout_s, s3_endpoint=endpoint))
+
+
+def remote_epoch(url, cache, plan, rank=0, epoch=0, start_step=0, prefetch=4, options=SHARDS):
+    split_dir, manifest, remote = open_location(url, cache, prefetch)
+    loader = build_train_loader(split_dir, plan, rank, 0, options, None, manifest, remote=remote)
+    try:
+        return list(loader.epoch(epoch, start_step))
+    finally:
+        loader.close()
+
+
+def local_epoch(split: Path, plan, rank=0, epoch=0, start_step=0):
+    return list(build_train_loader(split, plan, rank, 0, SHARDS).epoch(epoch, start_step))
+
+
+@pytest.fixture(params=["http", "s3"])
+def digits_url(request) -> tuple[str, str | None]:
+    """The digits root behind nginx or S3, and the S3 endpoint (None for HTTP)."""
+    if request.param == "http":
+        return f"{request.getfixturevalue('nginx').url}/digits", None
+    return "s3://data/digits", request.getfixturevalue("moto_s3")
+
+
+def test_a_remote_split_gives_the_very_batches_of_the_local_one(
+    digits_url, digits_root: Path, tmp_path: Path
+) -> None:
+    root, endpoint = digits_url
+    cache = cache_in(tmp_path / "cache", endpoint=endpoint)
+    plan = make_plan(1438, 64, 16, 2)
+    seen: Counter = Counter()
+    for rank in range(2):
+        batches = remote_epoch(f"{root}/train", cache, plan, rank, epoch=1)
+        assert len(batches) == plan.micro_batches_per_epoch
+        assert same(batches, local_epoch(digits_root / "train", plan, rank, epoch=1))
+        for b in batches:
+            seen.update(b.indices[b.valid].tolist())
+    assert sorted(seen) == list(range(1438)) and set(seen.values()) == {1}
+    assert cache.downloads == 6  # each shard once, for both ranks
+
+
+def test_resume_mid_epoch_from_a_remote_split_gives_the_rest(nginx: Nginx, tmp_path) -> None:
+    plan = make_plan(1438, 32, 8, 2)
+    url = f"{nginx.url}/digits/train"
+    full = remote_epoch(url, cache_in(tmp_path / "a"), plan, rank=1, epoch=3)
+    rest = remote_epoch(url, cache_in(tmp_path / "b"), plan, rank=1, epoch=3, start_step=30)
+    assert len(rest) == (plan.iterations_per_epoch - 30) * plan.accumulate
+    assert same(rest, full[30 * plan.accumulate :])
+
+
+def test_the_val_split_is_covered_once_from_a_remote_split(nginx: Nginx, tmp_path) -> None:
+    cache = cache_in(tmp_path / "cache")
+    split_dir, manifest, remote = open_location(f"{nginx.url}/digits/val", cache)
+    seen: Counter = Counter()
+    counts = set()
+    for rank in range(3):
+        loader = build_eval_loader(split_dir, 16, rank, 3, SHARDS, manifest, remote=remote)
+        batches = list(loader)
+        counts.add(len(batches))
+        for b in batches:
+            seen.update(b.indices[b.valid].tolist())
+    assert len(counts) == 1 and sorted(seen) == list(range(359)) and set(seen.values()) == {1}
+
+
+def test_a_corrupt_served_shard_is_named_and_never_used(nginx: Nginx, tmp_path: Path) -> None:
+    cache = cache_in(tmp_path / "cache")
+    plan = make_plan(1438, 64, 16, 1)
+    with pytest.raises(DataError) as err:
+        remote_epoch(f"{nginx.url}/corrupt/train", cache, plan)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{nginx.url}/corrupt/train/") and ".tar: sha256 " in message
+    assert "but the manifest says" in message
+    bad = message.split(": ", 1)[0].rsplit("/", 1)[1]
+    split_dir = cache.split_dir(f"{nginx.url}/corrupt/train")
+    assert not (split_dir / bad).exists() and not list(split_dir.glob("*.part"))
+
+
+def test_a_missing_split_is_named(nginx: Nginx, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"/nowhere/train/manifest.json: HTTP 404"):
+        open_location(f"{nginx.url}/nowhere/train", cache_in(tmp_path / "cache"))
+
+
+def test_the_cache_never_exceeds_its_bound(nginx: Nginx, digits_root: Path, tmp_path) -> None:
+    bound = 3 * DIGITS_SHARD  # half the training split
+    cache = cache_in(tmp_path / "cache", bound)
+    plan = make_plan(1438, 256, 64, 1)
+    split_dir, manifest, remote = open_location(f"{nginx.url}/digits/train", cache, 2)
+    loader = build_train_loader(split_dir, plan, 0, 0, SHARDS, None, manifest, remote=remote)
+    for epoch in (0,):
+        batches = []
+        for batch in loader.epoch(epoch):
+            assert 0 < cache.used_bytes() <= bound
+            batches.append(batch)
+        assert same(batches, local_epoch(digits_root / "train", plan, epoch=epoch))
+    assert cache.downloads > 6  # shards were evicted and fetched again
+
+
+def test_a_second_loader_reuses_the_cache(nginx: Nginx, tmp_path: Path) -> None:
+    plan = make_plan(1438, 64, 16, 1)
+    url = f"{nginx.url}/digits/train"
+    first = remote_epoch(url, cache_in(tmp_path / "cache"), plan)
+    fetched = len(nginx.requests(".tar"))
+    again = cache_in(tmp_path / "cache")  # a restart: a new process would see just this
+    assert same(remote_epoch(url, again, plan), first)
+    assert again.downloads == 0 and len(nginx.requests(".tar")) == fetched
+
+
+def test_processes_of_a_node_share_one_cache(nginx: Nginx, tmp_path: Path) -> None:
+    """Three processes fetch every shard into one cache at once: each is fetched once."""
+    url = f"{nginx.url}/digits/train"
+    before = Counter(p for p in nginx.requests(".tar") if "/digits/train/" in p)
+    script = (
+        "import sys; from pathlib import Path; from ddp.data.cache import ShardCache; "
+        "from ddp.data.remote import Remote; from ddp.data.splits import open_location; "
+        f"cache = ShardCache(Path(sys.argv[1]), 1 << 30, Remote(10)); "
+        f"_, m, split = open_location({url!r}, cache); "
+        "[split.fetch(s) for s in range(len(split.names))]; print(cache.downloads)"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "cache")], stdout=subprocess.PIPE
+        )
+        for _ in range(3)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert sum(int(o) for o in outs) == 6
+    after = Counter(p for p in nginx.requests(".tar") if "/digits/train/" in p)
+    assert after - before == Counter({p: 1 for p in after})
+
+
+def test_a_server_gone_mid_epoch_stops_with_one_line_naming_the_url(
+    served_root: Path, tmp_path: Path
+) -> None:
+    server = Nginx(served_root, tmp_path / "nginx")
+    try:
+        cache = cache_in(tmp_path / "cache", 3 * DIGITS_SHARD, timeout_s=2)
+        plan = make_plan(1438, 64, 16, 1)
+        split_dir, manifest, remote = open_location(f"{server.url}/digits/train", cache, 0)
+        loader = build_train_loader(split_dir, plan, 0, 0, SHARDS, None, manifest, remote=remote)
+        batches = loader.epoch(0)
+        next(batches)
+        server.stop()
+        with pytest.raises(DataError) as err:
+            for _ in batches:  # the cache holds half the shards: some must be fetched
+                pass
+    finally:
+        server.stop()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{server.url}/digits/train/")
+    assert "unreachable for 2 s (data.remote_timeout_s" in message

@@ -46,7 +46,8 @@ def wait_for_port(port: int, process: subprocess.Popen | None = None, within: fl
 
 
 class Nginx:
-    """nginx serving `root` at http://127.0.0.1:PORT/ until `stop()`."""
+    """nginx serving `root` at http://127.0.0.1:PORT/ until `stop()`; under /failing/ the
+    same files, but every .tar answers 503."""
 
     def __init__(self, root: Path, work: Path):
         if NGINX is None:
@@ -75,6 +76,9 @@ http {{
         listen 127.0.0.1:{self.port};
         root {root};
         location / {{ }}
+        # /failing/...: the same files, but every shard answers 503 (a store in trouble)
+        location ~ ^/failing/.*\\.tar$ {{ return 503; }}
+        location /failing/ {{ alias {root}/; }}
     }}
 }}
 """

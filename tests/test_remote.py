@@ -17,6 +17,9 @@ from ddp.data.remote import Remote
 from ddp.data.splits import open_location
 from ddp.plan import make_plan
 from ddp.shards import DataError
+from tests import harness
+from tests.fixtures import smoke_overrides
+from tests.harness import records
 from tests.servers import Nginx
 from tests.test_data import same
 
@@ -179,3 +182,31 @@ def test_a_server_gone_mid_epoch_stops_with_one_line_naming_the_url(
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{server.url}/digits/train/")
     assert "unreachable for 2 s (data.remote_timeout_s" in message
+
+
+@pytest.mark.slow
+def test_training_from_http_then_a_failing_store_exits_2_and_keeps_the_checkpoint(
+    nginx: Nginx, tmp_path: Path
+) -> None:
+    """`python -m ddp.train data.root=http://...` trains from nginx (each shard fetched
+    once); a resume whose shards then keep failing (503) ends with one line naming the
+    URL, exit 2, the checkpoint as it was. (Processes sharing the cache: see above.)"""
+    before = len(nginx.requests(".tar"))
+    remote = [f"data.cache_dir={tmp_path / 'cache'}", "data.in_memory_max_mb=0"]
+    first = smoke_overrides(f"{nginx.url}/digits", tmp_path / "runs", "test", *remote)
+    out = harness.train([*first, "trainer.max_epochs=1"], nproc=0, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    fetched = Counter(nginx.requests(".tar")[before:])
+    assert len(fetched) == 8 and set(fetched.values()) == {1}  # 6 train + 2 val shards
+    run_dir = tmp_path / "runs" / "test"
+    checkpoint = (run_dir / "checkpoints" / "last.pt").read_bytes()
+    assert len(records(run_dir, "val")) == 1
+
+    failing = smoke_overrides(f"{nginx.url}/failing/digits", tmp_path / "runs", "test", *remote)
+    out = harness.train(
+        [*failing, "trainer.max_epochs=2", "data.remote_timeout_s=2"], nproc=0, timeout=180
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    lines = [line for line in out.stderr.splitlines() if "unreachable for 2 s" in line]
+    assert lines and all(f"{nginx.url}/failing/digits/" in line for line in lines)
+    assert (run_dir / "checkpoints" / "last.pt").read_bytes() == checkpoint

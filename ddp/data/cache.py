@@ -54,6 +54,10 @@ from ddp.shards.manifest import MANIFEST_NAME, DataError, Manifest, read_manifes
 GB = 1 << 30
 PART, OK, LOCK, DOWNLOAD = ".part", ".ok", ".lock", ".download"
 CACHE_LOCK = ".cache.lock"
+MAX_PINNED = 256
+"""Shards one process keeps mapped at most (a quarter of the cache bound, in shards, if
+less): an fd and a map each. A fully random order touches every shard in each epoch's
+first batches, so fewer means remapping (and re-pinning) shards batch after batch."""
 
 
 def default_cache_dir() -> Path:
@@ -332,7 +336,7 @@ def open_remote_split(
             remove_other_generations(local, entry["generation"])
     manifest = read_manifest(local)
     table = manifest.table
-    largest = int(table.sizes.max()) if len(table) else 1
+    largest = max(int(table.sizes.max()) if len(table) else 1, 1)
     split = RemoteSplit(
         url,
         local,
@@ -340,7 +344,7 @@ def open_remote_split(
         table.sizes.tolist(),
         table.sha256,
         cache,
-        max_pinned=max(1, min(8, cache.max_bytes // (4 * max(largest, 1)))),
+        max_pinned=max(1, min(MAX_PINNED, cache.max_bytes // (4 * largest))),
         prefetch_shards=prefetch_shards,
     )
     return local, manifest, split

@@ -210,3 +210,26 @@ def test_training_from_http_then_a_failing_store_exits_2_and_keeps_the_checkpoin
     lines = [line for line in out.stderr.splitlines() if "unreachable for 2 s" in line]
     assert lines and all(f"{nginx.url}/failing/digits/" in line for line in lines)
     assert (run_dir / "checkpoints" / "last.pt").read_bytes() == checkpoint
+
+
+def test_dataloader_workers_read_a_remote_split_as_the_main_process(
+    nginx: Nginx, digits_root: Path, tmp_path: Path
+) -> None:
+    """Workers (forked, persistent) fetch and pin through the same cache: same batches."""
+    plan = make_plan(1438, 64, 16, 2)
+    options = LoaderOptions(num_workers=2, in_memory_max_mb=0)
+    cache = cache_in(tmp_path / "cache")
+    split_dir, manifest, remote = open_location(f"{nginx.url}/digits/train", cache)
+    loader = build_train_loader(split_dir, plan, 1, 0, options, None, manifest, remote=remote)
+    try:
+        for epoch in (0, 1):
+            local = local_epoch(digits_root / "train", plan, rank=1, epoch=epoch)
+            assert same(list(loader.epoch(epoch)), local)
+    finally:
+        loader.close()
+
+
+def test_a_missing_s3_key_is_named(moto_s3: str, tmp_path: Path) -> None:
+    cache = cache_in(tmp_path / "cache", endpoint=moto_s3)
+    with pytest.raises(DataError, match=r"^s3://data/nowhere/train/manifest.json: S3 NoSuchKey"):
+        open_location("s3://data/nowhere/train", cache)

@@ -60,6 +60,48 @@ less): an fd and a map each. A fully random order touches every shard in each ep
 first batches, so fewer means remapping (and re-pinning) shards batch after batch."""
 
 
+_held: set[int] = set()
+"""Lock fds open in this process. flock belongs to the open file description, which a
+fork shares: a DataLoader worker forked while a thread downloads would keep that
+download's lock held after the parent let go, and wait on it forever. So a forked child
+closes (never unlocks: the parent still holds them) every lock fd it inherited."""
+_held_guard = threading.Lock()
+
+
+def open_lock(path: Path) -> int:
+    with _held_guard:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        _held.add(fd)
+    return fd
+
+
+def close_lock(fd: int) -> None:
+    with _held_guard:
+        _held.discard(fd)
+        os.close(fd)
+
+
+def _close_inherited_locks() -> None:
+    for fd in _held:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+def _release_guard() -> None:
+    _held_guard.release()
+
+
+def _child_after_fork() -> None:
+    _close_inherited_locks()
+    _held_guard.release()
+
+
+os.register_at_fork(
+    before=_held_guard.acquire, after_in_parent=_release_guard, after_in_child=_child_after_fork
+)
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "ddp" / "shards"
@@ -68,12 +110,12 @@ def default_cache_dir() -> Path:
 @contextlib.contextmanager
 def locked(path: Path, how: int = fcntl.LOCK_EX) -> Iterator[int]:
     """Hold an flock on `path` (created if needed) for the block; yields the fd."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock(path)
     try:
         fcntl.flock(fd, how)
         yield fd
     finally:
-        os.close(fd)
+        close_lock(fd)
 
 
 @dataclass
@@ -104,7 +146,7 @@ class ShardCache:
         """Make `path` the verified shard and hold a shared lock on it (returned fd, to
         `unpin`; none with keep=False), so no process evicts it meanwhile."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path.with_name(path.name + LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock(path.with_name(path.name + LOCK))
         try:
             while True:
                 fcntl.flock(fd, fcntl.LOCK_SH)
@@ -119,16 +161,16 @@ class ShardCache:
                         self._download(url, path, size, sha256)
                 # loop: pin it (an evictor may have taken it in between: fetch again)
         except BaseException:
-            os.close(fd)
+            close_lock(fd)
             raise
         if keep:
             return fd
-        os.close(fd)
+        close_lock(fd)
         return None
 
     @staticmethod
     def unpin(fd: int) -> None:
-        os.close(fd)
+        close_lock(fd)
 
     def _download(self, url: str, path: Path, size: int, sha256: str) -> None:
         part = path.with_name(path.name + PART)
@@ -239,7 +281,7 @@ def _abandoned(part: Path) -> bool:
     lock = part.with_name(part.name[: -len(PART)] + DOWNLOAD)
     if not lock.exists():
         return False  # not a shard's download (a manifest's, an index file's)
-    fd = os.open(lock, os.O_RDWR)
+    fd = open_lock(lock)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -248,12 +290,12 @@ def _abandoned(part: Path) -> bool:
         part.unlink(missing_ok=True)
         return True
     finally:
-        os.close(fd)
+        close_lock(fd)
 
 
 def _evict(shard: Path) -> bool:
     """Remove a shard nobody pins (marker first: it stops being ready at once)."""
-    fd = os.open(shard.with_name(shard.name + LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock(shard.with_name(shard.name + LOCK))
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -264,7 +306,7 @@ def _evict(shard: Path) -> bool:
                 path.unlink()
         return True
     finally:
-        os.close(fd)
+        close_lock(fd)
 
 
 # --------------------------------------------------------------------------- splits
@@ -295,6 +337,9 @@ class RemoteSplit:
         return self.cache.fetch(
             self.shard_url(shard), self.path(shard), self.sizes[shard], self.sha256[shard]
         )
+
+    def unpin(self, fd: int) -> None:
+        self.cache.unpin(fd)
 
     def pin(self, shard: int) -> int:
         fd = self.cache.pin(

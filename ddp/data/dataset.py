@@ -162,10 +162,8 @@ class ShardDataset(Dataset):
         return buffer
 
     def _forget_inherited(self) -> None:
-        """In a forked worker: map afresh, and close (not unlock: the parent still holds
-        them) the pins inherited from the parent."""
-        for fd in self._pins.values():
-            os.close(fd)
+        """In a forked worker: map afresh (the pins inherited from the parent were closed
+        at the fork, see ddp.data.cache)."""
         self._buffers, self._pins, self._pid = {}, {}, os.getpid()
 
     def _remote_buffer(self, shard_id: int) -> memoryview:
@@ -182,13 +180,13 @@ class ShardDataset(Dataset):
                     mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                 self._check_headers(shard_id, path)
             except BaseException:
-                os.close(pin)
+                self.remote.unpin(pin)
                 raise
             buffer, self._pins[shard_id] = memoryview(mapped), pin
             while len(self._buffers) >= self.remote.max_pinned:
                 oldest = next(iter(self._buffers))
                 del self._buffers[oldest]  # unmapped when the last view of it goes
-                os.close(self._pins.pop(oldest))
+                self.remote.unpin(self._pins.pop(oldest))
         self._buffers[shard_id] = buffer  # now the most recently used
         return buffer
 

@@ -3,6 +3,7 @@ shards served by nginx and by an S3 server, through a bounded, shared, verified 
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 import sys
 from collections import Counter
@@ -233,3 +234,22 @@ def test_a_missing_s3_key_is_named(moto_s3: str, tmp_path: Path) -> None:
     cache = cache_in(tmp_path / "cache", endpoint=moto_s3)
     with pytest.raises(DataError, match=r"^s3://data/nowhere/train/manifest.json: S3 NoSuchKey"):
         open_location("s3://data/nowhere/train", cache)
+
+
+def test_a_download_left_by_a_dead_process_is_removed_not_counted(tmp_path: Path) -> None:
+    cache = cache_in(tmp_path / "cache")
+    split = cache.split_dir("http://host/data/train")
+    split.mkdir(parents=True)
+    for name in ("live", "dead"):
+        with open(split / f"{name}.tar.part", "wb") as f:
+            f.truncate(1000)
+        (split / f"{name}.tar.download").touch()
+    with open(split / "live.tar.download", "rb") as live:
+        fcntl.flock(live, fcntl.LOCK_EX)  # a download in flight (another open file: as a process)
+        assert cache.used_bytes() == 1000
+    assert (split / "live.tar.part").exists() and not (split / "dead.tar.part").exists()
+
+
+def test_a_location_of_another_scheme_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"^gs://bucket/digits/train: gs:// is not read"):
+        open_location("gs://bucket/digits/train", cache_in(tmp_path / "cache"))

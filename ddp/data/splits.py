@@ -118,6 +118,16 @@ def open_splits(data: DataConfig, with_val: bool = True, num_classes: int | None
     )
 
 
+def open_named_split(
+    data: DataConfig, split: str
+) -> tuple[str, Path, Manifest, RemoteSplit | None]:
+    """One split of `data` by name (ddp-eval, ddp-export): where it is (a path or a
+    URL), its directory (local or in the cache), its manifest, its remote shards."""
+    location = join(data.root, split)
+    cache = shard_cache(data) if is_remote(location) else None
+    return (location, *open_location(location, cache, data.prefetch_shards))
+
+
 def shard_cache(data: DataConfig) -> ShardCache:
     """The node's cache of remote shards, as data.cache_* say."""
     root = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
@@ -131,7 +141,14 @@ def open_location(
     """A split by path or URL: (its directory, local or in the cache; its manifest; where
     its shards come from, None when local)."""
     if not is_remote(location):
-        return Path(location), open_split(Path(location)), None
+        scheme = urlparse(location).scheme
+        if len(scheme) > 1 and scheme != "file":  # (a Windows drive letter is one letter)
+            raise DataError(
+                f"{location}: {scheme}:// is not read; data.root and the splits may be "
+                "paths, http(s):// or s3:// URLs"
+            )
+        path = Path(unquote(urlparse(location).path)) if scheme == "file" else Path(location)
+        return path, open_split(path), None
     assert cache is not None
     return open_remote_split(location, cache, prefetch_shards)
 

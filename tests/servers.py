@@ -177,3 +177,58 @@ def moto_s3(served_root: Path) -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class BreakingServer:
+    """A small HTTP server (the standard library's, in a thread) over `root` that breaks
+    the first transfer of every shard halfway (the full Content-Length promised, half
+    sent, the connection closed) and honours `Range: bytes=N-` requests: what a flaky
+    store does. Records each request as (path, range header)."""
+
+    def __init__(self, root: Path):
+        import http.server
+        import threading
+
+        self.requests: list[tuple[str, str | None]] = []
+        broken: set[str] = set()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+                path = root / self.path.lstrip("/")
+                ranged = self.headers.get("Range")
+                server.requests.append((self.path, ranged))
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                start = int(ranged[len("bytes=") : -1]) if ranged else 0
+                self.send_response(206 if ranged else 200)
+                self.send_header("Content-Length", str(len(data) - start))
+                self.end_headers()
+                if self.path.endswith(".tar") and self.path not in broken:
+                    broken.add(self.path)
+                    self.wfile.write(data[start : start + (len(data) - start) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(data[start:])
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def breaking_server(served_root: Path) -> Iterator[BreakingServer]:
+    server = BreakingServer(served_root)
+    yield server
+    server.stop()

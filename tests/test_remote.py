@@ -21,7 +21,7 @@ from ddp.shards import DataError
 from tests import harness
 from tests.fixtures import smoke_overrides
 from tests.harness import records
-from tests.servers import Nginx
+from tests.servers import BreakingServer, Nginx
 from tests.test_data import same
 
 SHARDS = LoaderOptions(in_memory_max_mb=0)
@@ -253,3 +253,21 @@ def test_a_download_left_by_a_dead_process_is_removed_not_counted(tmp_path: Path
 def test_a_location_of_another_scheme_is_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"^gs://bucket/digits/train: gs:// is not read"):
         open_location("gs://bucket/digits/train", cache_in(tmp_path / "cache"))
+
+
+def test_a_broken_transfer_resumes_where_it_stopped(
+    breaking_server: BreakingServer, digits_root: Path, tmp_path: Path
+) -> None:
+    """Every shard's first transfer breaks halfway: each is resumed by a Range request
+    (not fetched again from its start), verified, and the epoch is the local one."""
+    cache = cache_in(tmp_path / "cache")
+    plan = make_plan(1438, 64, 16, 1)
+    batches = remote_epoch(f"{breaking_server.url}/digits/train", cache, plan)
+    assert same(batches, local_epoch(digits_root / "train", plan))
+    per_shard: dict[str, list] = {}
+    for path, ranged in breaking_server.requests:
+        if path.endswith(".tar"):
+            per_shard.setdefault(path, []).append(ranged)
+    assert len(per_shard) == 6
+    for ranges in per_shard.values():  # whole, then from where it broke
+        assert len(ranges) == 2 and ranges[0] is None and ranges[1] != "bytes=0-"

@@ -181,7 +181,7 @@ def moto_s3(served_root: Path) -> Iterator[str]:
 
 class BreakingServer:
     """A small HTTP server (the standard library's, in a thread) over `root` that breaks
-    the first transfer of every shard halfway (the full Content-Length promised, half
+    the first transfer of every file halfway (the full Content-Length promised, half
     sent, the connection closed) and honours `Range: bytes=N-` requests: what a flaky
     store does. Records each request as (path, range header)."""
 
@@ -206,7 +206,7 @@ class BreakingServer:
                 self.send_response(206 if ranged else 200)
                 self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
-                if self.path.endswith(".tar") and self.path not in broken:
+                if self.path not in broken:
                     broken.add(self.path)
                     self.wfile.write(data[start : start + (len(data) - start) // 2])
                     self.close_connection = True

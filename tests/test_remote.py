@@ -258,8 +258,9 @@ def test_a_location_of_another_scheme_is_named(tmp_path: Path) -> None:
 def test_a_broken_transfer_resumes_where_it_stopped(
     breaking_server: BreakingServer, digits_root: Path, tmp_path: Path
 ) -> None:
-    """Every shard's first transfer breaks halfway: each is resumed by a Range request
-    (not fetched again from its start), verified, and the epoch is the local one."""
+    """Every file's first transfer breaks halfway: each shard is resumed by a Range
+    request (not fetched again from its start), verified, and the epoch is the local
+    one; the manifest and index files are read again whole."""
     cache = cache_in(tmp_path / "cache")
     plan = make_plan(1438, 64, 16, 1)
     batches = remote_epoch(f"{breaking_server.url}/digits/train", cache, plan)
@@ -271,3 +272,6 @@ def test_a_broken_transfer_resumes_where_it_stopped(
     assert len(per_shard) == 6
     for ranges in per_shard.values():  # whole, then from where it broke
         assert len(ranges) == 2 and ranges[0] is None and ranges[1] != "bytes=0-"
+    others = [(p, r) for p, r in breaking_server.requests if not p.endswith(".tar")]
+    assert others and all(r is None for _, r in others)
+    assert Counter(p for p, _ in others) == {p: 2 for p, _ in others}

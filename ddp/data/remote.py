@@ -65,7 +65,12 @@ class Remote:
     def read(self, url: str) -> bytes:
         """A small object whole (a manifest, an index file)."""
         chunks: list[bytes] = []
-        self._retrying(url, lambda: self._stream(url, 0, chunks.append, lambda: chunks.clear()))
+
+        def attempt() -> None:
+            chunks.clear()  # a broken try's bytes are not kept: each try reads it whole
+            self._stream(url, 0, chunks.append, lambda: None)
+
+        self._retrying(url, attempt)
         return b"".join(chunks)
 
     def download(
@@ -137,9 +142,14 @@ class Remote:
             with urllib.request.urlopen(request, timeout=min(self.timeout_s, 30)) as response:
                 if offset and response.status != 206:
                     restart()
+                promised = response.getheader("Content-Length")
+                got = 0
                 while chunk := response.read(CHUNK):
                     self.bytes_fetched += len(chunk)
+                    got += len(chunk)
                     sink(chunk)
+                if promised is not None and got < int(promised):  # closed early
+                    raise Retry(f"the connection closed after {got:,} of {int(promised):,} bytes")
         except urllib.error.HTTPError as err:
             if err.code >= 500 or err.code in (408, 429):
                 raise Retry(f"HTTP {err.code}") from None

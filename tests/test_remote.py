@@ -275,3 +275,14 @@ def test_a_broken_transfer_resumes_where_it_stopped(
     others = [(p, r) for p, r in breaking_server.requests if not p.endswith(".tar")]
     assert others and all(r is None for _, r in others)
     assert Counter(p for p, _ in others) == {p: 2 for p, _ in others}
+
+
+def test_a_remote_split_held_in_memory_gives_the_same_batches(
+    nginx: Nginx, digits_root: Path, tmp_path: Path
+) -> None:
+    plan = make_plan(1438, 64, 16, 2)
+    memory = LoaderOptions()  # digits fits in in_memory_max_mb: decoded once, at start-up
+    batches = remote_epoch(
+        f"{nginx.url}/digits/train", cache_in(tmp_path / "cache"), plan, 1, 2, options=memory
+    )
+    assert same(batches, local_epoch(digits_root / "train", plan, rank=1, epoch=2))

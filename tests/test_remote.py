@@ -6,18 +6,22 @@ from __future__ import annotations
 import fcntl
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ddp.data.batch import LoaderOptions
-from ddp.data.cache import GB, ShardCache
+from ddp.data.cache import GB, Prefetcher, ShardCache
 from ddp.data.loaders import build_eval_loader, build_train_loader
 from ddp.data.remote import Remote
 from ddp.data.splits import open_location
+from ddp.order import rank_micro_batches
 from ddp.plan import make_plan
-from ddp.shards import DataError
+from ddp.shards import DataError, read_manifest
+from ddp.shards.manifest import SplitIndex
 from tests import harness
 from tests.fixtures import smoke_overrides
 from tests.harness import records
@@ -286,3 +290,38 @@ def test_a_remote_split_held_in_memory_gives_the_same_batches(
         f"{nginx.url}/digits/train", cache_in(tmp_path / "cache"), plan, 1, 2, options=memory
     )
     assert same(batches, local_epoch(digits_root / "train", plan, rank=1, epoch=2))
+
+
+def first_needs(plan, rank: int, epoch: int, shard_of) -> dict[int, int]:
+    """shard -> the position of the first micro-batch that needs it, in that order."""
+    first: dict[int, int] = {}
+    for position, micro in enumerate(rank_micro_batches(plan, 0, epoch, rank)):
+        for shard in np.unique(shard_of(np.asarray(micro.indices))).tolist():
+            first.setdefault(shard, position)
+    return first
+
+
+def test_prefetch_follows_the_epoch_order_and_stays_within_its_window(
+    nginx: Nginx, tmp_path: Path
+) -> None:
+    plan = make_plan(1438, 8, 4, 2)  # 4-sample micro-batches: a few shards each
+    shard_of = SplitIndex.from_manifest(read_manifest(Path(nginx.root) / "digits/train")).shard_of
+    first = first_needs(plan, 1, 5, shard_of)
+    expected = list(first)
+    url = f"{nginx.url}/digits/train"
+
+    _, _, split = open_location(url, cache_in(tmp_path / "all"))
+    everything = Prefetcher(split, shard_of, rank_micro_batches(plan, 0, 5, 1), 100).start()
+    everything._thread.join()  # it ends by itself once every shard is in
+    assert everything.fetched == expected and split.cache.downloads == 6
+
+    _, _, split = open_location(url, cache_in(tmp_path / "two"))
+    window = Prefetcher(split, shard_of, rank_micro_batches(plan, 0, 5, 1), 2).start()
+    # The consumer is at micro-batch 0: its shards, then 2 more, and no further.
+    allowed = sum(1 for position in first.values() if position == 0) + 2
+    deadline = time.monotonic() + 60
+    while len(window.fetched) < allowed and time.monotonic() < deadline:
+        time.sleep(0.01)  # waiting for the thread, not timing it
+    window.stop()
+    assert window.fetched == expected[:allowed] and split.cache.downloads == allowed
+    assert allowed < 6  # (else the window would not have been tested)

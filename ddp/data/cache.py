@@ -31,7 +31,7 @@ Guarantees, and how:
 
 from __future__ import annotations
 
-import bisect
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -39,8 +39,8 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -407,39 +407,37 @@ def _index_files(entry: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- prefetch
 
 
-@dataclass
 class Prefetcher:
     """Fetches the shards a rank's coming micro-batches need, in the order they are first
-    needed, at most `ahead` shards beyond those the consumer has reached. Best effort:
-    a failure is left for the reader's own fetch to report (with its retries)."""
+    needed, at most `ahead` shards beyond the micro-batch the consumer has reached. It
+    walks the epoch order itself (pure, O(1) a position) on its thread: O(shards)
+    memory, never a list of the epoch's samples. Best effort: a failure is left for the
+    reader's own fetch to report (with its retries and its timeout)."""
 
-    split: RemoteSplit
-    schedule: Sequence[tuple[int, int]]
-    """(micro-batch position where first needed, shard), by position."""
-    ahead: int
-    _consumed: int = 0
-    _cv: threading.Condition = field(default_factory=threading.Condition)
-    _stop: bool = False
-    _thread: threading.Thread | None = None
-
-    @classmethod
-    def for_micro_batches(
-        cls, split: RemoteSplit, shard_of: Any, micro_batches: Sequence[Any]
-    ) -> Prefetcher:
-        first: dict[int, int] = {}
-        for position, micro in enumerate(micro_batches):
-            for shard in np.unique(shard_of(np.asarray(micro.indices))).tolist():
-                first.setdefault(shard, position)
-        schedule = sorted((p, s) for s, p in first.items())
-        return cls(split, schedule, split.prefetch_shards)
+    def __init__(
+        self,
+        split: RemoteSplit,
+        shard_of: Callable[[np.ndarray], np.ndarray],
+        micro_batches: Iterable[Any],
+        ahead: int,
+    ):
+        self.split, self.shard_of, self.micro_batches = split, shard_of, micro_batches
+        self.ahead = ahead
+        self.fetched: list[int] = []
+        """Shards fetched (or found in the cache), in order: what the tests read."""
+        self._consumed = 0
+        self._stop = False
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> Prefetcher:
-        if self.ahead > 0 and self.schedule:
+        if self.ahead > 0:
             self._thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)
             self._thread.start()
         return self
 
     def consumed(self, micro_batches: int) -> None:
+        """The consumer has taken this many micro-batches of the epoch."""
         with self._cv:
             self._consumed = micro_batches
             self._cv.notify()
@@ -453,18 +451,28 @@ class Prefetcher:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
-    def _allowed(self) -> int:
-        positions = [position for position, _ in self.schedule]
-        return bisect.bisect_right(positions, self._consumed) + self.ahead
-
     def _run(self) -> None:
-        for k, (_, shard) in enumerate(self.schedule):
-            with self._cv:
-                while not self._stop and k >= self._allowed():
-                    self._cv.wait()
-                if self._stop:
-                    return
-            try:
-                self.split.fetch(shard)
-            except Exception:  # noqa: BLE001 - the reader's own fetch reports it
-                continue
+        seen: set[int] = set()
+        ahead: collections.deque[int] = collections.deque()  # first-need positions
+        for position, micro in enumerate(self.micro_batches):
+            for shard in np.unique(self.shard_of(np.asarray(micro.indices))).tolist():
+                if shard in seen:
+                    continue
+                seen.add(shard)
+                with self._cv:
+                    while not self._stop:
+                        while ahead and ahead[0] <= self._consumed:
+                            ahead.popleft()  # the consumer has reached it
+                        if len(ahead) < self.ahead:
+                            break
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                ahead.append(position)
+                try:
+                    self.split.fetch(shard)
+                    self.fetched.append(shard)
+                except Exception:  # noqa: BLE001 - the reader's own fetch reports it
+                    continue
+            if len(seen) == len(self.split.names):
+                return

@@ -187,8 +187,8 @@ class TrainLoader:
 
     def _prefetching(self, remote: RemoteSplit) -> Iterator[Batch]:
         """The epoch's batches while a thread fetches the shards they need next."""
-        prefetcher = Prefetcher.for_micro_batches(
-            remote, self.dataset.index.shard_of, list(self.sampler)
+        prefetcher = Prefetcher(
+            remote, self.dataset.index.shard_of, iter(self.sampler), remote.prefetch_shards
         ).start()
         try:
             for done, batch in enumerate(self._source, start=1):

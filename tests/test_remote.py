@@ -199,13 +199,15 @@ def test_training_from_http_then_a_failing_store_exits_2_and_keeps_the_checkpoin
     before = len(nginx.requests(".tar"))
     remote = [f"data.cache_dir={tmp_path / 'cache'}", "data.in_memory_max_mb=0"]
     first = smoke_overrides(f"{nginx.url}/digits", tmp_path / "runs", "test", *remote)
-    out = harness.train([*first, "trainer.max_epochs=1"], nproc=0, timeout=180)
+    audit = ["trainer.max_epochs=1", "trainer.audit_samples=true"]
+    out = harness.train([*first, *audit], nproc=0, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     fetched = Counter(nginx.requests(".tar")[before:])
     assert len(fetched) == 8 and set(fetched.values()) == {1}  # 6 train + 2 val shards
     run_dir = tmp_path / "runs" / "test"
     checkpoint = (run_dir / "checkpoints" / "last.pt").read_bytes()
-    assert len(records(run_dir, "val")) == 1
+    (val,) = records(run_dir, "val")
+    assert val["audit/unique_samples"] == 1438 and val["audit/missing_samples"] == 0
 
     failing = smoke_overrides(f"{nginx.url}/failing/digits", tmp_path / "runs", "test", *remote)
     out = harness.train(

@@ -30,8 +30,15 @@ from tests.test_data import same
 
 SHARDS = LoaderOptions(in_memory_max_mb=0)
 """Every micro-batch read from the shards (digits would fit in memory)."""
-DIGITS_SHARD = 420_000
-"""A bound on the bytes of one digits training shard (256 samples)."""
+DIGITS_SHARD = 532_480
+"""The bytes of a full digits training shard (256 samples; checked by the tests that
+size a cache by it)."""
+
+
+def full_shard(digits_root: Path) -> int:
+    sizes = read_manifest(digits_root / "train").table.sizes
+    assert int(sizes.max()) == DIGITS_SHARD
+    return DIGITS_SHARD
 
 
 def cache_in(path: Path, max_bytes: int = GB, timeout_s: float = 10, endpoint=None) -> ShardCache:
@@ -119,7 +126,7 @@ def test_a_missing_split_is_named(nginx: Nginx, tmp_path: Path) -> None:
 
 
 def test_the_cache_never_exceeds_its_bound(nginx: Nginx, digits_root: Path, tmp_path) -> None:
-    bound = 3 * DIGITS_SHARD  # half the training split
+    bound = 3 * full_shard(digits_root)  # half the training split
     cache = cache_in(tmp_path / "cache", bound)
     plan = make_plan(1438, 256, 64, 1)
     split_dir, manifest, remote = open_location(f"{nginx.url}/digits/train", cache, 2)
@@ -327,3 +334,21 @@ def test_prefetch_follows_the_epoch_order_and_stays_within_its_window(
     window.stop()
     assert window.fetched == expected[:allowed] and split.cache.downloads == allowed
     assert allowed < 6  # (else the window would not have been tested)
+
+
+def test_a_cache_too_small_for_the_shards_in_use_is_named(
+    nginx: Nginx, digits_root: Path, tmp_path: Path
+) -> None:
+    """One shard fits; while a process has it open, another cannot come in: the fetch
+    waits for the timeout, then names the bound. The pinned shard is left alone."""
+    cache = cache_in(tmp_path / "cache", full_shard(digits_root), timeout_s=1)
+    _, _, split = open_location(f"{nginx.url}/digits/train", cache)
+    pin = split.pin(0)
+    try:
+        with pytest.raises(DataError, match=r"data.cache_max_gb=[0-9.e-]+ is too small"):
+            split.fetch(1)
+        assert split.path(0).is_file() and not split.path(1).exists()
+    finally:
+        split.unpin(pin)
+    split.fetch(1)  # unpinned, shard 0 makes room
+    assert not split.path(0).exists() and cache.used_bytes() <= DIGITS_SHARD

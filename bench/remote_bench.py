@@ -14,6 +14,9 @@ num_workers=0, micro-batches of 256, exact epoch order, the split read from the 
   fetched (its set-up time is printed apart; rows time the epoch of a built loader);
 - webdataset http: `wds.WebDataset(urls)` streaming the same shards from nginx, decoding
   the same npy and cls members, batched by 256 (no shuffle: its best case);
+- http, cache = half the split: an epoch after the first through a cache bounded to
+  half the shards' bytes (a random order needs every shard in every epoch: shards are
+  evicted and fetched again);
 - resume at 90% (cold): time to the first batch at 90% of an epoch over the time to the
   first batch at its start, each from a fresh cache.
 Bytes fetched per epoch: what the loader read from the server (shards, manifest, index).
@@ -88,6 +91,24 @@ def remote_rates(url: str, cache_dir: Path, num: int, endpoint: str | None) -> d
         warm = max(warm, epoch_rate(split_dir, manifest, split, num, epoch))
         assert again.downloads == 0
     return {"cold": cold, "warm": warm, "bytes": fetched, "setup": setup}
+
+
+def bounded_rate(url: str, cache_dir: Path, num: int, max_bytes: int) -> tuple[float, int]:
+    """The second epoch through a cache that holds half the split (the first fills it):
+    samples/s and the bytes that epoch fetched."""
+    remote = Remote(timeout_s=30)
+    cache = ShardCache(cache_dir, max_bytes, remote)
+    split_dir, manifest, split = open_location(url, cache)
+    plan = make_plan(num, MICRO, MICRO, 1)
+    loader = build_train_loader(split_dir, plan, 0, 0, OPTIONS, None, manifest, remote=split)
+    sum(len(b.indices) for b in loader.epoch(0))
+    before = remote.bytes_fetched
+    start = time.perf_counter()
+    seen = sum(len(b.indices) for b in loader.epoch(1))
+    elapsed = time.perf_counter() - start
+    loader.close()
+    assert cache.used_bytes() <= max_bytes
+    return seen / elapsed, remote.bytes_fetched - before
 
 
 def first_batch_s(url: str, cache_dir: Path, num: int, start_step: int) -> float:
@@ -177,6 +198,9 @@ def main() -> None:
         iterations = -(-num // MICRO)
         at_start = first_batch_s(http_url, work / "cache-r0", num, 0)
         at_90 = first_batch_s(http_url, work / "cache-r90", num, int(0.9 * iterations))
+        rows["http, cache = half the split"], half_bytes = bounded_rate(
+            http_url, work / "cache-half", num, size // 2
+        )
     finally:
         moto.stop()
         server.stop()
@@ -188,7 +212,9 @@ def main() -> None:
     print(
         f"\nbytes fetched per epoch: ddp http {http['bytes'] / 1e6:.1f} MB, ddp s3 "
         f"{s3['bytes'] / 1e6:.1f} MB (cold; warm: the manifest only), webdataset "
-        f"{wds_bytes / 1e6:.1f} MB; the shards hold {size / 1e6:.1f} MB"
+        f"{wds_bytes / 1e6:.1f} MB; ddp http with a cache of half the split "
+        f"{half_bytes / 1e6:.1f} MB (an epoch after the first); the shards hold "
+        f"{size / 1e6:.1f} MB"
     )
     print(
         f"set-up of a warm remote split (manifest fetched, split opened): http "

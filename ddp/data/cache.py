@@ -175,8 +175,8 @@ class ShardCache:
     def _download(self, url: str, path: Path, size: int, sha256: str) -> None:
         part = path.with_name(path.name + PART)
         marker = path.with_name(path.name + OK)
-        with contextlib.suppress(FileNotFoundError):
-            marker.unlink()  # a stale shard (another manifest's) is no longer ready
+        for stale in (marker, path):  # another manifest's shard, or a truncated one:
+            stale.unlink(missing_ok=True)  # gone before the new one is counted
         self._make_room(size, part, url)
         digest = hashlib.sha256()
 
@@ -202,9 +202,11 @@ class ShardCache:
                 )
             marker_tmp = marker.with_name(marker.name + PART)
             marker_tmp.write_text(sha256)
+            # The marker first: a crash between the two leaves a marker without a shard
+            # (not ready, replaced next time), never a shard the bound does not count.
             with locked(self.root / CACHE_LOCK):  # not while an evictor scans
-                os.replace(part, path)
                 os.replace(marker_tmp, marker)
+                os.replace(part, path)
             self.downloads += 1
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -294,16 +296,16 @@ def _abandoned(part: Path) -> bool:
 
 
 def _evict(shard: Path) -> bool:
-    """Remove a shard nobody pins (marker first: it stops being ready at once)."""
+    """Remove a shard nobody pins (the shard first: a crash in between leaves a marker
+    without a shard, which is never ready, rather than a shard the bound ignores)."""
     fd = open_lock(shard.with_name(shard.name + LOCK))
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False  # pinned, or being downloaded
-        for path in (shard.with_name(shard.name + OK), shard):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        for path in (shard, shard.with_name(shard.name + OK)):
+            path.unlink(missing_ok=True)
         return True
     finally:
         close_lock(fd)

@@ -352,3 +352,20 @@ def test_a_cache_too_small_for_the_shards_in_use_is_named(
         split.unpin(pin)
     split.fetch(1)  # unpinned, shard 0 makes room
     assert not split.path(0).exists() and cache.used_bytes() <= DIGITS_SHARD
+
+
+def test_a_restart_fetches_again_a_cached_shard_that_no_longer_matches(
+    nginx: Nginx, tmp_path: Path
+) -> None:
+    """A cached shard cut short (a full disk, a hand) or verified against another
+    manifest's checksum is not used: it is fetched again, the rest reused."""
+    plan = make_plan(1438, 64, 16, 1)
+    url = f"{nginx.url}/digits/train"
+    first = remote_epoch(url, cache_in(tmp_path / "cache"), plan)
+    split_dir = cache_in(tmp_path / "cache").split_dir(url)
+    with open(split_dir / "shard-000002.tar", "r+b") as f:
+        f.truncate(1000)
+    (split_dir / "shard-000004.tar.ok").write_text("0" * 64)
+    again = cache_in(tmp_path / "cache")
+    assert same(remote_epoch(url, again, plan), first)
+    assert again.downloads == 2

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -204,6 +205,7 @@ def main() -> None:
     finally:
         moto.stop()
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the caches: hundreds of MB
 
     local = rows["local disk"]
     print("\n| loader | samples/s | vs local disk |\n| --- | ---: | ---: |")

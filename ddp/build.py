@@ -204,11 +204,11 @@ def build_loaders(
     else:
         train = build_train_loader(
             splits.train_dir, plan, rank, seed, options, transform, splits.train,
-            image_augment(config, train=True),
+            image_augment(config, train=True), splits.train_remote,
         )  # fmt: skip
     val = build_eval_loader(
         splits.val_dir, plan.micro_size, rank, plan.world_size, options, splits.val,
-        images=image_augment(config, train=False),
+        images=image_augment(config, train=False), remote=splits.val_remote,
     )  # fmt: skip
     return train, val
 

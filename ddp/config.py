@@ -112,8 +112,25 @@ class DataConfig:
     are scaled to [0, 1]; null: none."""
     augment: AugmentConfig | None = MISSING
     """Decode image members and augment them (conf/data/augment/); null: inputs as stored."""
+    cache_dir: str | None = MISSING
+    """Where shards of remote splits (root or a split at http(s):// or s3://) are kept,
+    shared by the processes of a node; null: $XDG_CACHE_HOME/ddp/shards (~/.cache/...)."""
+    cache_max_gb: float = MISSING
+    """The cache's bound: least recently used shards no process has open are evicted."""
+    remote_timeout_s: float = MISSING
+    """How long a remote fetch retries (exponential backoff) before the job stops, exit 2."""
+    s3_endpoint: str | None = MISSING
+    """An S3-compatible store's endpoint URL; null: AWS_ENDPOINT_URL, else AWS's."""
+    prefetch_shards: int = MISSING
+    """Remote shards the training loader fetches ahead of the epoch order's needs."""
 
     def __post_init__(self) -> None:
+        require(self.cache_max_gb > 0, f"data.cache_max_gb={self.cache_max_gb} must be > 0")
+        require(
+            self.remote_timeout_s > 0,
+            f"data.remote_timeout_s={self.remote_timeout_s} must be > 0",
+        )
+        require(self.prefetch_shards >= 0, "data.prefetch_shards must be >= 0")
         if self.augment is not None:
             require(not self.urls, "data.augment needs indexed shards: unset data.urls")
             require(

@@ -20,7 +20,7 @@ from ddp import checkpoint
 from ddp.build import autocast_for, loader_options
 from ddp.checkpoint import CheckpointError
 from ddp.data.loaders import build_eval_loader
-from ddp.data.splits import open_split
+from ddp.data.splits import open_named_split
 from ddp.dist.env import detect
 from ddp.dist.exit import ExitCode, exit_process
 from ddp.dist.group import init_distributed, pick_device, shutdown
@@ -45,19 +45,24 @@ def run(args: argparse.Namespace) -> dict:
     device = pick_device(config.trainer.device, launch, config.trainer.backend)
     model, pipeline = rebuild(state, config, device, str(ckpt))
     split = args.split or config.data.val_split
-    split_dir = Path(config.data.root) / split
-    manifest = open_split(split_dir)
+    where, split_dir, manifest, remote = open_named_split(config.data, split)
     num_classes = config.model.get("num_classes") or manifest.meta.get("num_classes")
     options = loader_options(config, device)
     loader = build_eval_loader(
-        split_dir, config.batch.micro_size, launch.rank, launch.world_size, options, manifest
+        split_dir,
+        config.batch.micro_size,
+        launch.rank,
+        launch.world_size,
+        options,
+        manifest,
+        remote=remote,
     )
     env = init_distributed(launch, device, config.trainer.timeout_s, config.trainer.backend)
     metrics = evaluate(model, loader, env, autocast_for(config, device), pipeline, num_classes)
     shutdown(env)
     return {
         "checkpoint": str(ckpt),
-        "split": str(split_dir),
+        "split": where,
         "samples": int(metrics["val/samples"]),
         "loss": metrics["val/loss"],
         "accuracy": metrics["val/accuracy"],

@@ -25,7 +25,7 @@ from ddp.compose import as_record
 from ddp.data.batch import to_model_input
 from ddp.data.device import InputPipeline
 from ddp.data.loaders import build_eval_loader
-from ddp.data.splits import open_split
+from ddp.data.splits import open_named_split
 from ddp.dist.exit import ExitCode
 from ddp.inference import load_trained, rebuild
 from ddp.shards.manifest import DataError
@@ -61,12 +61,10 @@ def export(path: Path, overrides: list[str], out: Path, fmt: str) -> dict:
     cpu = torch.device("cpu")
     model, pipeline = rebuild(state, config, cpu, str(ckpt))
     wrapped = WithInputPipeline(model, pipeline).eval()
-    split_dir = Path(config.data.root) / config.data.val_split
-    manifest = open_split(split_dir)
+    _, split_dir, manifest, remote = open_named_split(config.data, config.data.val_split)
     options = loader_options(config, cpu)
-    batch = next(
-        iter(build_eval_loader(split_dir, config.batch.micro_size, 0, 1, options, manifest))
-    )
+    micro = config.batch.micro_size
+    batch = next(iter(build_eval_loader(split_dir, micro, 0, 1, options, manifest, remote=remote)))
     example = batch.inputs
     with torch.no_grad():
         expected = wrapped(example)

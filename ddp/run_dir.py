@@ -41,6 +41,10 @@ OPERATIONAL_KEYS = (
     "data.prefetch_factor",
     "data.pin_memory",
     "data.in_memory_max_mb",
+    "data.cache_dir",
+    "data.cache_max_gb",
+    "data.remote_timeout_s",
+    "data.prefetch_shards",
 )
 """Overrides that change how a run is carried out, not what it computes: they do not
 name a new run (a second attempt with more workers continues the first)."""

@@ -2,7 +2,7 @@ import pytest
 
 from tests import harness
 
-pytest_plugins = ["tests.fixtures"]
+pytest_plugins = ["tests.fixtures", "tests.servers"]
 
 
 @pytest.fixture(autouse=True)

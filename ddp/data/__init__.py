@@ -8,5 +8,8 @@
 - `dataset`: `ShardDataset`, random access into tar shards by manifest offsets.
 - `memory`: `MemorySplit`, a small split decoded once and served from memory.
 - `loaders`: `TrainLoader` and `EvalLoader` over a dataset or a memory split.
+- `remote`: `http(s)://` and `s3://` objects fetched, with retries up to a timeout.
+- `cache`: remote splits read as local ones, their shards fetched whole into a bounded,
+  verified cache shared by a node's processes, prefetched in the epoch order's order.
 - `streaming`: `StreamLoader`, shards behind URLs read front to back.
 """

@@ -3,6 +3,10 @@
 Each process maps every shard it touches once (mmap) and slices members out of the
 map; a micro-batch of same-header npy members is decoded with one header parse and
 one gather (`ddp.data.samples`), not one `np.load` per sample.
+
+A remote split (`ddp.data.cache`) is read the same way: each shard is fetched whole into
+the local cache (verified against its sha256) when first mapped, and pinned there while
+mapped; a process keeps at most `RemoteSplit.max_pinned` remote shards mapped.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ddp.shards.manifest import DataError, Manifest, SplitIndex, read_manifest
 from ddp.shards.tar import member_name
 
 if TYPE_CHECKING:
+    from ddp.data.cache import RemoteSplit
     from ddp.data.images import ImageAugment
 
 
@@ -56,8 +61,12 @@ class ShardDataset(Dataset):
         num_classes: int | None = None,
         classes: Sequence[str] | None = None,
         images: ImageAugment | None = None,
+        remote: RemoteSplit | None = None,
     ):
         self.split_dir = Path(split_dir)
+        self.remote = remote
+        """Where the shards come from when they live elsewhere (None: split_dir)."""
+        self._pins: dict[int, int] = {}
         manifest = manifest if manifest is not None else read_manifest(self.split_dir)
         self.index = SplitIndex.from_manifest(manifest)
         self.input_key, self.target_key = input_key, target_key
@@ -75,6 +84,8 @@ class ShardDataset(Dataset):
         self._pid = os.getpid()
         self._template: np.ndarray | None = None
         self._check_columns()
+        if remote is not None:
+            return  # each shard is checked as it arrives (sha256, then its headers)
         for shard_id in range(len(self.index.shard_names)):
             self._check_size(shard_id, self._shard_path(shard_id))
             self._check_headers(shard_id, self._shard_path(shard_id))
@@ -83,6 +94,12 @@ class ShardDataset(Dataset):
 
     def _shard_path(self, shard_id: int) -> Path:
         return self.split_dir / self.index.shard_names[shard_id]
+
+    def _shard_label(self, shard_id: int) -> str:
+        """How messages name a shard: its URL when remote, else its path."""
+        if self.remote is not None:
+            return self.remote.shard_url(shard_id)
+        return str(self._shard_path(shard_id))
 
     def _check_columns(self) -> None:
         """Every sample has an input member and a label member (of one of the extensions
@@ -128,7 +145,9 @@ class ShardDataset(Dataset):
     def _buffer(self, shard_id: int) -> memoryview:
         """The shard's bytes, mapped once per process (a forked worker maps its own)."""
         if self._pid != os.getpid():
-            self._buffers, self._pid = {}, os.getpid()
+            self._forget_inherited()
+        if self.remote is not None:
+            return self._remote_buffer(shard_id)
         buffer = self._buffers.get(shard_id)
         if buffer is None:
             path = self._shard_path(shard_id)
@@ -140,6 +159,35 @@ class ShardDataset(Dataset):
             except FileNotFoundError as err:
                 raise DataError(f"{path}: shard missing") from err
             buffer = self._buffers[shard_id] = memoryview(mapped)
+        return buffer
+
+    def _forget_inherited(self) -> None:
+        """In a forked worker: map afresh (the pins inherited from the parent were closed
+        at the fork, see ddp.data.cache)."""
+        self._buffers, self._pins, self._pid = {}, {}, os.getpid()
+
+    def _remote_buffer(self, shard_id: int) -> memoryview:
+        """A remote shard's bytes: fetched into the cache, pinned and mapped on first use;
+        the least recently used beyond `max_pinned` are unmapped and unpinned."""
+        buffer = self._buffers.pop(shard_id, None)
+        if buffer is None:
+            assert self.remote is not None
+            pin = self.remote.pin(shard_id)
+            try:
+                path = self._shard_path(shard_id)
+                with open(path, "rb") as f:
+                    self._check_size(shard_id, path, os.fstat(f.fileno()).st_size)
+                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                self._check_headers(shard_id, path)
+            except BaseException:
+                self.remote.unpin(pin)
+                raise
+            buffer, self._pins[shard_id] = memoryview(mapped), pin
+            while len(self._buffers) >= self.remote.max_pinned:
+                oldest = next(iter(self._buffers))
+                del self._buffers[oldest]  # unmapped when the last view of it goes
+                self.remote.unpin(self._pins.pop(oldest))
+        self._buffers[shard_id] = buffer  # now the most recently used
         return buffer
 
     def _check_headers(self, shard_id: int, path: Path) -> None:
@@ -165,7 +213,7 @@ class ShardDataset(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_buffers"] = {}
+        state["_buffers"], state["_pins"] = {}, {}
         return state
 
     def raw(self, index: int, ext: str) -> memoryview:
@@ -193,7 +241,7 @@ class ShardDataset(Dataset):
         return views, [exts[w] for w in which.tolist()]
 
     def _error(self, index: int, message: str) -> DataError:
-        path = self._shard_path(int(self.index.shard_of(index)))
+        path = self._shard_label(int(self.index.shard_of(index)))
         return DataError(f"{path}: key {self.index.keys[index]}: {message}")
 
     # -- samples ----------------------------------------------------------------
@@ -242,7 +290,7 @@ class ShardDataset(Dataset):
 
     def sample_name(self, index: int) -> str:
         """'SHARD: key KEY': how messages name a sample."""
-        return f"{self._shard_path(int(self.index.shard_of(index)))}: key {self.index.keys[index]}"
+        return f"{self._shard_label(int(self.index.shard_of(index)))}: key {self.index.keys[index]}"
 
     def _fail(self, index: int, message: str) -> None:
         """Raise, or (on_error="skip") let the caller mark the sample invalid."""

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ddp.data.batch import Batch, LoaderOptions, Transform
+from ddp.data.cache import Prefetcher, RemoteSplit
 from ddp.data.dataset import ShardDataset
 from ddp.data.images import ImageAugment
 from ddp.data.memory import MemorySplit
@@ -179,7 +180,22 @@ class TrainLoader:
         """Exactly (iterations_per_epoch - start_step) * accumulate micro-batches."""
         check_start_step(self.plan, start_step)
         self.sampler.set_epoch(epoch, start_step)
-        return iter(self._source)
+        remote = self.dataset.remote
+        if remote is None or self.memory is not None:
+            return iter(self._source)
+        return self._prefetching(remote)
+
+    def _prefetching(self, remote: RemoteSplit) -> Iterator[Batch]:
+        """The epoch's batches while a thread fetches the shards they need next."""
+        prefetcher = Prefetcher(
+            remote, self.dataset.index.shard_of, iter(self.sampler), remote.prefetch_shards
+        ).start()
+        try:
+            for done, batch in enumerate(self._source, start=1):
+                yield batch
+                prefetcher.consumed(done)
+        finally:
+            prefetcher.stop()
 
     @property
     def num_skipped(self) -> int:
@@ -221,6 +237,7 @@ def open_dataset(
     transform: Transform | None = None,
     manifest: Manifest | None = None,
     images: ImageAugment | None = None,
+    remote: RemoteSplit | None = None,
 ) -> ShardDataset:
     return ShardDataset(
         split_dir,
@@ -232,6 +249,7 @@ def open_dataset(
         options.num_classes,
         options.classes,
         images,
+        remote,
     )
 
 
@@ -244,9 +262,10 @@ def build_train_loader(
     transform: Transform | None = None,
     manifest: Manifest | None = None,
     images: ImageAugment | None = None,
+    remote: RemoteSplit | None = None,
 ) -> TrainLoader:
     options = options or LoaderOptions()
-    dataset = open_dataset(split_dir, options, transform, manifest, images)
+    dataset = open_dataset(split_dir, options, transform, manifest, images, remote)
     return TrainLoader(dataset, plan, rank, seed, options)
 
 
@@ -259,8 +278,9 @@ def build_eval_loader(
     manifest: Manifest | None = None,
     transform: Transform | None = None,
     images: ImageAugment | None = None,
+    remote: RemoteSplit | None = None,
 ) -> EvalLoader:
     options = options or LoaderOptions()
-    dataset = open_dataset(split_dir, options, transform, manifest, images)
+    dataset = open_dataset(split_dir, options, transform, manifest, images, remote)
     micro_batches = eval_micro_batches(len(dataset), micro_size, rank, world_size)
     return EvalLoader(dataset, micro_batches, options)

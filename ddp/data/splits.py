@@ -2,6 +2,10 @@
 
 No torch here: `ddp-plan` needs the number of training samples and nothing else, and
 the trainer reads each manifest once, here, then hands it to the loaders.
+
+A split may live elsewhere (`data.root` or a split at `http(s)://...` or `s3://...`):
+its manifest and index files are then fetched into the cache (`ddp.data.cache`) and it
+is read from there as a local split, its shards fetched as they are needed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 
 from ddp.config import DataConfig
+from ddp.data.cache import GB, RemoteSplit, ShardCache, default_cache_dir, open_remote_split
+from ddp.data.remote import Remote, is_remote, join
 from ddp.shards.columns import NO_LABEL, Keys
 from ddp.shards.index import find_shards
 from ddp.shards.manifest import MANIFEST_NAME, DataError, Manifest, read_manifest
@@ -74,25 +80,77 @@ class Splits:
     val_dir: Path
     val: Manifest
     num_train_samples: int
+    train_remote: RemoteSplit | None = None
+    """Where the training shards come from when they live elsewhere (train_dir: the cache)."""
+    val_remote: RemoteSplit | None = None
 
 
 def open_splits(data: DataConfig, with_val: bool = True, num_classes: int | None = None) -> Splits:
     """Read what `data` points at; DataError naming the file (and key) when something is
     missing, unlisted, or labelled outside [0, num_classes) (unless data.on_error=skip)."""
-    root = Path(data.root)
-    train_dir, val_dir = root / data.train_split, root / data.val_split
+    train_at, val_at = join(data.root, data.train_split), join(data.root, data.val_split)
+    cache = shard_cache(data) if is_remote(train_at) or is_remote(val_at) else None
+    train_dir, train_remote = Path(train_at), None
     if data.urls:
         stream = open_stream(data.urls)
         train, num = None, data.num_samples or stream.num_samples()
     else:
-        stream, train = None, open_split(train_dir)
+        stream = None
+        train_dir, train, train_remote = open_location(train_at, cache, data.prefetch_shards)
         num = train.num_samples
-    val = open_split(val_dir) if with_val else None
+    val_dir, val, val_remote = Path(val_at), None, None
+    if with_val:
+        val_dir, val, val_remote = open_location(val_at, cache, data.prefetch_shards)
     if num_classes is not None and data.on_error == "raise":
-        for split_dir, manifest in ((train_dir, train), (val_dir, val)):
+        checked = ((train_dir, train, train_remote), (val_dir, val, val_remote))
+        for split_dir, manifest, remote in checked:
             if manifest is not None:
-                check_labels(split_dir, manifest, data.target_key, num_classes)
-    return Splits(train_dir, train, stream, val_dir, val, num)  # type: ignore[arg-type]
+                check_labels(split_dir, manifest, data.target_key, num_classes, remote)
+    return Splits(
+        train_dir,
+        train,
+        stream,
+        val_dir,
+        val,
+        num,
+        train_remote,
+        val_remote,  # type: ignore[arg-type]
+    )
+
+
+def open_named_split(
+    data: DataConfig, split: str
+) -> tuple[str, Path, Manifest, RemoteSplit | None]:
+    """One split of `data` by name (ddp-eval, ddp-export): where it is (a path or a
+    URL), its directory (local or in the cache), its manifest, its remote shards."""
+    location = join(data.root, split)
+    cache = shard_cache(data) if is_remote(location) else None
+    return (location, *open_location(location, cache, data.prefetch_shards))
+
+
+def shard_cache(data: DataConfig) -> ShardCache:
+    """The node's cache of remote shards, as data.cache_* say."""
+    root = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+    remote = Remote(timeout_s=data.remote_timeout_s, s3_endpoint=data.s3_endpoint)
+    return ShardCache(root, int(data.cache_max_gb * GB), remote)
+
+
+def open_location(
+    location: str, cache: ShardCache | None, prefetch_shards: int = 4
+) -> tuple[Path, Manifest, RemoteSplit | None]:
+    """A split by path or URL: (its directory, local or in the cache; its manifest; where
+    its shards come from, None when local)."""
+    if not is_remote(location):
+        scheme = urlparse(location).scheme
+        if len(scheme) > 1 and scheme != "file":  # (a Windows drive letter is one letter)
+            raise DataError(
+                f"{location}: {scheme}:// is not read; data.root and the splits may be "
+                "paths, http(s):// or s3:// URLs"
+            )
+        path = Path(unquote(urlparse(location).path)) if scheme == "file" else Path(location)
+        return path, open_split(path), None
+    assert cache is not None
+    return open_remote_split(location, cache, prefetch_shards)
 
 
 def open_split(split_dir: Path) -> Manifest:
@@ -109,16 +167,29 @@ def open_split(split_dir: Path) -> Manifest:
     return manifest
 
 
-def check_labels(split_dir: Path, manifest: Manifest, target_key: str, num_classes: int) -> None:
+def check_labels(
+    split_dir: Path,
+    manifest: Manifest,
+    target_key: str,
+    num_classes: int,
+    remote: RemoteSplit | None = None,
+) -> None:
     """Every label the indexer recorded lies in [0, num_classes); else DataError naming
-    the first sample outside (read from its shard: only that shard's labels). One
-    comparison per shard: the ranges are columns of the shard table."""
+    the first sample outside (read from its shard: only that shard's labels; a remote
+    shard is named by URL with its recorded range, not fetched). One comparison per
+    shard: the ranges are columns of the shard table."""
     ranges = manifest.table.label_ranges.get(target_key)
     if ranges is None:
         return
     recorded = ranges[:, 0] != NO_LABEL
     outside = recorded & ((ranges[:, 0] < 0) | (ranges[:, 1] >= num_classes))
     for shard in np.flatnonzero(outside).tolist():
+        if remote is not None:
+            lo, hi = ranges[shard].tolist()
+            raise DataError(
+                f"{remote.shard_url(shard)}: labels {lo}..{hi} (as indexed) are not all in "
+                f"[0, {num_classes}) (model.num_classes={num_classes})"
+            )
         _name_bad_label(split_dir, manifest, shard, target_key, num_classes)
 
 

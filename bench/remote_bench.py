@@ -1,0 +1,232 @@
+"""Remote splits: the indexed loader from nginx and from an S3 server, cold and warm
+cache, against the same shards on local disk and webdataset's streaming of the same
+URLs, in one call.
+
+    python bench/remote_bench.py [--num-samples 20000] [--data /tmp/ddp-remote-bench]
+
+Needs nginx (Debian's nginx-light) and the test extra (boto3, moto[server]). Servers run
+on 127.0.0.1 (loopback: this measures the software, not a network). Rows, one process,
+num_workers=0, micro-batches of 256, exact epoch order, the split read from the shards
+(in_memory_max_mb=0):
+- local: the split on local disk;
+- http/s3 cold: a fresh cache: every shard fetched (and sha256-checked) during the epoch;
+- http/s3 warm: a second loader (a restart) over the same cache: only the manifest is
+  fetched (its set-up time is printed apart; rows time the epoch of a built loader);
+- webdataset http: `wds.WebDataset(urls)` streaming the same shards from nginx, decoding
+  the same npy and cls members, batched by 256 (no shuffle: its best case);
+- http, cache = half the split: an epoch after the first through a cache bounded to
+  half the shards' bytes (a random order needs every shard in every epoch: shards are
+  evicted and fetched again);
+- resume at 90% (cold): time to the first batch at 90% of an epoch over the time to the
+  first batch at its start, each from a fresh cache.
+Bytes fetched per epoch: what the loader read from the server (shards, manifest, index).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ddp.data.batch import LoaderOptions  # noqa: E402
+from ddp.data.cache import GB, ShardCache  # noqa: E402
+from ddp.data.loaders import build_train_loader  # noqa: E402
+from ddp.data.remote import Remote  # noqa: E402
+from ddp.data.splits import open_location  # noqa: E402
+from ddp.plan import make_plan  # noqa: E402
+from ddp.shards import read_manifest  # noqa: E402
+from ddp.shards.prepare import prepare_synthetic  # noqa: E402
+from tests.servers import S3_ENV, Nginx, free_port, wait_for_port  # noqa: E402
+
+SHAPE = (32, 32, 3)
+MICRO = 256
+OPTIONS = LoaderOptions(in_memory_max_mb=0)
+
+
+def prepare(root: Path, count: int) -> Path:
+    split = root / f"synth-{count}" / "train"
+    if not (split / "manifest.json").exists():
+        prepare_synthetic(split.parent, count, SHAPE, 10, seed=0, shard_size=1000, val_fraction=0)
+    return split
+
+
+def epoch_rate(split_dir, manifest, remote, num: int, epoch: int = 0) -> float:
+    """Samples/s of one epoch of a loader built beforehand (set-up not counted)."""
+    plan = make_plan(num, MICRO, MICRO, 1)
+    loader = build_train_loader(split_dir, plan, 0, 0, OPTIONS, None, manifest, remote=remote)
+    start = time.perf_counter()
+    seen = sum(len(b.indices) for b in loader.epoch(epoch))
+    elapsed = time.perf_counter() - start
+    loader.close()
+    assert seen >= num
+    return num / elapsed
+
+
+def remote_rates(url: str, cache_dir: Path, num: int, endpoint: str | None) -> dict[str, float]:
+    """Cold (a fresh cache: the epoch fetches every shard), then warm (a new cache object
+    over the same directory, as after a restart), the bytes the cold epoch fetched, and
+    the warm set-up (the manifest fetched, the split opened)."""
+    remote = Remote(timeout_s=30, s3_endpoint=endpoint)
+    cache = ShardCache(cache_dir, GB, remote)
+    split_dir, manifest, split = open_location(url, cache)
+    cold = epoch_rate(split_dir, manifest, split, num)
+    fetched = remote.bytes_fetched
+
+    warm, setup = 0.0, float("inf")
+    for epoch in (1, 2, 3):
+        again = ShardCache(cache_dir, GB, Remote(timeout_s=30, s3_endpoint=endpoint))
+        t = time.perf_counter()
+        split_dir, manifest, split = open_location(url, again)
+        setup = min(setup, time.perf_counter() - t)
+        warm = max(warm, epoch_rate(split_dir, manifest, split, num, epoch))
+        assert again.downloads == 0
+    return {"cold": cold, "warm": warm, "bytes": fetched, "setup": setup}
+
+
+def bounded_rate(url: str, cache_dir: Path, num: int, max_bytes: int) -> tuple[float, int]:
+    """The second epoch through a cache that holds half the split (the first fills it):
+    samples/s and the bytes that epoch fetched."""
+    remote = Remote(timeout_s=30)
+    cache = ShardCache(cache_dir, max_bytes, remote)
+    split_dir, manifest, split = open_location(url, cache)
+    plan = make_plan(num, MICRO, MICRO, 1)
+    loader = build_train_loader(split_dir, plan, 0, 0, OPTIONS, None, manifest, remote=split)
+    sum(len(b.indices) for b in loader.epoch(0))
+    before = remote.bytes_fetched
+    start = time.perf_counter()
+    seen = sum(len(b.indices) for b in loader.epoch(1))
+    elapsed = time.perf_counter() - start
+    loader.close()
+    assert cache.used_bytes() <= max_bytes
+    return seen / elapsed, remote.bytes_fetched - before
+
+
+def first_batch_s(url: str, cache_dir: Path, num: int, start_step: int) -> float:
+    cache = ShardCache(cache_dir, GB, Remote(timeout_s=30))
+    start = time.perf_counter()
+    split_dir, manifest, split = open_location(url, cache)
+    plan = make_plan(num, MICRO, MICRO, 1)
+    loader = build_train_loader(split_dir, plan, 0, 0, OPTIONS, None, manifest, remote=split)
+    next(iter(loader.epoch(0, start_step)))
+    elapsed = time.perf_counter() - start
+    loader.close()
+    return elapsed
+
+
+def webdataset_rate(urls: list[str], num: int) -> float:
+    def npy(data: bytes) -> np.ndarray:
+        return np.load(io.BytesIO(data))
+
+    start = time.perf_counter()
+    dataset = (
+        wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+        .decode(wds.handle_extension("npy", npy), wds.handle_extension("cls", int))
+        .to_tuple("npy", "cls")
+        .batched(MICRO)
+    )
+    seen = sum(len(batch[1]) for batch in dataset)
+    assert seen == num, seen
+    return num / (time.perf_counter() - start)
+
+
+def nginx_bytes(server: Nginx) -> int:
+    total = 0
+    for line in server.log.read_text().splitlines():
+        fields = line.split('"')
+        if len(fields) > 2:
+            status_bytes = fields[2].split()
+            if len(status_bytes) == 2 and status_bytes[1].isdigit():
+                total += int(status_bytes[1])
+    return total
+
+
+def best(repeats: int, rate: Callable[[], float]) -> float:
+    return max(rate() for _ in range(repeats))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-samples", type=int, default=20_000)
+    parser.add_argument("--data", type=Path, default=Path("/tmp/ddp-remote-bench"))
+    args = parser.parse_args()
+    split = prepare(args.data, args.num_samples)
+    manifest = read_manifest(split)
+    num = manifest.num_samples
+    names = manifest.table.names
+    size = int(manifest.table.sizes.sum())
+    print(f"{num:,} samples of {SHAPE} uint8 npy in {len(names)} shards, {size / 1e6:.1f} MB")
+
+    work = Path(tempfile.mkdtemp(prefix="remote-bench-"))
+    server = Nginx(args.data, work / "nginx")
+    os.environ.update(S3_ENV)
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    moto.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        wait_for_port(port)
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket="bench")
+        for path in split.iterdir():
+            client.upload_file(str(path), "bench", f"synth/train/{path.name}")
+
+        rows: dict[str, float] = {}
+        rows["local disk"] = best(3, lambda: epoch_rate(split, manifest, None, num))
+        http_url = f"{server.url}/{split.parent.name}/train"
+        http = remote_rates(http_url, work / "cache-http", num, None)
+        rows["http cold"], rows["http warm"] = http["cold"], http["warm"]
+        s3 = remote_rates("s3://bench/synth/train", work / "cache-s3", num, endpoint)
+        rows["s3 cold"], rows["s3 warm"] = s3["cold"], s3["warm"]
+        before = nginx_bytes(server)
+        urls = [f"{http_url}/{name}" for name in names]
+        rows["webdataset http"] = best(2, lambda: webdataset_rate(urls, num))
+        wds_bytes = (nginx_bytes(server) - before) / 2
+        iterations = -(-num // MICRO)
+        at_start = first_batch_s(http_url, work / "cache-r0", num, 0)
+        at_90 = first_batch_s(http_url, work / "cache-r90", num, int(0.9 * iterations))
+        rows["http, cache = half the split"], half_bytes = bounded_rate(
+            http_url, work / "cache-half", num, size // 2
+        )
+    finally:
+        moto.stop()
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)  # the caches: hundreds of MB
+
+    local = rows["local disk"]
+    print("\n| loader | samples/s | vs local disk |\n| --- | ---: | ---: |")
+    for name, rate in rows.items():
+        print(f"| {name} | {rate:,.0f} | {rate / local:.2f}x |")
+    print(
+        f"\nbytes fetched per epoch: ddp http {http['bytes'] / 1e6:.1f} MB, ddp s3 "
+        f"{s3['bytes'] / 1e6:.1f} MB (cold; warm: the manifest only), webdataset "
+        f"{wds_bytes / 1e6:.1f} MB; ddp http with a cache of half the split "
+        f"{half_bytes / 1e6:.1f} MB (an epoch after the first); the shards hold "
+        f"{size / 1e6:.1f} MB"
+    )
+    print(
+        f"set-up of a warm remote split (manifest fetched, split opened): http "
+        f"{http['setup'] * 1e3:.0f} ms, s3 {s3['setup'] * 1e3:.0f} ms"
+    )
+    print(
+        f"time to the first batch, cold cache: at the epoch's start {at_start:.2f} s, "
+        f"at 90% {at_90:.2f} s ({at_90 / at_start:.2f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -10,10 +10,11 @@ TORCH ?= torch==2.13.0
 # Processes: one per visible GPU on a CUDA machine, else 2 CPU processes (launch/local.sh).
 NPROC ?=
 ARGS ?=
+JOBS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ddp-installed
 
-.PHONY: setup data train test lint bench clean
+.PHONY: setup data train test test-packages lint bench clean
 
 setup: $(STAMP)
 
@@ -35,9 +36,19 @@ train: data
 # slurm/cluster.sh installs Debian's packages); elsewhere they skip with the reason.
 # DDP_TEST_HOSTS=1: the multi-host tests may build two namespace hosts (as root;
 # slurm/hosts.sh) and their 2-node SLURM cluster, and remove them at the end.
-test: data
+# JOBS: pytest-xdist workers (0: one process); the SLURM and host tests share one worker.
+# As root on Debian, nginx (for the remote-data tests) is installed if missing; without it
+# those tests skip with the reason.
+test: data test-packages
 	OMP_NUM_THREADS=1 DDP_TEST_SLURM=$${DDP_TEST_SLURM:-1} DDP_TEST_HOSTS=$${DDP_TEST_HOSTS:-1} \
-		$(BIN)/python -m pytest -q $(ARGS)
+		$(BIN)/python -m pytest -q -n $(JOBS) --dist loadgroup $(ARGS)
+
+test-packages:
+	@if [ "$$(id -u)" = 0 ] && ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] \
+		&& command -v apt-get >/dev/null; then \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+			--no-install-recommends nginx-light) \
+		|| echo "nginx not installed: the remote-data tests over nginx will skip"; fi
 
 # Ours vs a raw DDP loop vs Lightning (installs the bench extra), then the data loader.
 bench: data

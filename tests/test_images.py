@@ -394,11 +394,13 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("placement", ["host", "device"])
 def test_a_job_killed_mid_epoch_resumes_bitwise_equal_with_augmentation(
-    photos_root: Path, tmp_path: Path, placement: str
+    photos_root: Path, tmp_path: Path
 ) -> None:
-    common = (f"data.augment.placement={placement}",)
+    """With host placement (workers decode); the device placement cuts the same crops
+    (test_host_and_device_placements_cut_the_same_crops) from the same (seed, epoch,
+    sample), and the resume machinery does not know where decoding runs."""
+    common = ("data.augment.placement=host",)
     reference = harness.train(
         job(photos_root, tmp_path, "reference", *common, "data.num_workers=0")
     )

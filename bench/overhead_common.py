@@ -64,12 +64,14 @@ def build_model(args: argparse.Namespace, in_features: int) -> torch.nn.Module:
 
 
 def load_split(split_dir: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample of a split in memory (inputs as the trainer sees them, labels)."""
+    """Every sample of a split in memory, as the model takes it (float, CHW images),
+    converted once at load as a hand-written loop would; and the labels."""
+    from ddp.data.batch import to_model_input
     from ddp.data.dataset import ShardDataset
 
     ds = ShardDataset(split_dir)
     batch = ds.fetch(np.arange(len(ds)), np.zeros(len(ds), dtype=bool))
-    return batch.inputs, batch.targets
+    return to_model_input(batch.inputs), batch.targets
 
 
 class Wrapped(torch.utils.data.Dataset):

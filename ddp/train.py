@@ -38,13 +38,7 @@ from ddp.dist.group import init_distributed, pick_device, shutdown
 from ddp.plan import plan_for
 from ddp.progress import Progress, epoch_line, final_line, start_lines
 from ddp.run_dir import check_writable
-from ddp.state import (
-    Checkpointer,
-    Position,
-    StopRequest,
-    claim_run_dir,
-    load_resume_point,
-)
+from ddp.state import Checkpointer, Position, StopRequest, claim_run_dir, load_resume_point
 from ddp.step import SampleAudit, Stepper, StepTotals, epoch_metrics, evaluate
 from ddp.tracking.tracker import Tracker
 

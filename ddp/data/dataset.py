@@ -230,15 +230,23 @@ class ShardDataset(Dataset):
         """Views of one member per sample (empty views where a sample has none of `exts`)
         and each one's extension: slicing memoryviews of the maps is the cheapest
         per-sample step there is."""
-        which, offsets, present = self._choose(indices, exts)
-        sizes = np.stack([self.index.sizes.get(ext, offsets)[indices] for ext in exts])
-        sizes = np.where(present, sizes[which, np.arange(len(indices))], 0)
+        if len(exts) == 1 and exts[0] in self.index.offsets:  # one extension: no choice
+            offsets = self.index.offsets[exts[0]][indices]
+            sizes = self.index.sizes[exts[0]][indices]
+            present = offsets >= 0
+            names = [exts[0]] * len(indices)
+        else:
+            which, offsets, present = self._choose(indices, exts)
+            sizes = np.stack([self.index.sizes.get(ext, offsets)[indices] for ext in exts])
+            sizes = sizes[which, np.arange(len(indices))]
+            names = [exts[w] for w in which.tolist()]
+        sizes = np.where(present, sizes, 0)
         offsets = np.where(present, offsets, 0)
         ends = (offsets + sizes).tolist()
         shards = self.index.shard_of(indices).tolist()
         buffers = {shard: self._buffer(shard) for shard in set(shards)}
         views = [buffers[s][o:e] for s, o, e in zip(shards, offsets.tolist(), ends, strict=True)]
-        return views, [exts[w] for w in which.tolist()]
+        return views, names
 
     def _error(self, index: int, message: str) -> DataError:
         path = self._shard_label(int(self.index.shard_of(index)))
@@ -319,7 +327,7 @@ class ShardDataset(Dataset):
 
     def _decode_inputs(self, indices: np.ndarray) -> tuple[np.ndarray | list, np.ndarray]:
         members, exts = self._members(indices, self.input_exts)
-        if all(ext == "npy" for ext in exts):
+        if exts.count("npy") == len(exts):
             fast = gather_npy(members)
             if fast is not None:
                 return fast, np.ones(len(indices), dtype=bool)

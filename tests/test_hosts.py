@@ -138,9 +138,14 @@ def test_losing_a_host_continues_on_the_survivor(hosts, digits_root, tmp_path):
     run_dir = tmp_path / "elastic"
     elastic = ["--nnodes", "1:2", "--max-restarts", "3", "--run-id", "elastic"]
     # last_call_timeout: how long the survivor waits for others before going on alone.
-    rdzv = {"TORCHRUN_ARGS": "--rdzv-conf=join_timeout=120,last_call_timeout=5"}
+    rdzv = {"TORCHRUN_ARGS": "--rdzv-conf=join_timeout=120,last_call_timeout=10"}
     args = job_args(digits_root, tmp_path, "elastic")
-    node1, node2 = (agent(host, *elastic, "--", *args, **rdzv) for host in HOSTS)
+    # node2 first: its agent waits for node1's store, so both hosts are in the first
+    # rendezvous even where starting an agent takes longer than last_call_timeout (on a
+    # loaded machine node1 once formed the job alone, and node2's late join restarted it).
+    node2 = agent("node2", *elastic, "--", *args, **rdzv)
+    time.sleep(2)
+    node1 = agent("node1", *elastic, "--", *args, **rdzv)
     node1.wait_for_file(run_dir / "checkpoints" / "last.pt", timeout=180)
     harness.kill_tree(node2.pid)  # the host's agent and its worker, SIGKILL
     lost = node2.finish(timeout=30)

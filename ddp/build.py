@@ -167,6 +167,7 @@ def loader_options(config: Config, device: torch.device) -> LoaderOptions:
         num_classes=config.model.get("num_classes"),
         classes=config.data.classes,
         in_memory_max_mb=d.in_memory_max_mb,
+        window_shards=d.window_shards,
         device=device if d.on_device and device.type == "cuda" else None,
     )
 

@@ -99,6 +99,10 @@ class DataConfig:
     """Training samples behind `urls` when no manifest.json sits beside them."""
     shuffle_buffer: int = MISSING
     """Streaming mode: samples in each stream's shuffle buffer."""
+    window_shards: int | None = MISSING
+    """The training order: null shuffles all samples; k puts the shards in a random order
+    and shuffles the samples within each window of k shards (every sample still once per
+    epoch; a stretch of the epoch reads k shards: for remote splits bigger than the cache)."""
     transform: Any = MISSING
     """`_target_` of a callable applied to each training input tensor (e.g. torchvision's)."""
     in_memory_max_mb: float = MISSING
@@ -150,6 +154,10 @@ class DataConfig:
         one_of("data.on_error", self.on_error, ("raise", "skip"))
         require(self.in_memory_max_mb >= 0, "data.in_memory_max_mb must be >= 0")
         require(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
+        require(
+            self.window_shards is None or self.window_shards >= 1,
+            f"data.window_shards={self.window_shards} must be >= 1 or null",
+        )
         require(
             self.num_samples is None or self.num_samples >= 1,
             f"data.num_samples={self.num_samples} must be >= 1 or null",

@@ -104,6 +104,11 @@ class EpochPermutation:
             raise ValueError(f"positions must lie in [0, {self.num_samples})")
         return self._walk(self.network(positions.view(np.uint64)), self.network)
 
+    def padding(self, positions: np.ndarray) -> np.ndarray:
+        """The positions whose samples fill positions N.. of a padded last global batch:
+        the epoch's first (p − N; G <= N, so p − N < N)."""
+        return positions - self.num_samples
+
     def table(self) -> np.ndarray:
         """All of π at once (int64, N values): the network over its whole domain in one
         call, then the walks by lookups in that table instead of more network calls."""
@@ -156,11 +161,14 @@ def _round_function(
     out >>= np.uint64(32)
 
 
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> EpochPermutation:
+def epoch_permutation(
+    num_samples: int, seed: int, epoch: int, stream: tuple[int, ...] = ()
+) -> EpochPermutation:
     """π for (seed, epoch) over [0, num_samples): a pure function.
 
-    Round keys come from SeedSequence((seed, epoch)): unrelated for neighbouring
-    epochs and seeds, and the same on every platform.
+    Round keys come from SeedSequence((seed, epoch, *stream)): unrelated for neighbouring
+    epochs and seeds (and for the streams the shard-window order draws), and the same on
+    every platform.
     """
     if num_samples < 0 or seed < 0 or epoch < 0:
         raise ValueError(
@@ -170,8 +178,106 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> EpochPermutati
     if num_samples >= 1 << 62:
         raise ValueError(f"num_samples={num_samples} is beyond the order's 2^62")
     rounds = ROUNDS if num_samples > SMALL else 4 * ROUNDS
-    keys = SeedSequence([seed, epoch]).generate_state(rounds, dtype=np.uint64)
+    keys = SeedSequence([seed, epoch, *stream]).generate_state(rounds, dtype=np.uint64)
     return EpochPermutation(num_samples, radix(num_samples), tuple(int(k) for k in keys))
+
+
+SHARD_STREAM, WINDOW_STREAM = 1, 2
+"""Key streams of the shard-window order: the shards' order, each window's own order."""
+
+
+@dataclass(frozen=True)
+class ShardWindows:
+    """`data.window_shards`: a locality-aware order. Each epoch the shards are put in a
+    keyed random order and cut into windows of `shards` consecutive ones; the samples of
+    a window are consumed in a keyed random order of their own before the next window
+    starts (MosaicML Streaming's block shuffles, with shard-aligned blocks). Every sample
+    still comes once per epoch, the sequence is still one function of the position (the
+    same at any world size, a seek costs one window's permutation), but a stretch of the
+    epoch reads `shards` shards instead of all of them: a node's cache needs a window or
+    two, not the split. The price is randomness: a global batch draws on `shards` shards,
+    so shards must not be sorted by label (bench/remote_bench.py measures both sides)."""
+
+    counts: tuple[int, ...]
+    """Samples per shard, in manifest order."""
+    shards: int
+    """Shards per window (>= 1)."""
+
+    def __post_init__(self) -> None:
+        if self.shards < 1:
+            raise ValueError(f"data.window_shards={self.shards} must be >= 1 (or null)")
+
+    @classmethod
+    def of(cls, counts: np.ndarray, shards: int | None) -> ShardWindows | None:
+        return None if shards is None else cls(tuple(int(c) for c in counts), shards)
+
+
+class WindowedPermutation:
+    """The shard-window order of one (seed, epoch): `perm(positions)` gives the samples at
+    those positions. O(shards) memory (the epoch's shard order and its running counts)."""
+
+    def __init__(self, windows: ShardWindows, seed: int, epoch: int):
+        counts = np.asarray(windows.counts, dtype=np.int64)
+        self.num_samples = int(counts.sum())
+        self.seed, self.epoch = seed, epoch
+        self.first_sample = np.concatenate([[0], np.cumsum(counts)])[:-1]
+        """Index of each shard's first sample (manifest order)."""
+        self.shard_order = epoch_permutation(len(counts), seed, epoch, (SHARD_STREAM,)).table()
+        """The epoch's shards, in the order their windows come."""
+        self.placed = np.concatenate([[0], np.cumsum(counts[self.shard_order])])
+        """Position of each placed shard's first sample in the shard-ordered sequence."""
+        self.window_starts = self.placed[:: windows.shards]
+        if self.window_starts[-1] != self.num_samples:
+            self.window_starts = np.append(self.window_starts, self.num_samples)
+        self._windows: dict[int, EpochPermutation] = {}
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        positions = np.asarray(positions, dtype=np.int64)
+        if positions.size and (positions.min() < 0 or positions.max() >= self.num_samples):
+            raise ValueError(f"positions must lie in [0, {self.num_samples})")
+        window = np.searchsorted(self.window_starts, positions, side="right") - 1
+        placed = np.empty_like(positions)
+        for w in np.unique(window).tolist():
+            at = np.flatnonzero(window == w)
+            lo = int(self.window_starts[w])
+            placed[at] = lo + self._window(w)(positions[at] - lo)
+        slot = np.searchsorted(self.placed, placed, side="right") - 1
+        return self.first_sample[self.shard_order[slot]] + (placed - self.placed[slot])
+
+    def padding(self, positions: np.ndarray) -> np.ndarray:
+        """The positions whose samples fill positions N.. of a padded last global batch:
+        the epoch's last, backwards (2N − 1 − p), so they come from the last window, whose
+        shards are at hand, not the first's, which a small cache has let go."""
+        return 2 * self.num_samples - 1 - positions
+
+    def _window(self, w: int) -> EpochPermutation:
+        """Window w's own order (the last few kept: a block of positions spans one or two)."""
+        perm = self._windows.get(w)
+        if perm is None:
+            if len(self._windows) >= 4:
+                self._windows.clear()
+            size = int(self.window_starts[w + 1] - self.window_starts[w])
+            perm = epoch_permutation(size, self.seed, self.epoch, (WINDOW_STREAM, w))
+            self._windows[w] = perm
+        return perm
+
+
+EpochOrder = EpochPermutation | WindowedPermutation
+"""An epoch's order: samples at positions (`__call__`), and what pads the last batch."""
+
+
+def order_for(
+    num_samples: int, seed: int, epoch: int, windows: ShardWindows | None = None
+) -> EpochOrder:
+    """The epoch's order as a function of positions: over all samples, or by windows."""
+    if windows is None:
+        return epoch_permutation(num_samples, seed, epoch)
+    perm = WindowedPermutation(windows, seed, epoch)
+    if perm.num_samples != num_samples:
+        raise ValueError(
+            f"the shard windows hold {perm.num_samples:,} samples, the plan {num_samples:,}"
+        )
+    return perm
 
 
 def radix(num_samples: int) -> tuple[int, int]:
@@ -194,31 +300,38 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def sequence_at(
-    plan: BatchPlan, perm: EpochPermutation, positions: np.ndarray
+    plan: BatchPlan, perm: EpochOrder, positions: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """The samples at `positions` of the epoch's global sequence, and their padding flags.
 
     Position p < N holds π(p); past N (no drop_last) the last global batch is filled
-    with the epoch's first samples again: p holds π(p − N). G <= N, so p − N < N.
+    with samples of the epoch again: p holds π(perm.padding(p)), flagged as padding.
     """
     positions = np.asarray(positions, dtype=np.int64)
     padded = positions >= plan.num_samples
-    return perm(np.where(padded, positions - plan.num_samples, positions)), padded
+    return perm(np.where(padded, perm.padding(positions), positions)), padded
 
 
-def global_sequence(plan: BatchPlan, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+def global_sequence(
+    plan: BatchPlan, seed: int, epoch: int, windows: ShardWindows | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The epoch's samples in global consumption order, and their padding flags.
 
     Length is `plan.samples_per_epoch`: the order truncated (drop_last) or padded
     with its own first samples so the last global batch is full. Materialised: for
     tests and small N; `rank_micro_batches` computes only what a rank reads.
     """
-    perm = epoch_permutation(plan.num_samples, seed, epoch)
+    perm = order_for(plan.num_samples, seed, epoch, windows)
     return sequence_at(plan, perm, np.arange(plan.samples_per_epoch, dtype=np.int64))
 
 
 def rank_micro_batches(
-    plan: BatchPlan, seed: int, epoch: int, rank: int, start_step: int = 0
+    plan: BatchPlan,
+    seed: int,
+    epoch: int,
+    rank: int,
+    start_step: int = 0,
+    windows: ShardWindows | None = None,
 ) -> Iterator[MicroBatch]:
     """Rank `rank`'s micro-batches for the epoch, from `start_step` to its end.
 
@@ -228,7 +341,7 @@ def rank_micro_batches(
     """
     _check_rank(rank, plan.world_size)
     check_start_step(plan, start_step)
-    perm = epoch_permutation(plan.num_samples, seed, epoch)
+    perm = order_for(plan.num_samples, seed, epoch, windows)
     per_rank, micro = plan.samples_per_rank_per_iteration, plan.micro_size
     steps_per_block = max(1, BLOCK // per_rank)
     offsets = rank * per_rank + np.arange(per_rank, dtype=np.int64)

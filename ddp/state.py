@@ -120,12 +120,17 @@ class Refusal(ConfigError):
 PLAN_KEYS = ("global_size", "num_samples", "drop_last")
 """What a resume must keep: the position in the epoch means nothing in another plan."""
 
+ORDER_KEYS = {"trainer.seed": 0, "data.window_shards": None}
+"""Config keys that decide the epoch's order (with the value a checkpoint written before
+the key existed means): mid-epoch, another value would repeat and skip samples."""
+
 
 def load_resume_point(
-    run_dir: Path, trainer: TrainerConfig, plan: BatchPlan
+    run_dir: Path, trainer: TrainerConfig, plan: BatchPlan, order: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
     """The checkpoint to continue from (None: start a new run), checked against the new
-    plan and `trainer.resume`; ConfigError naming the file otherwise. Reads only."""
+    plan, the order's keys (`order`: ORDER_KEYS' values now) and `trainer.resume`;
+    ConfigError naming the file otherwise. Reads only."""
     path = run_dir / "checkpoints" / "last.pt"
     if trainer.resume == "never":
         if path.exists() or (run_dir / METRICS_FILE).exists():
@@ -139,18 +144,31 @@ def load_resume_point(
             raise ConfigError(f"trainer.resume=require but there is no {path} to continue from")
         return None
     state = checkpoint.load(path)
-    saved = state["plan"]
-    changed = [k for k in PLAN_KEYS if saved[k] != getattr(plan, k)]
+    saved = {k: state["plan"][k] for k in PLAN_KEYS}
+    now = {k: getattr(plan, k) for k in PLAN_KEYS}
+    if state["position"].get("step_in_epoch", 0) > 0:  # between epochs the order may change
+        saved.update({k: _dotted(state.get("config", {}), k, v) for k, v in ORDER_KEYS.items()})
+        now.update(order or {})
+    changed = [k for k in now if saved.get(k, now[k]) != now[k]]
     if changed and not trainer.restart_epoch_on_plan_change:
         key = changed[0]
         raise ConfigError(
-            f"cannot resume {path}: {key} was {saved[key]}, now {getattr(plan, key)} "
+            f"cannot resume {path}: {key} was {saved[key]}, now {now[key]} "
             "(keep it, use a new run.name, or set trainer.restart_epoch_on_plan_change=true)"
         )
     if changed:  # the saved position means nothing in the new plan: restart the epoch
         state["position"].update(step_in_epoch=0, epoch_sums={})
     state["path"] = str(path)
     return state
+
+
+def _dotted(record: dict[str, Any], key: str, default: Any) -> Any:
+    """record["a"]["b"] for "a.b", or `default` where the record lacks it."""
+    for part in key.split("."):
+        if not isinstance(record, dict) or part not in record:
+            return default
+        record = record[part]
+    return record
 
 
 @dataclass

@@ -56,7 +56,8 @@ def train(
     set_numerics(config, device)
     train_loader, val_loader = build_loaders(config, plan, launch.rank, splits, device)
     check_writable(run_dir)
-    resumed = load_resume_point(run_dir, config.trainer, plan)
+    order = {"trainer.seed": config.trainer.seed, "data.window_shards": config.data.window_shards}
+    resumed = load_resume_point(run_dir, config.trainer, plan, order)
     torch.manual_seed(config.trainer.seed + launch.rank)
     training, schedule = build_training(config, plan, device)
     pos = training.restore(resumed, launch.rank, launch.world_size) if resumed else Position()

@@ -19,11 +19,15 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from ddp import checkpoint
+from ddp.plan import make_plan
 from ddp.shards import index_split
+from ddp.state import load_resume_point
+from ddp.validate import ConfigError
 from tests import harness
 from tests.fixtures import as_v1, copy_split, smoke_overrides
 
@@ -402,3 +406,41 @@ def test_a_second_ctrl_c_stops_at_once():
     out = harness.run([sys.executable, "-c", SECOND_CTRL_C], timeout=60)
     assert "asked to stop: True" in out.stdout  # the first: stop at the next step boundary
     assert out.returncode == -signal.SIGINT and "still running" not in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("saved", "now", "words"),
+    [
+        (
+            {"data": {"window_shards": None}},
+            {"data.window_shards": 4},
+            "window_shards was None, now 4",
+        ),
+        ({}, {"data.window_shards": 2}, "window_shards was None, now 2"),  # before the key
+        ({"trainer": {"seed": 1}}, {"trainer.seed": 2}, "trainer.seed was 1, now 2"),
+    ],
+)
+def test_a_resume_mid_epoch_in_another_order_is_refused(tmp_path, saved, now, words):
+    """Mid-epoch, another seed or window size would repeat some samples and skip others;
+    at an epoch's end it is a new order for a new epoch; with restart_epoch_on_plan_change
+    the epoch starts over. Reads only."""
+    plan = make_plan(1000, 64, 32, 2)
+    (tmp_path / "checkpoints").mkdir()
+    last = tmp_path / "checkpoints" / "last.pt"
+
+    def write(step: int) -> None:
+        position = {"epoch": 3, "step_in_epoch": step, "epoch_sums": {"loss": 1.0}}
+        state = {"plan": plan.as_dict(), "position": position, "config": saved}
+        checkpoint.atomic_save({"format": checkpoint.FORMAT, **state}, last)
+
+    trainer = SimpleNamespace(resume="auto", restart_epoch_on_plan_change=False)
+    write(step=5)
+    before = snapshot(tmp_path)
+    with pytest.raises(ConfigError, match=f"cannot resume {last}: .*{words}"):
+        load_resume_point(tmp_path, trainer, plan, now)
+    assert snapshot(tmp_path) == before
+    trainer.restart_epoch_on_plan_change = True
+    assert load_resume_point(tmp_path, trainer, plan, now)["position"]["step_in_epoch"] == 0
+    trainer.restart_epoch_on_plan_change = False
+    write(step=0)
+    assert load_resume_point(tmp_path, trainer, plan, now)["position"]["epoch"] == 3

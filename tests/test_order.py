@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ddp.order import (
+    ShardWindows,
+    WindowedPermutation,
     epoch_order,
     epoch_permutation,
     eval_micro_batches,
@@ -122,6 +124,87 @@ def test_resume_gives_exactly_the_rest_of_the_epoch(plan: BatchPlan, data: st.Da
         np.array_equal(a.indices, b.indices) and np.array_equal(a.padded, b.padded)
         for a, b in zip(rest, tail, strict=True)
     )
+
+
+# ------------------------------------------------------------ the shard-window order
+
+
+@st.composite
+def windowed(draw: st.DrawFn) -> tuple[BatchPlan, ShardWindows]:
+    """A plan over shards of 0-9 samples each (a split's odd last shard, empty ones), cut
+    into windows of 1-5 shards."""
+    world, micro, accumulate = draw(st.integers(1, 3)), draw(st.integers(1, 4)), 1
+    global_size = world * micro * accumulate
+    counts = draw(st.lists(st.integers(0, 9), min_size=1, max_size=12))
+    counts[0] = max(counts[0], global_size - sum(counts[1:]))  # at least one global batch
+    plan = make_plan(sum(counts), global_size, micro, world, draw(st.booleans()))
+    return plan, ShardWindows(tuple(counts), draw(st.integers(1, 5)))
+
+
+@FAST
+@given(windowed(), st.integers(0, 3), st.data())
+def test_shard_windows_keep_every_guarantee(case, epoch: int, data: st.DataObject) -> None:
+    """Every sample once per epoch, equal micro-batch counts, the same global sequence at
+    any world size, and a resume that gives exactly the rest of the epoch."""
+    plan, windows = case
+    ranks = [
+        list(rank_micro_batches(plan, 7, epoch, r, 0, windows)) for r in range(plan.world_size)
+    ]
+    real = Counter(i for micros in ranks for m in micros for i in m.indices[~m.padded].tolist())
+    assert all(count == 1 for count in real.values())
+    assert len(real) == (plan.samples_per_epoch if plan.drop_last else plan.num_samples)
+    assert {len(micros) for micros in ranks} == {plan.micro_batches_per_epoch}
+
+    sequence = global_sequence(plan, 7, epoch, windows)[0]
+    steps = [[m.indices for micros in ranks for m in micros if m.step == s] for s in range(
+        plan.iterations_per_epoch)]  # fmt: skip
+    assert np.array_equal(np.concatenate([np.concatenate(s) for s in steps]), sequence)
+
+    rank = data.draw(st.integers(0, plan.world_size - 1))
+    step = data.draw(st.integers(0, plan.iterations_per_epoch))
+    rest = list(rank_micro_batches(plan, 7, epoch, rank, step, windows))
+    tail = ranks[rank][step * plan.accumulate :]
+    assert [m.indices.tolist() for m in rest] == [m.indices.tolist() for m in tail]
+
+
+@FAST
+@given(windowed(), st.integers(0, 3))
+def test_a_window_reads_only_its_shards(case, epoch: int) -> None:
+    """The epoch walks through the windows in turn: the samples at a window's positions
+    are exactly those of its `shards` shards."""
+    plan, windows = case
+    perm = WindowedPermutation(windows, 3, epoch)
+    starts = np.concatenate([[0], np.cumsum(windows.counts)])
+    order = perm(np.arange(plan.num_samples))
+    for w in range(len(perm.window_starts) - 1):
+        lo, hi = perm.window_starts[w], perm.window_starts[w + 1]
+        shards = perm.shard_order[w * windows.shards : (w + 1) * windows.shards]
+        expected = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in shards])
+        assert np.array_equal(np.sort(order[lo:hi]), np.sort(expected))
+
+
+def test_shard_windows_shuffle_within_a_window_and_change_every_epoch() -> None:
+    """100 shards of SHARD samples, windows of 4: consecutive samples share a shard as
+    often as in a true shuffle of 4 shards ((SHARD−1)/(4·SHARD−1) ≈ 0.25, 5σ bounds), the
+    shards come in another order each epoch, and no window is read front to back."""
+    windows = ShardWindows((SHARD,) * (N_STAT // SHARD), 4)
+    expected = (SHARD - 1) / (4 * SHARD - 1)
+    bound = 5 * np.sqrt(expected * (1 - expected) / N_STAT)
+    orders = [WindowedPermutation(windows, 0, epoch) for epoch in range(3)]
+    for perm in orders:
+        order = perm(np.arange(N_STAT))
+        assert abs(same_shard_fraction(order) - expected) < bound
+        first = order[: 4 * SHARD]
+        assert abs(spearman(np.arange(len(first)), first)) < 5 / np.sqrt(len(first))
+    firsts = [tuple(p.shard_order[:4].tolist()) for p in orders]
+    assert len(set(firsts)) == 3
+
+
+def test_shard_windows_of_the_wrong_size_are_an_error() -> None:
+    with pytest.raises(ValueError, match="data.window_shards=0"):
+        ShardWindows((5, 5), 0)
+    with pytest.raises(ValueError, match="the shard windows hold 10 samples, the plan 11"):
+        list(rank_micro_batches(make_plan(11, 2, 2, 1), 0, 0, 0, 0, ShardWindows((5, 5), 1)))
 
 
 def test_resume_outside_the_epoch_is_an_error() -> None:

@@ -100,9 +100,33 @@ def test_alternative_input_members_take_the_first_a_sample_has(mixed):
     assert all(b.inputs.shape[1:] == (8, 8, 1) for b in batches)
 
 
-def test_a_sample_without_the_input_member_is_refused_naming_it(mixed):
+@pytest.mark.parametrize("counts", [True, False], ids=["member counts", "before counts"])
+def test_a_sample_without_the_input_member_is_refused_naming_it(mixed, tmp_path, counts):
+    """Found at start-up, from the shards the manifest's member counts do not vouch for
+    (or, in a manifest written before them, from every sample's columns)."""
+    split = copy_split(mixed / "val", tmp_path / "val")
+    content = json.loads((split / "manifest.json").read_text())
+    if not counts:
+        del content["shards"]["member_counts"]
+        (split / "manifest.json").write_text(json.dumps(content))
     with pytest.raises(DataError, match=r"key img-\d+ has no \.jpg member"):
-        build_eval_loader(mixed / "val", 8, 0, 1, LoaderOptions(input_key="jpg"))
+        build_eval_loader(split, 8, 0, 1, LoaderOptions(input_key="jpg"))
+    build_eval_loader(split, 8, 0, 1, LoaderOptions(input_key="jpg;png"))  # each has one
+
+
+def test_member_counts_vouch_for_whole_shards(mixed):
+    """At start-up only the shards where no one extension named is in every sample are
+    read (counts cannot tell whether two partial ones leave a sample out)."""
+    options = LoaderOptions(input_key="jpg;png")
+    dataset = build_eval_loader(mixed / "train", 8, 0, 1, options).dataset
+    table = dataset.index.table
+    assert list(dataset._unvouched(["cls"])) == []
+    jpg, png = table.member_counts["jpg"], table.member_counts["png"]
+    partial = np.flatnonzero((jpg < table.counts) & (png < table.counts))
+    assert len(partial) > 0  # shards of mixed files
+    read = np.concatenate(list(dataset._unvouched(["jpg", "png"])))
+    expected = np.concatenate([np.arange(*table.starts[[s, s + 1]]) for s in partial])
+    assert np.array_equal(read, expected)
 
 
 def json_split(split: Path, labels: list) -> Path:

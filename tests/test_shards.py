@@ -13,6 +13,7 @@ import webdataset as wds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ddp.data.dataset import ShardDataset
 from ddp.order import rank_micro_batches
 from ddp.plan import make_plan
 from ddp.shards import DataError, Manifest, index_split, read_manifest, write_manifest
@@ -21,7 +22,7 @@ from ddp.shards.columns import NO_LABEL
 from ddp.shards.manifest import ShardTable
 from ddp.shards.prepare import prepare_imagefolder, prepare_synthetic
 from tests import harness
-from tests.fixtures import as_v1, copy_split, corrupt_npy
+from tests.fixtures import as_v1, copy_split, corrupt_member, corrupt_npy
 
 
 def extract(split: Path, dst: Path) -> list[str]:
@@ -76,8 +77,12 @@ def test_manifest_v2_is_small_json_beside_mapped_index_files(digits_root: Path) 
     split = digits_root / "train"
     content = json.loads((split / "manifest.json").read_text())
     assert content["version"] == 2 and content["num_shards"] == 6
-    assert set(content["shards"]) == {"names", "sizes", "num_samples", "sha256", "label_ranges"}
+    assert set(content["shards"]) == {
+        *("names", "sizes", "num_samples", "sha256", "label_ranges", "member_counts")
+    }
     assert content["shards"]["label_ranges"]["cls"] == {"low": [0] * 6, "high": [9] * 6}
+    counts = content["shards"]["num_samples"]
+    assert content["shards"]["member_counts"] == {"cls": counts, "npy": counts}
     index = content["index"]
     files = sorted(p.name for p in split.glob("manifest.*.*"))
     named = [*index["members"].values(), *index["labels"].values()]
@@ -380,3 +385,25 @@ def test_labels_are_recorded_where_they_are_integers(tmp_path: Path) -> None:
     shard = index_split(split).shards[0]
     assert shard.labels["cls"] == [3, NO_LABEL, NO_LABEL, 7] and shard.label_ranges == {}
     assert read_manifest(split).samples.labels["cls"].tolist() == shard.labels["cls"]
+
+
+def test_a_batch_reads_its_labels_from_the_index_where_it_recorded_them(
+    digits_root: Path, tmp_path: Path
+) -> None:
+    """The index's labels are those in the members (so no member is read for them); a
+    batch with a sample the index holds no label for reads the members, which then name
+    the culprit."""
+    dataset = ShardDataset(digits_root / "train")
+    everything = np.arange(len(dataset))
+    from_index, ok = dataset.labels(everything)
+    members, _ = dataset._members(everything, ["cls"])
+    assert ok.all() and from_index.tolist() == [int(bytes(m)) for m in members]
+
+    split = copy_split(digits_root / "train", tmp_path / "train")
+    key = corrupt_member(split, 0, 2, "cls", lambda label: b"x" * len(label))
+    index_split(split)  # the index records no label for it
+    dataset = ShardDataset(split)
+    assert dataset._recorded_labels(np.array([0, 1])) is not None
+    assert dataset._recorded_labels(np.array([0, 2])) is None
+    with pytest.raises(DataError, match=rf"key {key}: undecodable \.cls"):
+        dataset.labels(np.array([0, 2]))

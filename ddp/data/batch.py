@@ -133,6 +133,10 @@ class LoaderOptions:
     memory in the training process; the shards and DataLoader workers are left alone.
     Not with a transform and num_workers > 0 (augmentation stays in the workers), nor
     with image augmentation (data.augment: new crops every epoch)."""
+    window_shards: int | None = None
+    """The training order: None shuffles all samples; k shuffles the shards, then the
+    samples within windows of k shards (`ddp.order.ShardWindows`: remote splits with a
+    cache smaller than the split)."""
     device: torch.device | None = None
     """Where a split held in memory lives: None for the host, a GPU for data.on_device
     (then a micro-batch is a gather on the GPU, and nothing crosses the bus per step)."""
@@ -142,6 +146,8 @@ class LoaderOptions:
         integer_at_least("data.num_workers", self.num_workers, 0)
         integer_at_least("data.prefetch_factor", self.prefetch_factor, 1)
         require(self.in_memory_max_mb >= 0, "data.in_memory_max_mb must be >= 0")
+        if self.window_shards is not None:
+            integer_at_least("data.window_shards", self.window_shards, 1)
 
 
 class TrainBatches(Protocol):

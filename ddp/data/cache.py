@@ -151,7 +151,8 @@ class ShardCache:
             while True:
                 fcntl.flock(fd, fcntl.LOCK_SH)
                 if _ready(path, size, sha256):
-                    os.utime(path)  # most recently used
+                    now = time.time_ns()  # the kernel's own stamp ticks every few ms:
+                    os.utime(path, ns=(now, now))  # most recently used, in this order
                     break
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 # Downloads take a lock of their own: one waiting to download never
@@ -384,6 +385,11 @@ def open_remote_split(
     manifest = read_manifest(local)
     table = manifest.table
     largest = max(int(table.sizes.max()) if len(table) else 1, 1)
+    max_pinned = max(1, min(MAX_PINNED, cache.max_bytes // (4 * largest)))
+    # Shards fetched ahead must fit beside those being read, in each process of the node:
+    # one fetched beyond that would evict a shard still needed, to be fetched again.
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    room = cache.max_bytes // largest // max(1, local_processes) - max_pinned - 1
     split = RemoteSplit(
         url,
         local,
@@ -391,8 +397,8 @@ def open_remote_split(
         table.sizes.tolist(),
         table.sha256,
         cache,
-        max_pinned=max(1, min(MAX_PINNED, cache.max_bytes // (4 * largest))),
-        prefetch_shards=prefetch_shards,
+        max_pinned=max_pinned,
+        prefetch_shards=max(0, min(prefetch_shards, room)),
     )
     return local, manifest, split
 
@@ -411,7 +417,8 @@ def _index_files(entry: dict[str, Any]) -> list[str]:
 
 class Prefetcher:
     """Fetches the shards a rank's coming micro-batches need, in the order they are first
-    needed, at most `ahead` shards beyond the micro-batch the consumer has reached. It
+    needed, at most `ahead` shards that the consumer has not read yet (a shard fetched
+    ahead is touched by the reader before the next one can evict it). It
     walks the epoch order itself (pure, O(1) a position) on its thread: O(shards)
     memory, never a list of the epoch's samples. Best effort: a failure is left for the
     reader's own fetch to report (with its retries and its timeout)."""
@@ -463,8 +470,8 @@ class Prefetcher:
                 seen.add(shard)
                 with self._cv:
                     while not self._stop:
-                        while ahead and ahead[0] <= self._consumed:
-                            ahead.popleft()  # the consumer has reached it
+                        while ahead and ahead[0] < self._consumed:
+                            ahead.popleft()  # the consumer has read it (and touched it)
                         if len(ahead) < self.ahead:
                             break
                         self._cv.wait()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -32,6 +32,7 @@ from ddp.data.samples import (
     parse_labels,
 )
 from ddp.order import MicroBatch
+from ddp.shards.columns import NO_LABEL
 from ddp.shards.decode import LABEL_EXTS
 from ddp.shards.manifest import DataError, Manifest, SplitIndex, read_manifest
 from ddp.shards.tar import member_name
@@ -39,6 +40,9 @@ from ddp.shards.tar import member_name
 if TYPE_CHECKING:
     from ddp.data.cache import RemoteSplit
     from ddp.data.images import ImageAugment
+
+CHECK_CHUNK = 1 << 20
+"""Samples whose member columns are read at once when checking a split at start-up."""
 
 
 class ShardDataset(Dataset):
@@ -103,21 +107,37 @@ class ShardDataset(Dataset):
 
     def _check_columns(self) -> None:
         """Every sample has an input member and a label member (of one of the extensions
-        named): found now, naming the first sample without, not mid-epoch."""
-        all_samples = np.arange(len(self))
+        named): found now, naming the first sample without, not mid-epoch. The manifest's
+        per-shard member counts vouch for whole shards; only the others' columns are read,
+        a bounded chunk at a time."""
         for key, exts in (
             (self.input_key, self.input_exts),
             (self.target_key, self.label_key.exts),
         ):
-            _, _, present = self._choose(all_samples, exts)
-            if not present.all():
-                first = int(np.flatnonzero(~present)[0])
-                found = ", ".join(self.index.offsets) or "none"
-                raise DataError(
-                    f"{self._shard_path(int(self.index.shard_of(first)))}: key "
-                    f"{self.index.keys[first]} has no .{' or .'.join(exts)} member (data: "
-                    f"{key!r}; the split's extensions: {found})"
-                )
+            for samples in self._unvouched(exts):
+                _, _, present = self._choose(samples, exts)
+                if not present.all():
+                    first = int(samples[np.flatnonzero(~present)[0]])
+                    found = ", ".join(self.index.offsets) or "none"
+                    raise DataError(
+                        f"{self._shard_path(int(self.index.shard_of(first)))}: key "
+                        f"{self.index.keys[first]} has no .{' or .'.join(exts)} member (data: "
+                        f"{key!r}; the split's extensions: {found})"
+                    )
+
+    def _unvouched(self, exts: Sequence[str]) -> Iterator[np.ndarray]:
+        """The samples, in chunks of at most CHECK_CHUNK, of the shards whose member counts
+        do not show a member of one of `exts` in every sample (all of them without counts)."""
+        table = self.index.table
+        covered = table.covered(exts)
+        if covered is None:
+            covered = np.zeros(len(table), dtype=bool)
+        # Runs of unvouched shards: where `covered` turns False, and back to True.
+        edges = np.flatnonzero(np.diff(np.concatenate([[True], covered, [True]]).astype(np.int8)))
+        for first, stop in edges.reshape(-1, 2).tolist():
+            lo, hi = int(table.starts[first]), int(table.starts[stop])
+            for start in range(lo, hi, CHECK_CHUNK):
+                yield np.arange(start, min(hi, start + CHECK_CHUNK), dtype=np.int64)
 
     def _choose(
         self, indices: np.ndarray, exts: Sequence[str]
@@ -307,6 +327,9 @@ class ShardDataset(Dataset):
 
     def _decode_targets(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ok = np.ones(len(indices), dtype=bool)
+        recorded = self._recorded_labels(indices)
+        if recorded is not None:
+            return recorded, ok
         members, exts = self._members(indices, self.label_key.exts)
         if self.label_key.plain and self.label_key.exts[0] in LABEL_EXTS and len(indices):
             fast = parse_labels(members, len(indices))
@@ -320,6 +343,20 @@ class ShardDataset(Dataset):
                 self._fail(int(index), f"undecodable .{ext}: {describe(err)}")
                 ok[i] = False
         return targets, ok
+
+    def _recorded_labels(self, indices: np.ndarray) -> np.ndarray | None:
+        """The labels `ddp-shards index` read from these samples' members into the index,
+        where it read one for each (a plain integer label): no member is touched. None
+        sends the batch to the members, which name a culprit."""
+        if not self.label_key.plain or not len(indices):
+            return None
+        column = self.index.labels.get(self.label_key.exts[0])
+        if column is None:
+            return None
+        labels = column[indices]
+        if (labels == NO_LABEL).any() or not self._in_range(labels):
+            return None
+        return labels
 
     def _in_range(self, labels: np.ndarray) -> bool:
         n = self.num_classes

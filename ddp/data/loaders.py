@@ -21,7 +21,13 @@ from ddp.data.cache import Prefetcher, RemoteSplit
 from ddp.data.dataset import ShardDataset
 from ddp.data.images import ImageAugment
 from ddp.data.memory import MemorySplit
-from ddp.order import MicroBatch, check_start_step, eval_micro_batches, rank_micro_batches
+from ddp.order import (
+    MicroBatch,
+    ShardWindows,
+    check_start_step,
+    eval_micro_batches,
+    rank_micro_batches,
+)
 from ddp.plan import BatchPlan
 from ddp.shards.manifest import DataError, Manifest
 
@@ -143,15 +149,17 @@ class EpochBatchSampler:
     """Yields this rank's MicroBatches for the epoch set last; lives in the main
     process, so `set_epoch` is seen even by persistent workers."""
 
-    def __init__(self, plan: BatchPlan, seed: int, rank: int):
-        self.plan, self.seed, self.rank = plan, seed, rank
+    def __init__(self, plan: BatchPlan, seed: int, rank: int, windows: ShardWindows | None = None):
+        self.plan, self.seed, self.rank, self.windows = plan, seed, rank, windows
         self.epoch, self.start_step = 0, 0
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self) -> Iterator[MicroBatch]:
-        return rank_micro_batches(self.plan, self.seed, self.epoch, self.rank, self.start_step)
+        return rank_micro_batches(
+            self.plan, self.seed, self.epoch, self.rank, self.start_step, self.windows
+        )
 
     def __len__(self) -> int:
         return (self.plan.iterations_per_epoch - self.start_step) * self.plan.accumulate
@@ -172,7 +180,8 @@ class TrainLoader:
                 f"manifest lists {len(dataset):,}"
             )
         self.dataset, self.plan = dataset, plan
-        self.sampler = EpochBatchSampler(plan, seed, rank)
+        windows = ShardWindows.of(dataset.index.table.counts, options.window_shards)
+        self.sampler = EpochBatchSampler(plan, seed, rank, windows)
         self._source = _Source(dataset, self.sampler, options, training=True)
         self.memory = self._source.memory
 

@@ -38,7 +38,7 @@ class MemorySplit:
             self.inputs = torch.from_numpy(np.ascontiguousarray(inputs)).to(device)
             self.targets = torch.from_numpy(targets.astype(np.int64)).to(device)
         else:
-            self.inputs, self.targets = inputs, targets
+            self.inputs, self.targets = inputs, targets.astype(np.int64)
 
     @classmethod
     def load(
@@ -75,7 +75,15 @@ class MemorySplit:
                 valid=torch.from_numpy(valid).to(self.device, non_blocking=True),
                 indices=torch.from_numpy(indices),
             )
-        batch = make_batch(
-            self.inputs[indices], self.targets[indices], valid, indices, transform=self.transform
-        )
+        if self.transform is not None:
+            batch = make_batch(
+                self.inputs[indices], self.targets[indices], valid, indices, 0, self.transform
+            )
+        else:  # np.take into fresh memory: what make_batch would do, minus its checks
+            batch = Batch(
+                inputs=torch.from_numpy(np.take(self.inputs, indices, axis=0)),
+                targets=torch.from_numpy(np.take(self.targets, indices)),
+                valid=torch.from_numpy(valid),
+                indices=torch.from_numpy(indices),
+            )
         return batch.pin_memory() if self.pin_memory else batch

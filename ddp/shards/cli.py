@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ddp.order import rank_micro_batches
+from ddp.order import ShardWindows, rank_micro_batches
 from ddp.plan import PlanError, make_plan
 from ddp.shards.index import index_split, manifest_version, upgrade_split
 from ddp.shards.manifest import VERSION, DataError, Manifest, manifest_path, read_manifest
@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("--steps", type=_steps, default=(None, None), help="a:b, steps [a, b)")
     order.add_argument("--drop-last", action="store_true")
     order.add_argument(
+        "--window-shards",
+        type=int,
+        metavar="K",
+        help="the shard-window order of data.window_shards=K (default: all samples shuffled)",
+    )
+    order.add_argument(
         "--member",
         metavar="EXT",
         help="also print this text member of each sample (e.g. source: the file it came from)",
@@ -215,8 +221,9 @@ def cmd_order(args: argparse.Namespace) -> int:
     lo = 0 if lo is None else lo
     hi = plan.iterations_per_epoch if hi is None else min(hi, plan.iterations_per_epoch)
     member = _member_reader(args.dir, manifest, args.member) if args.member else None
+    windows = ShardWindows.of(manifest.table.counts, args.window_shards)
     lines = []
-    for micro in rank_micro_batches(plan, args.seed, args.epoch, args.rank, start_step=lo):
+    for micro in rank_micro_batches(plan, args.seed, args.epoch, args.rank, lo, windows):
         if micro.step >= hi:
             break
         for index, padded in zip(micro.indices.tolist(), micro.padded.tolist(), strict=True):

@@ -108,6 +108,9 @@ class ShardTable:
     label_ranges: dict[str, np.ndarray] = field(default_factory=dict)
     """ext -> int64 (shards, 2): [smallest, largest] label; NO_LABEL rows where none
     was recorded (labels that are not integers, or a manifest from before ranges)."""
+    member_counts: dict[str, np.ndarray] = field(default_factory=dict)
+    """ext -> int64 per shard: how many of its samples have a .ext member. Empty in a
+    manifest written before the counts: then the loader reads the columns to find out."""
     starts: np.ndarray = field(init=False)
     """int64 (shards + 1,): index of each shard's first sample; starts[-1] is N."""
     stride: int = field(init=False)
@@ -145,7 +148,18 @@ class ShardTable:
                 ext: {side: _nullable(r[:, i]) for i, side in enumerate(("low", "high"))}
                 for ext, r in self.label_ranges.items()
             },
+            "member_counts": {ext: c.tolist() for ext, c in self.member_counts.items()},
         }
+
+    def covered(self, exts: Sequence[str]) -> np.ndarray | None:
+        """bool per shard: every sample of the shard has a member of one of `exts`, by the
+        member counts (one extension present in all of them); None without counts."""
+        if not all(ext in self.member_counts for ext in exts):
+            return None
+        full = np.zeros(len(self), dtype=bool)
+        for ext in exts:
+            full |= self.member_counts[ext] == self.counts
+        return full
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShardTable:
@@ -158,8 +172,18 @@ class ShardTable:
                 ext: np.stack([_from_nullable(r["low"]), _from_nullable(r["high"])], axis=1)
                 for ext, r in data.get("label_ranges", {}).items()
             },
+            {
+                ext: np.asarray(c, dtype=np.int64)
+                for ext, c in data.get("member_counts", {}).items()
+            },
         )
-        columns = [table.sizes, table.counts, table.sha256, *table.label_ranges.values()]
+        columns = [
+            table.sizes,
+            table.counts,
+            table.sha256,
+            *table.label_ranges.values(),
+            *table.member_counts.values(),
+        ]
         if any(len(c) != len(table.names) for c in columns):
             raise ValueError("the shard columns have different lengths")
         return table
@@ -274,6 +298,7 @@ class Manifest:
             ext: _concat([_member_column(s, ext) for s in shards], (0, 2))
             for ext in sorted({e for s in shards for e in s.members})
         }
+        table.member_counts = {ext: _per_shard(c[:, 0] >= 0, table) for ext, c in members.items()}
         labels = {
             ext: _concat([_label_column(s, ext) for s in shards], (0,))
             for ext in sorted({e for s in shards for e in s.labels})
@@ -302,6 +327,12 @@ def _member_column(shard: ShardInfo, ext: str) -> np.ndarray:
 
 def _label_column(shard: ShardInfo, ext: str) -> np.ndarray:
     return np.asarray(shard.labels.get(ext, [NO_LABEL] * shard.num_samples), dtype=np.int64)
+
+
+def _per_shard(flags: np.ndarray, table: ShardTable) -> np.ndarray:
+    """How many of each shard's samples are flagged."""
+    running = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+    return running[table.starts[1:]] - running[table.starts[:-1]]
 
 
 def _concat(parts: list[np.ndarray], empty: tuple[int, ...]) -> np.ndarray:

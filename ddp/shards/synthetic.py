@@ -49,6 +49,7 @@ def write_synthetic_index(
         counts * sample_bytes,
         counts,
         [hashlib.sha256(name.encode()).hexdigest() for name in names],  # the size of real ones
+        member_counts={ext: counts for ext in extensions},  # every sample has every member
     )
     meta = {
         "source": "ddp-shards synth-index",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
@@ -65,19 +66,25 @@ def join_timeout_s(rdzv_conf: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     endpoint = rendezvous_endpoint(args)
+    join_timeout = join_timeout_s(args.rdzv_conf)
+    started = time.monotonic()
     try:
         if endpoint is not None:
-            wait_for_rendezvous(*endpoint, join_timeout_s(args.rdzv_conf))
+            wait_for_rendezvous(*endpoint, join_timeout)
+        started = time.monotonic()
         run(args)
     except ConfigError as err:
         print(f"[ddp.launch] error: {err}", file=sys.stderr)
         return int(ExitCode.BAD_INPUT)
     except RendezvousError as err:  # after the checks above: the rendezvous itself failed
         host, port = endpoint or ("localhost", 0)
-        if isinstance(err, RendezvousTimeoutError):  # some host never came: bad input
+        # Some host never came (bad input): torch says so with a timeout, or, on a loaded
+        # host, with a store error once the join deadline has passed.
+        late = time.monotonic() - started >= join_timeout
+        if isinstance(err, RendezvousTimeoutError) or late:
             print(
                 f"[ddp.launch] error: not every host joined the rendezvous {host}:{port} "
-                f"within {join_timeout_s(args.rdzv_conf):g} s (seen from {this_host()}): "
+                f"within {join_timeout:g} s (seen from {this_host()}): "
                 f"are all of them started, and can they reach {host}:{port}?",
                 file=sys.stderr,
             )

@@ -407,3 +407,19 @@ def test_a_batch_reads_its_labels_from_the_index_where_it_recorded_them(
     assert dataset._recorded_labels(np.array([0, 2])) is None
     with pytest.raises(DataError, match=rf"key {key}: undecodable \.cls"):
         dataset.labels(np.array([0, 2]))
+
+
+def test_cli_order_prints_the_shard_window_order(digits_root: Path, capsys) -> None:
+    """`--window-shards 2`: the trainer's order with data.window_shards=2; each stretch
+    of two shards' samples comes from two shards; a k below 1 is one line, exit 2."""
+    split = digits_root / "train"
+    args = ["--epoch", "1", "--rank", "0", "--world-size", "1", "--micro-size", "64"]
+    assert main(["order", str(split), *args, "--accumulate", "1", "--window-shards", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    manifest = read_manifest(split)
+    shard_of_key = {k: i for i, s in enumerate(manifest.shards) for k in s.keys}
+    real = [line for line in lines if not line.endswith("\tpadded")]
+    assert sorted(real) == sorted(shard_of_key)  # every key once
+    assert len({shard_of_key[k] for k in real[:512]}) == 2  # the first window: 2 shards of 256
+    assert main(["order", str(split), *args, "--accumulate", "1", "--window-shards", "0"]) == 2
+    assert "data.window_shards=0 must be >= 1" in capsys.readouterr().err

@@ -286,7 +286,9 @@ def test_nonfinite_loss_can_skip_the_step(job, nan_root, tmp_path):
 def test_a_stuck_peer_ends_the_job_within_the_timeout(job, tmp_path):
     # No W&B start on rank 0 (a thread importing wandb): on a loaded machine it delayed
     # rank 0 past the 5 s timeout in a start-up collective, before any peer was stopped.
-    overrides = job("stuck", "logger=none", "trainer.timeout_s=5", "trainer.max_epochs=50")
+    overrides = job(
+        "stuck", "logger=none", "trainer.timeout_s=5", "plateau=none", "trainer.max_epochs=100000"
+    )
     job_run = harness.start(harness.trainer(overrides))
     job_run.wait_for_file(tmp_path / "stuck" / "checkpoints" / "last.pt")
     job_run.worker(rank=1).suspend()  # SIGSTOP; the harness's SIGKILL ends it

@@ -233,9 +233,14 @@ def test_launch_scripts_pass_the_workers_exit_code(digits_root, run_copy):
     assert snapshot(run_copy) == before
 
 
+UNTIL_SIGNALLED = ("plateau=none", "trainer.max_epochs=100000")
+"""A run a signal must interrupt: no plateau stop, more epochs than any machine finishes
+before the signal (the digits smoke run's 21 epochs take about a second)."""
+
+
 def test_preemption_through_local_sh_exits_75(digits_root, tmp_path):
     overrides = smoke_overrides(
-        digits_root, tmp_path, "pre", "trainer.max_epochs=30", "trainer.checkpoint_every_steps=5"
+        digits_root, tmp_path, "pre", *UNTIL_SIGNALLED, "trainer.checkpoint_every_steps=5"
     )
     job = harness.start(local_sh(*overrides), unset=("SLURM_",), **launch_env())
     job.wait_for_file(tmp_path / "pre" / "checkpoints" / "last.pt")
@@ -247,7 +252,7 @@ def test_preemption_through_local_sh_exits_75(digits_root, tmp_path):
 
 @pytest.mark.parametrize("launcher", ["python", "local.sh"])
 def test_ctrl_c_checkpoints_at_a_step_boundary_and_exits_130(digits_root, tmp_path, launcher):
-    overrides = smoke_overrides(digits_root, tmp_path, "int", "trainer.max_epochs=30")
+    overrides = smoke_overrides(digits_root, tmp_path, "int", *UNTIL_SIGNALLED)
     if launcher == "python":
         cmd = harness.trainer(overrides, nproc=0)
     else:

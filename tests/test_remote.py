@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ddp.data.batch import LoaderOptions
 from ddp.data.cache import GB, Prefetcher, ShardCache
@@ -82,6 +84,52 @@ def test_a_remote_split_gives_the_very_batches_of_the_local_one(
             seen.update(b.indices[b.valid].tolist())
     assert sorted(seen) == list(range(1438)) and set(seen.values()) == {1}
     assert cache.downloads == 6  # each shard once, for both ranks
+
+
+@st.composite
+def remote_plans(draw: st.DrawFn) -> tuple:
+    """A plan over the digits training split, an epoch, a resume step, a window size."""
+    world = draw(st.integers(1, 4))
+    micro = draw(st.integers(8, 64))
+    accumulate = draw(st.integers(1, 3))
+    plan = make_plan(1438, micro * accumulate * world, micro, world, draw(st.booleans()))
+    start = draw(st.integers(0, plan.iterations_per_epoch - 1))
+    return plan, draw(st.integers(0, 5)), start, draw(st.sampled_from([None, 1, 2, 4]))
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(drawn=remote_plans())
+def test_the_order_properties_hold_for_a_remote_split(
+    drawn: tuple, nginx: Nginx, digits_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Over drawn plans (world size, micro-batch, accumulation, drop_last, epoch, window
+    size): each rank's batches from nginx are those of the local split; every sample
+    comes once across ranks (padding aside) in equal counts; a resume gives the rest."""
+    plan, epoch, start, window = drawn
+    options = replace(SHARDS, window_shards=window)
+    cache = cache_in(tmp_path_factory.mktemp("cache"))
+    split_dir, manifest, remote = open_location(f"{nginx.url}/digits/train", cache)
+    seen: Counter = Counter()
+    for rank in range(plan.world_size):
+        remote_loader = build_train_loader(
+            split_dir, plan, rank, 0, options, None, manifest, remote=remote
+        )
+        local_loader = build_train_loader(digits_root / "train", plan, rank, 0, options)
+        try:
+            batches = list(remote_loader.epoch(epoch))
+            assert len(batches) == plan.micro_batches_per_epoch
+            assert same(batches, list(local_loader.epoch(epoch)))
+            assert same(list(remote_loader.epoch(epoch, start)), batches[start * plan.accumulate :])
+        finally:
+            remote_loader.close()
+            local_loader.close()
+        for b in batches:
+            seen.update(b.indices[b.valid].tolist())
+    assert set(seen.values()) == {1}
+    assert len(seen) == (plan.samples_per_epoch if plan.drop_last else plan.num_samples)
+    assert cache.downloads == 6  # each shard once, whatever the ranks and epochs
 
 
 def test_resume_mid_epoch_from_a_remote_split_gives_the_rest(nginx: Nginx, tmp_path) -> None:
@@ -359,6 +407,30 @@ def test_prefetch_follows_the_epoch_order_and_stays_within_its_window(
     window.stop()
     assert window.fetched == expected[:allowed] and split.cache.downloads == allowed
     assert allowed < 6  # (else the window would not have been tested)
+
+    # Shards the reader holds pinned are in the cache until it lets go: not fetched, and
+    # not counted in the window (a warm epoch of a long-lived loader fetches nothing).
+    _, _, split = open_location(url, cache_in(tmp_path / "held"))
+    held = set(expected[:3])
+    rest = Prefetcher(split, shard_of, rank_micro_batches(plan, 0, 5, 1), 100, held.__contains__)
+    rest.start()._thread.join()
+    assert rest.fetched == expected[3:] and split.cache.downloads == 3
+
+
+def test_a_loader_holds_the_remote_shards_it_reads(nginx: Nginx, tmp_path: Path) -> None:
+    """What the prefetcher asks before fetching: after an epoch through a cache that
+    holds the split, the reader holds every shard; through a cache of two, at most two."""
+    plan = make_plan(1438, 64, 16, 1)
+    for max_bytes, most in ((GB, 6), (2 * DIGITS_SHARD, 1)):
+        cache = cache_in(tmp_path / f"cache-{most}", max_bytes)
+        split_dir, manifest, remote = open_location(f"{nginx.url}/digits/train", cache, 0)
+        loader = build_train_loader(split_dir, plan, 0, 0, SHARDS, None, manifest, remote=remote)
+        try:
+            for _ in loader.epoch(0):
+                assert sum(map(loader.dataset.holds, range(6))) <= most
+            assert sum(map(loader.dataset.holds, range(6))) == most
+        finally:
+            loader.close()
 
 
 def test_a_cache_too_small_for_the_shards_in_use_is_named(

@@ -145,8 +145,12 @@ class ShardCache:
     def pin(self, url: str, path: Path, size: int, sha256: str, keep: bool = True) -> int | None:
         """Make `path` the verified shard and hold a shared lock on it (returned fd, to
         `unpin`; none with keep=False), so no process evicts it meanwhile."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = open_lock(path.with_name(path.name + LOCK))
+        lock = path.with_name(path.name + LOCK)
+        try:
+            fd = open_lock(lock)
+        except FileNotFoundError:  # the shard's first fetch into a new directory
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = open_lock(lock)
         try:
             while True:
                 fcntl.flock(fd, fcntl.LOCK_SH)
@@ -429,9 +433,13 @@ class Prefetcher:
         shard_of: Callable[[np.ndarray], np.ndarray],
         micro_batches: Iterable[Any],
         ahead: int,
+        held: Callable[[int], bool] = lambda shard: False,
     ):
         self.split, self.shard_of, self.micro_batches = split, shard_of, micro_batches
         self.ahead = ahead
+        self.held = held
+        """Shards the reader holds pinned already: in the cache until it lets go, so
+        nothing to fetch (a warm epoch of a long-lived loader fetches nothing)."""
         self.fetched: list[int] = []
         """Shards fetched (or found in the cache), in order: what the tests read."""
         self._consumed = 0
@@ -468,6 +476,8 @@ class Prefetcher:
                 if shard in seen:
                     continue
                 seen.add(shard)
+                if self.held(shard):
+                    continue
                 with self._cv:
                     while not self._stop:
                         while ahead and ahead[0] < self._consumed:

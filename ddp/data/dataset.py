@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -84,7 +84,10 @@ class ShardDataset(Dataset):
         """Decodes and augments image inputs (data.augment); None: decoded as stored."""
         self.num_errors = 0
         """Bad samples met in this process (workers keep their own; see Batch.num_skipped)."""
-        self._buffers: dict[int, memoryview] = {}
+        self._buffers: OrderedDict[int, memoryview] = OrderedDict()
+        """Mapped shards, least recently used first (remote ones are unmapped in turn)."""
+        self._checked: set[int] = set()
+        """Remote shards whose tar headers this process checked (on their first map)."""
         self._pid = os.getpid()
         self._template: np.ndarray | None = None
         self._check_columns()
@@ -184,56 +187,67 @@ class ShardDataset(Dataset):
     def _forget_inherited(self) -> None:
         """In a forked worker: map afresh (the pins inherited from the parent were closed
         at the fork, see ddp.data.cache)."""
-        self._buffers, self._pins, self._pid = {}, {}, os.getpid()
+        self._buffers, self._pins, self._pid = OrderedDict(), {}, os.getpid()
 
     def _remote_buffer(self, shard_id: int) -> memoryview:
         """A remote shard's bytes: fetched into the cache, pinned and mapped on first use;
         the least recently used beyond `max_pinned` are unmapped and unpinned."""
-        buffer = self._buffers.pop(shard_id, None)
-        if buffer is None:
-            assert self.remote is not None
-            pin = self.remote.pin(shard_id)
-            try:
-                path = self._shard_path(shard_id)
-                with open(path, "rb") as f:
-                    self._check_size(shard_id, path, os.fstat(f.fileno()).st_size)
-                    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                self._check_headers(shard_id, path)
-            except BaseException:
-                self.remote.unpin(pin)
-                raise
-            buffer, self._pins[shard_id] = memoryview(mapped), pin
-            while len(self._buffers) >= self.remote.max_pinned:
-                oldest = next(iter(self._buffers))
-                del self._buffers[oldest]  # unmapped when the last view of it goes
-                self.remote.unpin(self._pins.pop(oldest))
-        self._buffers[shard_id] = buffer  # now the most recently used
-        return buffer
+        buffer = self._buffers.get(shard_id)
+        if buffer is not None:
+            self._buffers.move_to_end(shard_id)  # now the most recently used
+            return buffer
+        assert self.remote is not None
+        pin = self.remote.pin(shard_id)
+        try:
+            path = self._shard_path(shard_id)
+            with open(path, "rb") as f:
+                self._check_size(shard_id, path, os.fstat(f.fileno()).st_size)
+                mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if shard_id not in self._checked:  # as a local split's are, once a process
+                self._check_headers(shard_id, path, mapped)
+                self._checked.add(shard_id)
+        except BaseException:
+            self.remote.unpin(pin)
+            raise
+        while len(self._buffers) >= self.remote.max_pinned:
+            oldest, _ = self._buffers.popitem(last=False)  # unmapped when its last view goes
+            self.remote.unpin(self._pins.pop(oldest))
+        self._buffers[shard_id], self._pins[shard_id] = memoryview(mapped), pin
+        return self._buffers[shard_id]
 
-    def _check_headers(self, shard_id: int, path: Path) -> None:
+    def holds(self, shard_id: int) -> bool:
+        """This process has the (remote) shard pinned in the cache: it stays until let go.
+        Safe from another thread (one dict lookup)."""
+        return shard_id in self._pins
+
+    def _check_headers(self, shard_id: int, path: Path, mapped: mmap.mmap | None = None) -> None:
         """The tar headers of the shard's first and last samples name the keys the
-        manifest says: catches a shard replaced by another of the same size."""
+        manifest says: catches a shard replaced by another of the same size. Read from
+        `mapped` when the shard is mapped already, else from `path`."""
         samples = self.index.shard_range(shard_id)
         if not samples:
             return
         ends = np.array([samples[0], samples[-1]], dtype=np.int64)
         which, offsets, _ = self._choose(ends, self.input_exts)
-        checked = zip(ends.tolist(), which.tolist(), offsets.tolist(), strict=True)
-        with open(path, "rb") as f:
-            for index, ext, offset in checked:
-                if offset < 512:
-                    continue
-                found = member_name(os.pread(f.fileno(), 512, offset - 512))
-                expected = f"{self.index.keys[index]}.{self.input_exts[ext]}"
-                if found != expected and not (len(found) >= 99 and expected.startswith(found)):
-                    raise DataError(
-                        f"{path}: the member at byte {offset:,} is {found!r} but the manifest "
-                        f"says {expected!r} (re-run `ddp-shards index {self.split_dir}`)"
-                    )
+        members = zip(ends.tolist(), which.tolist(), offsets.tolist(), strict=True)
+        checked = [(index, ext, offset) for index, ext, offset in members if offset >= 512]
+        if mapped is None:
+            with open(path, "rb") as f:
+                headers = [os.pread(f.fileno(), 512, offset - 512) for _, _, offset in checked]
+        else:
+            headers = [mapped[offset - 512 : offset] for _, _, offset in checked]
+        for (index, ext, offset), header in zip(checked, headers, strict=True):
+            found = member_name(header)
+            expected = f"{self.index.keys[index]}.{self.input_exts[ext]}"
+            if found != expected and not (len(found) >= 99 and expected.startswith(found)):
+                raise DataError(
+                    f"{path}: the member at byte {offset:,} is {found!r} but the manifest "
+                    f"says {expected!r} (re-run `ddp-shards index {self.split_dir}`)"
+                )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_buffers"], state["_pins"] = {}, {}
+        state["_buffers"], state["_pins"] = OrderedDict(), {}
         return state
 
     def raw(self, index: int, ext: str) -> memoryview:

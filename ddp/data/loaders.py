@@ -196,8 +196,13 @@ class TrainLoader:
 
     def _prefetching(self, remote: RemoteSplit) -> Iterator[Batch]:
         """The epoch's batches while a thread fetches the shards they need next."""
+        dataset = self.dataset
         prefetcher = Prefetcher(
-            remote, self.dataset.index.shard_of, iter(self.sampler), remote.prefetch_shards
+            remote,
+            dataset.index.shard_of,
+            iter(self.sampler),
+            remote.prefetch_shards,
+            dataset.holds,
         ).start()
         try:
             for done, batch in enumerate(self._source, start=1):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import OmegaConf
 
 from ddp import checkpoint
 from ddp.config import TrainerConfig
@@ -129,7 +130,8 @@ def load_resume_point(
     run_dir: Path, trainer: TrainerConfig, plan: BatchPlan, order: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
     """The checkpoint to continue from (None: start a new run), checked against the new
-    plan, the order's keys (`order`: ORDER_KEYS' values now) and `trainer.resume`;
+    plan, the order's keys (`order`: ORDER_KEYS' values now, see `order_of`) and
+    `trainer.resume`;
     ConfigError naming the file otherwise. Reads only."""
     path = run_dir / "checkpoints" / "last.pt"
     if trainer.resume == "never":
@@ -147,7 +149,7 @@ def load_resume_point(
     saved = {k: state["plan"][k] for k in PLAN_KEYS}
     now = {k: getattr(plan, k) for k in PLAN_KEYS}
     if state["position"].get("step_in_epoch", 0) > 0:  # between epochs the order may change
-        saved.update({k: _dotted(state.get("config", {}), k, v) for k, v in ORDER_KEYS.items()})
+        saved.update(order_of(state.get("config", {})))
         now.update(order or {})
     changed = [k for k in now if saved.get(k, now[k]) != now[k]]
     if changed and not trainer.restart_epoch_on_plan_change:
@@ -162,13 +164,11 @@ def load_resume_point(
     return state
 
 
-def _dotted(record: dict[str, Any], key: str, default: Any) -> Any:
-    """record["a"]["b"] for "a.b", or `default` where the record lacks it."""
-    for part in key.split("."):
-        if not isinstance(record, dict) or part not in record:
-            return default
-        record = record[part]
-    return record
+def order_of(record: dict[str, Any]) -> dict[str, Any]:
+    """ORDER_KEYS' values in a config record (as `ddp.compose.as_record` writes one, and
+    a checkpoint keeps it), with their defaults where the record lacks them."""
+    config = OmegaConf.create(record)
+    return {key: OmegaConf.select(config, key, default=d) for key, d in ORDER_KEYS.items()}
 
 
 @dataclass

@@ -38,7 +38,14 @@ from ddp.dist.group import init_distributed, pick_device, shutdown
 from ddp.plan import plan_for
 from ddp.progress import Progress, epoch_line, final_line, start_lines
 from ddp.run_dir import check_writable
-from ddp.state import Checkpointer, Position, StopRequest, claim_run_dir, load_resume_point
+from ddp.state import (
+    Checkpointer,
+    Position,
+    StopRequest,
+    claim_run_dir,
+    load_resume_point,
+    order_of,
+)
 from ddp.step import SampleAudit, Stepper, StepTotals, epoch_metrics, evaluate
 from ddp.tracking.tracker import Tracker
 
@@ -56,13 +63,12 @@ def train(
     set_numerics(config, device)
     train_loader, val_loader = build_loaders(config, plan, launch.rank, splits, device)
     check_writable(run_dir)
-    order = {"trainer.seed": config.trainer.seed, "data.window_shards": config.data.window_shards}
-    resumed = load_resume_point(run_dir, config.trainer, plan, order)
+    config_record = as_record(config)  # once: it costs tens of ms
+    resumed = load_resume_point(run_dir, config.trainer, plan, order_of(config_record))
     torch.manual_seed(config.trainer.seed + launch.rank)
     training, schedule = build_training(config, plan, device)
     pos = training.restore(resumed, launch.rank, launch.world_size) if resumed else Position()
 
-    config_record = as_record(config)  # once: it costs tens of ms
     env = init_distributed(launch, device, config.trainer.timeout_s, config.trainer.backend)
     check_same_job(env, config_record, run_dir)  # every host: same code, config, run dir
     lock = claim_run_dir(run_dir, env)  # one job per run directory, from here to the exit

@@ -31,7 +31,37 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    _atomic_write(path, lambda f: _save(obj, f))
+
+
+def _save(obj: Any, f: BinaryIO) -> None:
+    """torch.save into `f`, raising the OSError a write met (a full disk: ENOSPC) where
+    torch's zip writer swallows it and says only "unexpected pos N vs M"."""
+    sink = _Sink(f)
+    try:
+        torch.save(obj, sink)
+    except RuntimeError:
+        if sink.error is not None:
+            raise sink.error from None
+        raise
+
+
+class _Sink:
+    """A file for torch.save that remembers the OSError its writes met."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def atomic_copy(source: Path, path: Path) -> None:

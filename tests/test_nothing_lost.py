@@ -9,6 +9,7 @@ culprit (no traceback), and every file of the existing run byte-identical afterw
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from ddp import checkpoint
 from ddp.plan import make_plan
@@ -394,6 +396,28 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_the_last_checkpoint(
         for line in (root / "x" / "metrics.jsonl").read_text().splitlines():
             json.loads(line)  # never a torn line
         filler.unlink()
+
+
+def test_a_checkpoint_that_fills_the_disk_says_so_and_keeps_the_last_one(tmp_path):
+    """Wherever the disk fills during a write, the error is the OSError (ENOSPC), not
+    torch's "unexpected pos" (its zip writer swallows the write's error), no temporary
+    file is left, and the checkpoint before is intact."""
+    root = tmp_path / "small"
+    state = {"weights": torch.randn(50_000), "step": 7}  # 200 kB
+    with mounted(["-t", "tmpfs", "-o", "size=1m", "tmpfs"], root):
+        last = root / "last.pt"
+        checkpoint.atomic_save({"step": 6}, last)
+        before = last.read_bytes()
+        free = shutil.disk_usage(root).free
+        for room in range(0, 160_000, 7_919):  # bytes left for the write
+            filler = root / "filler"
+            filler.write_bytes(b"\0" * (free - room - 8192))
+            with pytest.raises(OSError) as caught:
+                checkpoint.atomic_save(state, last)
+            assert caught.value.errno == errno.ENOSPC, (room, caught.value)
+            assert sorted(p.name for p in root.iterdir()) == ["filler", "last.pt"]
+            assert last.read_bytes() == before
+            filler.unlink()
 
 
 SECOND_CTRL_C = """

@@ -11,8 +11,9 @@ launch/local.sh, launch/multinode.sh (hence slurm/train.sbatch) and `make train`
 
 Across hosts, a rendezvous that cannot work is one line and exit 2 instead of torch's
 retries and traceback: a rendezvous host that does not resolve, or whose port this
-host cannot reach within the rendezvous' join_timeout (checked before the agent
-starts), or a rendezvous that not every host joined in time.
+host cannot reach within the rendezvous' join_timeout, or whose port another job holds
+there (checked before the agent starts), or a rendezvous that not every host joined in
+time.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         if endpoint is not None:
-            wait_for_rendezvous(*endpoint, join_timeout)
+            wait_for_rendezvous(*endpoint, join_timeout, args.rdzv_id)
         started = time.monotonic()
         run(args)
     except ConfigError as err:

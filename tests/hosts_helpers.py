@@ -93,6 +93,23 @@ def ensure_hosts_cluster() -> tuple[str | None, bool]:
     return None, True
 
 
+def processes_on(host: str) -> dict[int, str]:
+    """pid -> command line of every process in `host`'s network namespace (as
+    `slurm/hosts.sh kill` finds them)."""
+    try:
+        want = os.stat(f"/run/netns/ddp-{host}").st_ino
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.stat(proc / "ns" / "net").st_ino == want:
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:  # gone meanwhile
+            continue
+    return {pid: cmd.decode(errors="replace").strip() for pid, cmd in found.items()}
+
+
 def on_host(host: str, cmd: list[str]) -> list[str]:
     """`cmd` run on `host` (its network, hostname and /etc/hosts; our file system and cwd).
     nsenter replaces the script, and the command nsenter, so the harness still sees the

@@ -9,6 +9,7 @@ start the hosts' cluster under DDP_TEST_SLURM=1 and skip under DDP_TEST_SLURM=0.
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import sys
@@ -34,6 +35,7 @@ from tests.hosts_helpers import (
     ensure_hosts,
     ensure_hosts_cluster,
     on_host,
+    processes_on,
     script,
 )
 from tests.slurm_helpers import TRAIN_SBATCH, Job, sbatch
@@ -42,8 +44,14 @@ from tests.test_faults import assert_bitwise_equal, final_weights
 pytestmark = [pytest.mark.hosts, pytest.mark.slow]
 
 MULTINODE = ROOT / "launch" / "multinode.sh"
-PORT = 29400
-"""The rendezvous port on node1 (each host has ports of its own)."""
+_PORTS = itertools.count(29400)
+
+
+@pytest.fixture
+def port() -> int:
+    """The rendezvous port on node1 (each host has ports of its own): one per test, so
+    no process a test left going away can hold the next test's port."""
+    return next(_PORTS)
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +62,28 @@ def hosts():
     yield
     if built:
         script(HOSTS_SH, "down")
+
+
+DAEMONS = ("slurmctld", "slurmscriptd", "slurmd", "munged")
+"""What may run on a host between tests: the daemons of the hosts' SLURM cluster."""
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_on_the_hosts():
+    """After a test, its agents, workers and job steps are gone from the hosts: what one
+    test leaves there (a store on a rendezvous port) must not reach into the next."""
+    before = harness.running()
+    yield
+    harness.kill_running(keep=before)  # what the test started (no_process_left_behind's job)
+    deadline = time.monotonic() + 30
+    while left := {
+        pid: cmd
+        for host in HOSTS
+        for pid, cmd in processes_on(host).items()
+        if cmd.lstrip(": ").split(" ")[0].rsplit("/", 1)[-1] not in DAEMONS
+    }:
+        assert time.monotonic() < deadline, f"left running on the hosts: {left}"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")
@@ -100,10 +130,10 @@ def reference(digits_root, tmp_path_factory) -> Path:
     return run_root / "reference"
 
 
-def agent(host: str, *args: str, **env: str) -> harness.Running:
+def agent(host: str, port: int, *args: str, **env: str) -> harness.Running:
     """launch/multinode.sh on `host`: one torchrun agent with one worker, rendezvous on
     node1's name."""
-    cmd = [str(MULTINODE), "--head", f"node1:{PORT}", "--nproc", "1", *args]
+    cmd = [str(MULTINODE), "--head", f"node1:{port}", "--nproc", "1", *args]
     return harness.start(
         on_host(host, cmd), merge_stderr=True, unset=("SLURM_",), DDP_PYTHON=sys.executable, **env
     )
@@ -116,11 +146,11 @@ def error_lines(text: str) -> list[str]:
 # ---- torchrun across hosts
 
 
-def test_two_hosts_train_as_one_host_does(hosts, reference, digits_root, tmp_path):
+def test_two_hosts_train_as_one_host_does(hosts, port, reference, digits_root, tmp_path):
     """c10d rendezvous on node1's name; each host's process group on its own eth0 (not on
     the 127.0.1.1 its name also resolves to); the weights of one host with 2 processes."""
     args = job_args(digits_root, tmp_path, "two-hosts")
-    agents = [agent(host, "--nnodes", "2", "--run-id", "two", "--", *args) for host in HOSTS]
+    agents = [agent(host, port, "--nnodes", "2", "--run-id", "two", "--", *args) for host in HOSTS]
     outs = [a.finish() for a in agents]
     for host, out in zip(HOSTS, outs, strict=True):
         assert out.returncode == 0, f"{host}:\n{out.stdout[-3000:]}"
@@ -131,7 +161,7 @@ def test_two_hosts_train_as_one_host_does(hosts, reference, digits_root, tmp_pat
     assert_bitwise_equal(final_weights(tmp_path / "two-hosts"), final_weights(reference))
 
 
-def test_losing_a_host_continues_on_the_survivor(hosts, digits_root, tmp_path):
+def test_losing_a_host_continues_on_the_survivor(hosts, port, digits_root, tmp_path):
     """--nnodes=1:2: node2's agent and worker are killed mid-run; node1 re-forms the job
     alone (world size 1, accumulation 2, the same global batch) from the last checkpoint,
     and every epoch still uses every sample once."""
@@ -143,9 +173,9 @@ def test_losing_a_host_continues_on_the_survivor(hosts, digits_root, tmp_path):
     # node2 first: its agent waits for node1's store, so both hosts are in the first
     # rendezvous even where starting an agent takes longer than last_call_timeout (on a
     # loaded machine node1 once formed the job alone, and node2's late join restarted it).
-    node2 = agent("node2", *elastic, "--", *args, **rdzv)
+    node2 = agent("node2", port, *elastic, "--", *args, **rdzv)
     time.sleep(2)
-    node1 = agent("node1", *elastic, "--", *args, **rdzv)
+    node1 = agent("node1", port, *elastic, "--", *args, **rdzv)
     node1.wait_for_file(run_dir / "checkpoints" / "last.pt", timeout=180)
     harness.kill_tree(node2.pid)  # the host's agent and its worker, SIGKILL
     lost = node2.finish(timeout=30)
@@ -174,9 +204,9 @@ def test_losing_a_host_continues_on_the_survivor(hosts, digits_root, tmp_path):
 # ---- start-up checks across hosts: one line naming the host, exit 2, no hang
 
 
-def test_a_rendezvous_host_that_does_not_resolve(hosts, digits_root, tmp_path):
+def test_a_rendezvous_host_that_does_not_resolve(hosts, port, digits_root, tmp_path):
     # Inside a host, whose only route is the bridge: the failed lookup sends nothing out.
-    cmd = [str(MULTINODE), "--head", f"nosuchhost:{PORT}", "--nnodes", "2", "--run-id", "x"]
+    cmd = [str(MULTINODE), "--head", f"nosuchhost:{port}", "--nnodes", "2", "--run-id", "x"]
     args = ["--", *job_args(digits_root, tmp_path, "unresolved")]
     out = harness.run(on_host("node2", [*cmd, *args]), merge_stderr=True, DDP_PYTHON=sys.executable)
     assert out.returncode == 2, out.stdout
@@ -185,28 +215,29 @@ def test_a_rendezvous_host_that_does_not_resolve(hosts, digits_root, tmp_path):
     assert not (tmp_path / "unresolved").exists()
 
 
-def test_a_blocked_rendezvous_port(hosts, digits_root, tmp_path):
+def test_a_blocked_rendezvous_port(hosts, port, digits_root, tmp_path):
     """A firewall on node1 drops the rendezvous port: node2 cannot reach it, node1 waits in
     vain; both stop after the rendezvous' join_timeout."""
-    blocked = script(HOSTS_SH, "block", "node1", str(PORT))
+    blocked = script(HOSTS_SH, "block", "node1", str(port))
     assert blocked.returncode == 0, blocked.stdout + blocked.stderr
     try:
         rdzv = {"TORCHRUN_ARGS": "--rdzv-conf=join_timeout=5"}
         args = job_args(digits_root, tmp_path, "blocked")
-        runs = [agent(h, "--nnodes", "2", "--run-id", "b", "--", *args, **rdzv) for h in HOSTS]
+        job = ["--nnodes", "2", "--run-id", "b", "--", *args]
+        runs = [agent(host, port, *job, **rdzv) for host in HOSTS]
         node1, node2 = (r.finish(timeout=120) for r in runs)
     finally:
         script(HOSTS_SH, "unblock", "node1")
     assert node2.returncode == 2, node2.stdout
     (line,) = error_lines(node2.stdout)
-    assert f"cannot reach the rendezvous node1:{PORT} from node2 within 5 s" in line, line
+    assert f"cannot reach the rendezvous node1:{port} from node2 within 5 s" in line, line
     assert node1.returncode == 2, node1.stdout
     (line,) = error_lines(node1.stdout)
-    assert f"not every host joined the rendezvous node1:{PORT} within 5 s" in line, line
+    assert f"not every host joined the rendezvous node1:{port} within 5 s" in line, line
     assert "(seen from node1)" in line, line
 
 
-def test_hosts_that_run_different_code(hosts, digits_root, tmp_path):
+def test_hosts_that_run_different_code(hosts, port, digits_root, tmp_path):
     """node2 runs a checkout in which one file differs: both exit 2, one line naming it."""
     checkout = tmp_path / "checkout"
     for part in ("ddp", "conf", "launch"):
@@ -214,8 +245,8 @@ def test_hosts_that_run_different_code(hosts, digits_root, tmp_path):
     with (checkout / "ddp" / "train.py").open("a") as f:
         f.write("# edited on node2 only\n")
     args = ["--nnodes", "2", "--run-id", "code", "--", *job_args(digits_root, tmp_path, "code")]
-    node1 = agent("node1", *args)
-    cmd = [str(checkout / "launch" / "multinode.sh"), "--head", f"node1:{PORT}", "--nproc", "1"]
+    node1 = agent("node1", port, *args)
+    cmd = [str(checkout / "launch" / "multinode.sh"), "--head", f"node1:{port}", "--nproc", "1"]
     # From the checkout, as a user there would: `-m ddp.train` imports from the cwd first.
     node2 = harness.start(
         on_host("node2", [*cmd, *args]), cwd=checkout, merge_stderr=True, DDP_PYTHON=sys.executable

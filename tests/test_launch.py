@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import sys
+import time
 import uuid
 
 import pytest
 
+from ddp.dist.network import check_rendezvous_port, port_in_use
+from ddp.validate import ConfigError
 from tests import harness
 from tests.distributed import free_port
 from tests.fixtures import smoke_overrides
@@ -46,6 +51,63 @@ def test_two_agents_rendezvous_into_one_job(tmp_path, digits_root):
     assert run_dir.name.startswith("smoke-")
     assert (run_dir / "checkpoints" / "last.pt").is_file()
     assert (run_dir / "metrics.jsonl").is_file()
+
+
+def test_a_rendezvous_port_held_by_another_job_is_refused(tmp_path, digits_root):
+    """Another job's agent holds the head's port. torch's agent would become a client of
+    its store and join (or, once that job ends, lose) a rendezvous not its own; ours
+    exits 2 with one line naming the holder, before anything is written."""
+    port = free_port()
+    head = ["--head", f"127.0.0.1:{port}", "--nnodes", "2", "--nproc", "1"]
+    other = launch(
+        str(LAUNCH / "multinode.sh"), *head, "--run-id", "other",
+        "--", *smoke_overrides(digits_root, tmp_path, "other"),
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not port_in_use(port):  # its agent serves the store (and waits for a 2nd node)
+        assert other.poll() is None and time.monotonic() < deadline, other.finish().stdout
+        time.sleep(0.1)
+    mine = launch(
+        str(LAUNCH / "multinode.sh"), *head, "--run-id", "mine",
+        "--", *smoke_overrides(digits_root, tmp_path, "mine"),
+    ).finish(timeout=60)  # fmt: skip
+    assert mine.returncode == 2, mine.stdout
+    (line,) = [line for line in mine.stdout.splitlines() if "error:" in line]
+    assert (
+        f"error: the rendezvous port {port} on {socket.gethostname()} is already in use by "
+        f"pid {other.pid} (ddp.launch, rendezvous 'other'), not by an agent of rendezvous "
+        "'mine'"
+    ) in line, line
+    assert not (tmp_path / "mine").exists()
+    assert other.poll() is None  # the other job goes on
+
+
+def test_the_rendezvous_port_check_names_any_holder():
+    """Held by an agent of this rendezvous: go on. Held by anything else (here this test
+    process, then an agent of another rendezvous): ConfigError naming it."""
+    check_rendezvous_port(free_port(), "mine")
+    with socket.socket() as held:
+        held.bind(("", 0))
+        port = held.getsockname()[1]
+        held.listen()
+        ours = rf"port {port} .* in use by pid {os.getpid()} \(\S+\), not by an agent"
+        with pytest.raises(ConfigError, match=ours):
+            check_rendezvous_port(port, "mine")
+    agent = harness.start(
+        [sys.executable, "-c", LISTENER, "--rdzv-endpoint=127.0.0.1:1", "--rdzv-id=mine"]
+    )
+    try:
+        port = int(agent.popen.stdout.readline())
+        check_rendezvous_port(port, "mine")
+        with pytest.raises(ConfigError, match=r"in use by pid \d+ \(-c, rendezvous 'mine'\)"):
+            check_rendezvous_port(port, "yours")
+    finally:
+        agent.kill()
+
+
+LISTENER = """import socket, time
+s = socket.socket(); s.bind(("", 0)); s.listen(); print(s.getsockname()[1], flush=True)
+time.sleep(60)"""
 
 
 def test_local_launcher_runs_n_processes(tmp_path, digits_root):

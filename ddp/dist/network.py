@@ -1,5 +1,6 @@
-"""The network of a job across hosts: which interface the process group binds to, and
-whether the rendezvous host can be reached at all. No torch import.
+"""The network of a job across hosts: which interface the process group binds to,
+whether the rendezvous host can be reached at all, and whether the rendezvous port on it
+is free for the store. No torch import.
 
 Left alone, gloo binds to the address its host's own name resolves to. On a machine
 whose /etc/hosts maps its name to 127.0.1.1 (Debian's installer writes that line) it is
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import ipaddress
 import os
 import socket
 import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from ddp.dist.env import Launch
 from ddp.validate import ConfigError
@@ -95,15 +98,17 @@ def use_interface_towards_master(
     return route
 
 
-def wait_for_rendezvous(host: str, port: int, timeout_s: float) -> None:
-    """Before torchrun's agent joins a c10d rendezvous: `host` resolves here and, unless
-    this is the rendezvous host (whose agent serves the store), `host:port` accepts a
-    TCP connection within `timeout_s` (the other agents may still be starting). One
-    ConfigError line naming both hosts otherwise: torch would retry until its own
-    timeouts, with a C++ stack trace per attempt, and end in a traceback."""
+def wait_for_rendezvous(host: str, port: int, timeout_s: float, run_id: str) -> None:
+    """Before torchrun's agent joins the c10d rendezvous `run_id`: `host` resolves here;
+    on the rendezvous host, `port` is free or served by an agent of `run_id`
+    (check_rendezvous_port); elsewhere, `host:port` accepts a TCP connection within
+    `timeout_s` (the other agents may still be starting). One ConfigError line naming
+    both hosts otherwise: torch would retry until its own timeouts, with a C++ stack
+    trace per attempt, and end in a traceback."""
     addresses = resolve(host, "rendezvous host")
     here = local_addresses()
     if any(a in here or ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
+        check_rendezvous_port(port, run_id)
         return  # our agent will serve the store
     deadline = time.monotonic() + timeout_s
     while True:
@@ -119,6 +124,96 @@ def wait_for_rendezvous(host: str, port: int, timeout_s: float) -> None:
                     f"{port} open to the other hosts?"
                 ) from exc
         time.sleep(0.5)
+
+
+def check_rendezvous_port(port: int, run_id: str) -> None:
+    """On the rendezvous host: ConfigError when `port` is taken by anything but an agent
+    of the rendezvous `run_id` (several agents on one host share the first one's store).
+
+    torch's agent, finding the port taken, silently becomes a client of whatever listens
+    there: another job's store (whose rendezvous it then joins), or one about to go away,
+    and every agent of the job then fails with a store error, exit 1, once it does."""
+    if not port_in_use(port):
+        return
+    holders = {pid: command_line(pid) for pid in listening_pids(port)}
+    if any(rendezvous_id(argv) == run_id for argv in holders.values()):
+        return
+    by = " by " + ", ".join(_process(pid, argv) for pid, argv in holders.items()) if holders else ""
+    raise ConfigError(
+        f"the rendezvous port {port} on {this_host()} is already in use{by}, not by an "
+        f"agent of rendezvous '{run_id}': another job's? pick a free port for the "
+        "rendezvous endpoint"
+    )
+
+
+def _process(pid: int, argv: list[str]) -> str:
+    """"pid 12 (torchrun, rendezvous 'exp1')", "pid 13 (nginx)"."""
+    what = os.path.basename(argv[0]) if argv else "?"
+    if what.startswith("python") and len(argv) > 1:  # python -m ddp.launch, a script
+        what = argv[2] if argv[1] == "-m" and len(argv) > 2 else os.path.basename(argv[1])
+    rdzv = rendezvous_id(argv)
+    return f"pid {pid} ({what}{f', rendezvous {rdzv!r}' if rdzv else ''})"
+
+
+def port_in_use(port: int) -> bool:
+    """True when a TCP socket of this network namespace listens on `port` (binding it
+    on every IPv4 address fails with EADDRINUSE; connections in TIME_WAIT do not count,
+    as they do not for the store's own bind)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def listening_pids(port: int) -> list[int]:
+    """The processes this user may inspect that hold a TCP socket listening on `port` in
+    this network namespace (Linux /proc; empty elsewhere)."""
+    sockets = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:  # sl local_address rem_address st ... inode
+            fields = row.split()
+            if fields[3] == _TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                sockets.add(f"socket:[{fields[9]}]")
+    pids = []
+    for proc in Path("/proc").iterdir() if sockets else ():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in sockets for fd in (proc / "fd").iterdir()):
+                pids.append(int(proc.name))
+        except OSError:  # gone, or not ours to inspect
+            continue
+    return sorted(pids)
+
+
+def command_line(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def rendezvous_id(argv: list[str]) -> str | None:
+    """The rendezvous id of a torchrun command line: its --rdzv-id (or --rdzv_id), else
+    torchrun's default "none" where it names a --rdzv-endpoint; None for other commands."""
+    names = [arg.partition("=")[0] for arg in argv]
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in ("--rdzv-id", "--rdzv_id"):
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return "none" if {"--rdzv-endpoint", "--rdzv_endpoint"} & set(names) else None
+
+
+_TCP_LISTEN = "0A"
+"""The state column of a listening socket in /proc/net/tcp."""
 
 
 def local_addresses() -> dict[str, str]:

@@ -41,7 +41,8 @@ from tests.hosts_helpers import (
 from tests.slurm_helpers import TRAIN_SBATCH, Job, sbatch
 from tests.test_faults import assert_bitwise_equal, final_weights
 
-pytestmark = [pytest.mark.hosts, pytest.mark.slow]
+# One xdist worker runs the cluster tests (conftest.CLUSTER_MODULES).
+pytestmark = [pytest.mark.hosts, pytest.mark.slow, pytest.mark.xdist_group("cluster")]
 
 MULTINODE = ROOT / "launch" / "multinode.sh"
 _PORTS = itertools.count(29400)

@@ -20,7 +20,8 @@ from tests import harness
 from tests.fixtures import smoke_overrides
 from tests.slurm_helpers import TRAIN_SBATCH, Job, cluster_sh, ensure_cluster, sbatch
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+# One xdist worker runs the cluster tests (conftest.CLUSTER_MODULES).
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.xdist_group("cluster")]
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from ddp.dist.network import check_rendezvous_port, port_in_use
+from ddp.dist.network import check_rendezvous_port, port_in_use, rendezvous_id
 from ddp.validate import ConfigError
 from tests import harness
 from tests.distributed import free_port
@@ -103,6 +103,19 @@ def test_the_rendezvous_port_check_names_any_holder():
             check_rendezvous_port(port, "yours")
     finally:
         agent.kill()
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["torchrun", "--rdzv-id=a", "--rdzv-endpoint=h:1"], "a"),
+        (["python", "-m", "ddp.launch", "--rdzv_id", "b"], "b"),
+        (["torchrun", "--rdzv-endpoint", "h:1", "x.py"], "none"),  # torchrun's default id
+        (["nginx", "-g", "daemon off;"], None),
+    ],
+)
+def test_the_rendezvous_id_of_a_command_line(argv, expected):
+    assert rendezvous_id(argv) == expected
 
 
 LISTENER = """import socket, time

@@ -181,8 +181,10 @@ def listening_pids(port: int) -> list[int]:
             fields = row.split()
             if fields[3] == _TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 sockets.add(f"socket:[{fields[9]}]")
+    if not sockets:
+        return []
     pids = []
-    for proc in Path("/proc").iterdir() if sockets else ():
+    for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
@@ -204,12 +206,12 @@ def command_line(pid: int) -> list[str]:
 def rendezvous_id(argv: list[str]) -> str | None:
     """The rendezvous id of a torchrun command line: its --rdzv-id (or --rdzv_id), else
     torchrun's default "none" where it names a --rdzv-endpoint; None for other commands."""
-    names = [arg.partition("=")[0] for arg in argv]
     for i, arg in enumerate(argv):
         name, eq, value = arg.partition("=")
         if name in ("--rdzv-id", "--rdzv_id"):
             return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
-    return "none" if {"--rdzv-endpoint", "--rdzv_endpoint"} & set(names) else None
+    endpoint = any(arg.partition("=")[0] in ("--rdzv-endpoint", "--rdzv_endpoint") for arg in argv)
+    return "none" if endpoint else None
 
 
 _TCP_LISTEN = "0A"

@@ -31,6 +31,9 @@ class ExitCode(enum.IntEnum):
     """A config value, a shard, a checkpoint or a run directory that cannot be used."""
     NONFINITE = 3
     """The loss was not finite (trainer.nonfinite=stop, or too many skipped steps)."""
+    PEER_LOST = 4
+    """Another rank went away (killed, crashed, stuck past trainer.timeout_s): this rank
+    survived it. Never the root cause: the launcher reports the rank that went first."""
     PREEMPTED = 75
     """EX_TEMPFAIL: a checkpoint was written on request; run again (requeue) to continue."""
     INTERRUPTED = 130

@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ddp.checkpoint import CheckpointError
 from ddp.compose import CONF_DIR, register, to_config
 from ddp.dist.exit import ExitCode, exit_process
+from ddp.dist.say_once import say_error
 from ddp.plan import PlanError
 from ddp.run_dir import remove_if_empty
 from ddp.shards.manifest import DataError
@@ -43,9 +44,13 @@ def _hydra_entry(cfg: DictConfig) -> None:
     try:
         code = train(to_config(cfg), run_dir, sweep_dir, list(hc.overrides.task))
     except BAD_INPUT as exc:
-        if getattr(exc, "shown", True):
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        if getattr(exc, "shown", True):  # a refusal all ranks agreed on: from one of them
+            say_error(str(exc))
         remove_if_empty(run_dir)  # a new run refused leaves no empty directory behind
+        code = ExitCode.BAD_INPUT
+    except OSError as exc:  # caught here, or Hydra adds its "Error executing job" lines
+        say_error(f"{exc.filename or run_dir}: {exc.strerror or exc}")
+        remove_if_empty(run_dir)
         code = ExitCode.BAD_INPUT
     if code != ExitCode.OK:
         sys.exit(int(code))  # Hydra returns nothing: the exit code travels as SystemExit
@@ -78,10 +83,10 @@ def main() -> None:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     except (HydraException, OmegaConfBaseException) as exc:
-        print(f"error: {hydra_error(exc)}", file=sys.stderr, flush=True)
+        say_error(hydra_error(exc))
         code = ExitCode.BAD_INPUT
     except OSError as exc:  # e.g. Hydra making the run directory on a read-only file system
-        print(f"error: {exc.filename or 'the run directory'}: {exc.strerror}", file=sys.stderr)
+        say_error(f"{exc.filename or 'the run directory'}: {exc.strerror}")
         code = ExitCode.BAD_INPUT
     except Exception:  # noqa: BLE001 - a bug: its traceback, exit 1, no finalization race
         traceback.print_exc()

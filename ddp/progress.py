@@ -64,14 +64,16 @@ class Progress:
             print(f"error: {message}", file=sys.stderr, flush=True)
 
 
-def start_lines(plan, env, run_dir, resumed_from: str | None, pos) -> str:
-    """The plan, then where the run lives and whether it starts or continues."""
+def start_lines(plan, env, run_dir, resumed: dict | None, pos) -> str:
+    """The plan, then where the run lives and whether it starts or continues (and what
+    a resume had to assume, if anything)."""
     table = f"batch plan ({env.world_size} process(es), {env.device.type}):\n{plan.table()}"
-    if resumed_from:
-        where = f"continuing at epoch {pos.epoch} step {pos.step_in_epoch} from {resumed_from}"
+    if resumed:
+        where = f"continuing at epoch {pos.epoch} step {pos.step_in_epoch} from {resumed['path']}"
     else:
         where = "new run"
-    return f"{table}\nrun directory: {run_dir} ({where})"
+    note = f"\nnote: {resumed['note']}" if resumed and resumed.get("note") else ""
+    return f"{table}\nrun directory: {run_dir} ({where}){note}"
 
 
 def epoch_line(epoch: int, m: dict[str, float], plateau: PlateauTracker) -> str:

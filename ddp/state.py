@@ -2,7 +2,6 @@
 
 - `Position`: epoch, step and the sums of the unfinished epoch: what a resume restores.
 - `StopRequest`: SIGTERM / SIGUSR1 (preemption) set a flag that the loop agrees on.
-- `load_resume_point`: last.pt, checked against the new plan, before any process group.
 - `Checkpointer`: the state a checkpoint holds, written by rank 0 in the background.
 """
 
@@ -17,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from omegaconf import OmegaConf
 
 from ddp import checkpoint
 from ddp.config import TrainerConfig
@@ -26,7 +24,6 @@ from ddp.dist.group import DistEnv
 from ddp.plan import BatchPlan
 from ddp.plateau import PlateauTracker
 from ddp.run_dir import RunLock
-from ddp.tracking.metrics_file import METRICS_FILE
 from ddp.validate import ConfigError
 
 if TYPE_CHECKING:  # ddp.step imports this module
@@ -118,59 +115,6 @@ class Refusal(ConfigError):
         self.shown = shown
 
 
-PLAN_KEYS = ("global_size", "num_samples", "drop_last")
-"""What a resume must keep: the position in the epoch means nothing in another plan."""
-
-ORDER_KEYS = {"trainer.seed": 0, "data.window_shards": None}
-"""Config keys that decide the epoch's order (with the value a checkpoint written before
-the key existed means): mid-epoch, another value would repeat and skip samples."""
-
-
-def load_resume_point(
-    run_dir: Path, trainer: TrainerConfig, plan: BatchPlan, order: dict[str, Any] | None = None
-) -> dict[str, Any] | None:
-    """The checkpoint to continue from (None: start a new run), checked against the new
-    plan, the order's keys (`order`: ORDER_KEYS' values now, see `order_of`) and
-    `trainer.resume`;
-    ConfigError naming the file otherwise. Reads only."""
-    path = run_dir / "checkpoints" / "last.pt"
-    if trainer.resume == "never":
-        if path.exists() or (run_dir / METRICS_FILE).exists():
-            raise ConfigError(
-                f"run directory {run_dir} already holds a run and trainer.resume=never; give "
-                "another run.name, or trainer.resume=auto to continue it"
-            )
-        return None
-    if not path.exists():
-        if trainer.resume == "require":
-            raise ConfigError(f"trainer.resume=require but there is no {path} to continue from")
-        return None
-    state = checkpoint.load(path)
-    saved = {k: state["plan"][k] for k in PLAN_KEYS}
-    now = {k: getattr(plan, k) for k in PLAN_KEYS}
-    if state["position"].get("step_in_epoch", 0) > 0:  # between epochs the order may change
-        saved.update(order_of(state.get("config", {})))
-        now.update(order or {})
-    changed = [k for k in now if saved.get(k, now[k]) != now[k]]
-    if changed and not trainer.restart_epoch_on_plan_change:
-        key = changed[0]
-        raise ConfigError(
-            f"cannot resume {path}: {key} was {saved[key]}, now {now[key]} "
-            "(keep it, use a new run.name, or set trainer.restart_epoch_on_plan_change=true)"
-        )
-    if changed:  # the saved position means nothing in the new plan: restart the epoch
-        state["position"].update(step_in_epoch=0, epoch_sums={})
-    state["path"] = str(path)
-    return state
-
-
-def order_of(record: dict[str, Any]) -> dict[str, Any]:
-    """ORDER_KEYS' values in a config record (as `ddp.compose.as_record` writes one, and
-    a checkpoint keeps it), with their defaults where the record lacks them."""
-    config = OmegaConf.create(record)
-    return {key: OmegaConf.select(config, key, default=d) for key, d in ORDER_KEYS.items()}
-
-
 @dataclass
 class Training:
     """The objects a step updates and a checkpoint holds."""
@@ -238,6 +182,7 @@ class Checkpointer:
         trainer: TrainerConfig,
         config_record: dict[str, Any],
         plan: BatchPlan,
+        data: dict[str, Any],
         training: Training,
         env: DistEnv,
         wandb_run_id: str | None,
@@ -246,7 +191,7 @@ class Checkpointer:
         self.directory = directory
         self.audit = audit
         self.trainer = trainer
-        self.config_record, self.plan = config_record, plan
+        self.config_record, self.plan, self.data = config_record, plan, data
         self.training, self.env = training, env
         self.wandb_run_id = wandb_run_id
         self.writer = checkpoint.BackgroundWriter()
@@ -275,6 +220,7 @@ class Checkpointer:
             "plateau": training.plateau.state_dict(),
             "rng": [checkpoint.rng_state_from_bytes(b) for b in gathered],  # every rank's
             "plan": self.plan.as_dict(),
+            "data": self.data,  # what a resume must find again (ddp.data.identity)
             "config": self.config_record,
             "wandb_run_id": self.wandb_run_id,
             "audit": self.audit.state(self.env) if self.audit else None,

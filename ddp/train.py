@@ -10,7 +10,9 @@ rank runs as `plan.accumulate` micro-batches of `plan.micro_size`.
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,7 +30,9 @@ from ddp.build import (
 )
 from ddp.compose import as_record
 from ddp.config import Config, TrainerConfig
+from ddp.data.batch import Batch
 from ddp.data.device import Prefetcher
+from ddp.data.identity import data_identity
 from ddp.data.splits import open_splits
 from ddp.dist import collectives
 from ddp.dist.agreement import check_same_job
@@ -37,14 +41,13 @@ from ddp.dist.exit import ExitCode, retire
 from ddp.dist.group import init_distributed, pick_device, shutdown
 from ddp.plan import plan_for
 from ddp.progress import Progress, epoch_line, final_line, start_lines
+from ddp.resume import finished, load_resume_point, order_of
 from ddp.run_dir import check_writable
 from ddp.state import (
     Checkpointer,
     Position,
     StopRequest,
     claim_run_dir,
-    load_resume_point,
-    order_of,
 )
 from ddp.step import SampleAudit, Stepper, StepTotals, epoch_metrics, evaluate
 from ddp.tracking.tracker import Tracker
@@ -64,24 +67,30 @@ def train(
     train_loader, val_loader = build_loaders(config, plan, launch.rank, splits, device)
     check_writable(run_dir)
     config_record = as_record(config)  # once: it costs tens of ms
-    resumed = load_resume_point(run_dir, config.trainer, plan, order_of(config_record))
+    data = data_identity(splits)
+    resumed = load_resume_point(run_dir, config.trainer, plan, order_of(config_record), data)
+    done = finished(resumed, config.trainer, config_record["plateau"]) if resumed else None
     torch.manual_seed(config.trainer.seed + launch.rank)
     training, schedule = build_training(config, plan, device)
     pos = training.restore(resumed, launch.rank, launch.world_size) if resumed else Position()
+    if done:  # run again with nothing more asked of it: say so, touch nothing
+        if launch.rank == 0:
+            print(f"{run_dir}: this run is finished ({done}); nothing to do", flush=True)
+        return ExitCode.OK
+    # The first step's micro-batches, read now: a shard that cannot be fetched, decoded or
+    # cached is refused here too.
+    opened = read_ahead(train_loader.epoch(pos.epoch, pos.step_in_epoch), plan.accumulate)
 
     env = init_distributed(launch, device, config.trainer.timeout_s, config.trainer.backend)
     check_same_job(env, config_record, run_dir)  # every host: same code, config, run dir
     lock = claim_run_dir(run_dir, env)  # one job per run directory, from here to the exit
     stop = StopRequest()
-    ckpt_dir = run_dir / "checkpoints"
-    if env.is_main and ckpt_dir.is_dir():
-        checkpoint.remove_stale_temporaries(ckpt_dir)
     t = config.trainer
     wrap_ddp(training, env, t.compile, t.compile_mode, t.compile_backend)
     tracker = Tracker.start(  # W&B starts on a thread while the rest is set up
         run_dir,
         config_record,
-        plan.as_dict(),
+        {**plan.as_dict(), "data": data},
         wandb_config(config, sweep_dir, overrides),
         main=env.is_main,
         resume_run_id=resumed["wandb_run_id"] if resumed else None,
@@ -93,8 +102,9 @@ def train(
     audit = SampleAudit(plan.num_samples if auditable else 0)
     audit.resume(resumed, env)  # a resumed epoch's counts so far
     checkpoints = Checkpointer(
-        ckpt_dir, config.trainer, config_record, plan, training, env, tracker.run_id, audit
-    )
+        run_dir / "checkpoints", config.trainer, config_record, plan, data, training, env,
+        tracker.run_id, audit,
+    )  # fmt: skip
     autocast = autocast_for(config, device)
     lag = step_lag(config, training, device)  # on a GPU, read a step's totals a step late
     stepper = Stepper(training, env, autocast, config.trainer.grad_clip, lag)
@@ -103,15 +113,18 @@ def train(
     progress = Progress(
         env.is_main, plan.iterations_per_epoch, plan.global_size, config.trainer.progress
     )
-    progress.print(start_lines(plan, env, run_dir, resumed and resumed["path"], pos))
-    tracker.ready()  # a W&B that failed to start stops us here, before training
+    progress.print(start_lines(plan, env, run_dir, resumed, pos))
+    tracker.ready()  # the first write to the run (W&B failing to start stops us before it)
+    if env.is_main:
+        checkpoint.remove_stale_temporaries(run_dir / "checkpoints")
 
     reason: str | None = None
     training.ddp_model.train()
     for epoch in pos.epochs(t.max_epochs):
         progress.start_epoch(epoch, pos.step_in_epoch)
         t0, first_step = time.perf_counter(), pos.step_in_epoch
-        batches = Prefetcher(train_loader.epoch(epoch, pos.step_in_epoch), pipeline)
+        batches = Prefetcher(opened or train_loader.epoch(epoch, pos.step_in_epoch), pipeline)
+        opened = None
         for step in range(pos.step_in_epoch, plan.iterations_per_epoch):
             micro_batches = [next(batches) for _ in range(plan.accumulate)]
             audit.record(micro_batches)
@@ -196,6 +209,11 @@ EXIT_CODES = {
     "nonfinite_loss": ExitCode.NONFINITE,
     "io_error": ExitCode.BAD_INPUT,
 }
+
+
+def read_ahead(batches: Iterator[Batch], count: int) -> Iterator[Batch]:
+    """`batches`, whose first `count` are read already (raising what reading them raises)."""
+    return itertools.chain(list(itertools.islice(batches, count)), batches)
 
 
 def io_failure(tracker: Tracker, checkpoints: Checkpointer) -> str | None:

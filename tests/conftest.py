@@ -2,7 +2,7 @@ import pytest
 
 from tests import harness
 
-pytest_plugins = ["tests.fixtures", "tests.servers"]
+pytest_plugins = ["tests.fixtures", "tests.servers", "tests.refusals"]
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import shutil
@@ -27,64 +26,14 @@ import torch
 
 from ddp import checkpoint
 from ddp.plan import make_plan
+from ddp.resume import load_resume_point
 from ddp.shards import index_split
-from ddp.state import load_resume_point
 from ddp.validate import ConfigError
 from tests import harness
 from tests.fixtures import as_v1, copy_split, smoke_overrides
+from tests.refusals import again, assert_refused, error_lines, snapshot
 
 pytestmark = pytest.mark.slow
-
-
-def snapshot(directory: Path) -> dict[str, str]:
-    """Every file under `directory` (relative path -> sha256 of its bytes)."""
-    return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
-
-
-def error_lines(out: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in out.stderr.splitlines() if line.startswith("error:")]
-
-
-def assert_refused(out: subprocess.CompletedProcess, *words: str) -> str:
-    """Exit 2, one `error:` line naming `words`, and no traceback."""
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
-    lines = error_lines(out)
-    assert len(set(lines)) == 1, out.stderr[-3000:]
-    assert "Traceback" not in out.stderr, out.stderr[-3000:]
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def finished(digits_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished 2-epoch smoke run (MLP, AdamW, W&B offline): what a refusal must not touch."""
-    root = tmp_path_factory.mktemp("finished")
-    out = harness.train(smoke_overrides(digits_root, root, "done"), nproc=0)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return root / "done"
-
-
-@pytest.fixture
-def run_copy(finished: Path, tmp_path: Path) -> Path:
-    """A private copy of the finished run, in tmp_path/runs/done."""
-    copy = tmp_path / "runs" / "done"
-    shutil.copytree(finished, copy)
-    return copy
-
-
-def again(digits_root: Path, run_dir: Path, *extra: str, nproc: int = 0):
-    """The finished run's command again (in `run_dir`), with `extra` overrides: plain
-    python, or `python -m ddp.launch` (torchrun passing the workers' exit code on)."""
-    overrides = smoke_overrides(digits_root, run_dir.parent, run_dir.name, *extra)
-    if nproc == 0:
-        return harness.train(overrides, nproc=0, timeout=120)
-    launch = [sys.executable, "-m", "ddp.launch", "--standalone", f"--nproc-per-node={nproc}"]
-    return harness.run([*launch, "-m", "ddp.train", *overrides], timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -179,7 +128,7 @@ def lock_held(run_dir: Path):
 def test_a_second_job_on_a_run_directory_is_refused_naming_the_holder(digits_root, run_copy, nproc):
     with lock_held(run_copy) as holder:
         before = snapshot(run_copy)
-        out = again(digits_root, run_copy, nproc=nproc)
+        out = again(digits_root, run_copy, "trainer.max_epochs=3", nproc=nproc)  # more to do
         line = assert_refused(out, "is in use by another job", f"pid {holder.pid}")
         assert "host " in line
         assert snapshot(run_copy) == before
@@ -189,7 +138,7 @@ def test_a_killed_holder_leaves_no_stale_lock(digits_root, run_copy):
     with lock_held(run_copy) as holder:
         holder.popen.kill()  # SIGKILL: no chance to clean up
         holder.popen.wait()
-        out = again(digits_root, run_copy)
+        out = again(digits_root, run_copy, "trainer.max_epochs=3")  # a third epoch to train
     assert out.returncode == 0, out.stderr[-3000:]
     assert "continuing at epoch 2" in out.stdout
 

@@ -194,10 +194,14 @@ def test_resume_continues_the_same_run_without_duplicated_steps(tmp_path):
     run_id = first.run_id
     first.finish(exit_code=1)  # preempted; the checkpoint was at the end of epoch 1 (step 8)
 
+    before = (tmp_path / "metrics.jsonl").read_bytes()
     resumed = Tracker.start(
         tmp_path, CONFIG, PLAN, wandb_config(group="g"), resume_run_id=run_id, resume_from_step=8
     )
     assert resumed.run_id == run_id
+    # Nothing is written before `ready` (a start refused in between changes nothing).
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+    resumed.ready()
     kept = read_metrics(tmp_path)[1:]
     assert [r["step"] for r in kept if r["kind"] == "train"] == list(range(1, 9))
     assert [r["step"] for r in kept if r["kind"] == "val"] == [4, 8]

@@ -128,6 +128,11 @@ class ShardCache:
     downloads: int = 0
     """Shards this process downloaded (not those it found in the cache)."""
 
+    @property
+    def max_gb(self) -> float:
+        """The bound as data.cache_max_gb gave it (not its rounding to bytes)."""
+        return round(self.max_bytes / GB, 6)
+
     def split_dir(self, url: str) -> Path:
         """Where a remote split's files live in the cache: scheme/host/path."""
         parsed = urlparse(url)
@@ -224,8 +229,7 @@ class ShardCache:
         then create `part` at that size (a reservation the next evictor counts)."""
         if size > self.max_bytes:
             raise DataError(
-                f"{url}: a {size:,}-byte shard does not fit in "
-                f"data.cache_max_gb={self.max_bytes / GB:g}"
+                f"{url}: a {size:,}-byte shard does not fit in data.cache_max_gb={self.max_gb:g}"
             )
         deadline = time.monotonic() + self.remote.timeout_s
         self.root.mkdir(parents=True, exist_ok=True)
@@ -243,7 +247,7 @@ class ShardCache:
                     return
             if time.monotonic() > deadline:
                 raise DataError(
-                    f"{self.root}: data.cache_max_gb={self.max_bytes / GB:g} is too small: "
+                    f"{self.root}: data.cache_max_gb={self.max_gb:g} is too small: "
                     f"{used:,} bytes are pinned by running processes and {size:,} more are "
                     "needed (raise it, or lower data.prefetch_shards / data.num_workers)"
                 )

@@ -131,6 +131,17 @@ def open_named_split(
 def shard_cache(data: DataConfig) -> ShardCache:
     """The node's cache of remote shards, as data.cache_* say."""
     root = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        writable = os.access(root, os.W_OK)  # EROFS as well, even for root
+        reason = "not writable"
+    except OSError as exc:
+        writable, reason = False, exc.strerror or str(exc)
+    if not writable:
+        raise DataError(
+            f"data.cache_dir={root}: {reason}; give a writable directory for the cache of "
+            "remote shards"
+        )
     remote = Remote(timeout_s=data.remote_timeout_s, s3_endpoint=data.s3_endpoint)
     return ShardCache(root, int(data.cache_max_gb * GB), remote)
 

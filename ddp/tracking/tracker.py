@@ -47,6 +47,8 @@ class Tracker:
         self.monitor, self.monitor_mode = monitor, monitor_mode
         self._step, self._epoch = 0, None
         self._finished = False
+        self._plan: Record | None = None
+        """The plan record, written by `ready`."""
         self.failure: str | None = None
         """Why a sink could not write (e.g. a full disk); that sink is dropped."""
 
@@ -64,7 +66,7 @@ class Tracker:
         monitor: str = "val/accuracy",
         monitor_mode: str = "max",
     ) -> Tracker:
-        """The run's tracker, its plan line written (and W&B starting) on the main rank."""
+        """The run's tracker, W&B starting on the main rank; nothing is written before `ready`."""
         run_name = wandb.name or Path(run_dir).name
         if not main:
             return cls(run_dir, [], None, None, None, run_name, monitor, monitor_mode)
@@ -84,19 +86,17 @@ class Tracker:
             )
             sinks.append(sink)
         tracker = cls(run_dir, sinks, metrics, sink, run_id, run_name, monitor, monitor_mode)
-        tracker.log(
-            {
-                "kind": "plan",
-                **plan,
-                "config": config,
-                "monitor": monitor,
-                "monitor_mode": monitor_mode,
-                # The W&B name and group, also without W&B: ddp-report labels runs with them.
-                "run_name": run_name,
-                "group": wandb.group,
-                "wandb_run_id": run_id,
-            }
-        )
+        tracker._plan = {
+            "kind": "plan",
+            **plan,
+            "config": config,
+            "monitor": monitor,
+            "monitor_mode": monitor_mode,
+            # The W&B name and group, also without W&B: ddp-report labels runs with them.
+            "run_name": run_name,
+            "group": wandb.group,
+            "wandb_run_id": run_id,
+        }
         return tracker
 
     @property
@@ -105,11 +105,23 @@ class Tracker:
         return self._metrics.records if self._metrics is not None else []
 
     def ready(self) -> None:
-        """Wait until W&B has started (raising its failure, if any), before training."""
+        """Wait until W&B has started (raising its failure, if any), then write the plan
+        record: the tracker's first write to the run (a resumed run's metrics.jsonl is cut
+        back to its checkpoint here)."""
         if self._wandb is not None:
             self._wandb.run  # noqa: B018 - the property waits
+        self._write_plan()
+
+    def _write_plan(self) -> None:
+        if self._plan is not None:
+            plan, self._plan = self._plan, None
+            self._log(plan)
 
     def log(self, record: Record) -> None:
+        self._write_plan()  # the plan heads the records, even where `ready` was not called
+        self._log(record)
+
+    def _log(self, record: Record) -> None:
         for sink in list(self.sinks):
             try:
                 sink.log(record)

@@ -339,6 +339,10 @@ class WandbConfig:
     """Where wandb writes its files; null: the run directory."""
     system_metrics: bool = MISSING
     """Let W&B sample CPU/GPU/memory use in the background (costs CPU on busy nodes)."""
+    console_summary: bool = MISSING
+    """W&B's own console output: its start lines and, after the trainer's `done` line,
+    its end-of-run block (sparklines, summary, sync hint; some 30 lines). false: one line
+    at the start instead, saying where the run is and how to sync it (errors still show)."""
 
     def __post_init__(self) -> None:
         one_of("logger.wandb.mode", self.mode, ("offline", "online", "disabled"))

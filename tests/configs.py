@@ -32,6 +32,7 @@ WANDB = dict(
     tags=[],
     dir=None,
     system_metrics=False,
+    console_summary=False,
 )
 
 

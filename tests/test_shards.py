@@ -20,9 +20,10 @@ from ddp.shards import DataError, Manifest, index_split, read_manifest, write_ma
 from ddp.shards.cli import main
 from ddp.shards.columns import NO_LABEL
 from ddp.shards.manifest import ShardTable
-from ddp.shards.prepare import prepare_imagefolder, prepare_synthetic
+from ddp.shards.prepare import encode_npy, prepare_imagefolder, prepare_synthetic
+from ddp.shards.writer import ShardWriter
 from tests import harness
-from tests.fixtures import as_v1, copy_split, corrupt_member, corrupt_npy
+from tests.fixtures import as_v1, break_huffman_table, copy_split, corrupt_member, corrupt_npy
 
 
 def extract(split: Path, dst: Path) -> list[str]:
@@ -265,6 +266,48 @@ def test_verify_names_a_missing_shard(digits_root: Path, tmp_path: Path, capsys)
     (split / "shard-000000.tar").unlink()
     assert main(["verify", str(split)]) == 1
     assert "shard-000000.tar: shard missing" in capsys.readouterr().out
+
+
+def test_verify_takes_photos_of_mixed_sizes_as_a_note(photos_root: Path, capsys) -> None:
+    split = photos_root / "train"  # 128 JPEGs of about 64x56, each side +-20%
+    assert main(["verify", str(split)]) == 0
+    note, ok = capsys.readouterr().out.splitlines()
+    assert note.startswith(f"{split}: note: the 128 .jpg images come in ")
+    assert "data.augment crops them to one size" in note
+    assert ok == f"{split}: 128 samples in 3 shards: ok"
+    # Read without data.augment, the loader stacks them: one line sums the odd ones up.
+    assert main(["verify", "--no-augment", str(split)]) == 1
+    (line,) = capsys.readouterr().out.splitlines()
+    assert " .jpg members differ from the most common shape (" in line
+    assert "key photo-" in line and "set data.augment" in line
+
+
+def test_verify_names_the_one_corrupt_jpeg_among_photos(photos_root, tmp_path, capsys) -> None:
+    split = copy_split(photos_root / "train", tmp_path / "train")
+    shard = read_manifest(split).shards[1]
+    key = corrupt_member(split, 1, 5, "jpg", break_huffman_table)
+    index_split(split)  # fresh checksums: only the undecodable member is left
+    assert main(["verify", str(split)]) == 1
+    out = capsys.readouterr()
+    problems = [line for line in out.out.splitlines() if ": note: " not in line]
+    assert len(problems) == 1 and out.err.strip() == f"{split}: 1 problem(s)"
+    assert problems[0].startswith(f"{split / shard.name}: key {key}: .jpg does not decode: ")
+
+
+def test_verify_sums_up_arrays_of_mixed_shapes_in_one_line(tmp_path: Path, capsys) -> None:
+    odd = {3, 17, 40, 51, 58}  # 5 of 60 samples, over 2 shards
+    with ShardWriter(tmp_path, 32) as writer:
+        for i in range(60):
+            image = np.zeros((9, 9) if i in odd else (8, 8), dtype=np.float32)
+            writer.write(f"s{i:02d}", {"npy": encode_npy(image), "cls": b"0"})
+    assert main(["verify", str(tmp_path)]) == 1
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line == (
+        f"{tmp_path}: 5 of 60 .npy members differ from the most common shape (8, 8) "
+        "(55 members): shard-000000.tar key s03 (9, 9), shard-000000.tar key s17 (9, 9), "
+        "shard-000001.tar key s40 (9, 9) and 2 more; the loader stacks inputs as stored, "
+        "and a batch needs one shape (write them at one shape)"
+    )
 
 
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, capsys) -> None:

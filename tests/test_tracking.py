@@ -16,6 +16,7 @@ from ddp.tracking.metrics_file import METRICS_FILE
 from ddp.tracking.tracker import CURVES_FILE, Tracker
 from tests import harness
 from tests.configs import plateau_config, wandb_config
+from tests.fixtures import smoke_overrides
 
 PLAN = {"num_samples": 200, "global_size": 5, "micro_size": 5, "world_size": 1}
 PLAN |= {"accumulate": 1, "iterations_per_epoch": 4}
@@ -227,6 +228,41 @@ def test_online_without_login_falls_back_to_offline(tmp_path, monkeypatch):
         tracker = Tracker.start(tmp_path / "run", CONFIG, PLAN, wandb_config(mode="online"))
         tracker.finish()
     assert inspect_summary(tmp_path / "run")["run_id"] == tracker.run_id
+
+
+def train_with_wandb(digits_root: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A 1-process smoke run with W&B (offline, not silenced): its console, stdout and
+    stderr as they interleaved."""
+    overrides = smoke_overrides(digits_root, run_dir.parent, run_dir.name, "logger=wandb", *extra)
+    out = harness.train(overrides, nproc=0, merge_stderr=True, WANDB_SILENT="false")
+    assert out.returncode == 0, out.stdout[-3000:]
+    return out.stdout.strip().splitlines()
+
+
+@pytest.mark.slow
+def test_the_console_ends_with_done_and_one_wandb_line_says_where_the_run_is(digits_root, tmp_path):
+    lines = train_with_wandb(digits_root, tmp_path / "runs" / "quiet")
+    offline = wandb_run_dir(tmp_path / "runs" / "quiet")
+    where = f"wandb: offline run in {offline}; sync with: wandb sync {offline}"
+    assert [line for line in lines if line.startswith("wandb:")] == [where]
+    assert lines[-1].startswith("done (max_epochs) after 46 iterations")
+    # W&B's run is whole: its summary, and the console it captured, `done` line included.
+    summary = inspect_summary(offline)
+    assert summary["state"] == "finished" and summary["summary"]["stop_reason"] == "max_epochs"
+    assert summary["console"][-1]["line"] == lines[-1]
+
+
+@pytest.mark.slow
+def test_console_summary_brings_back_wandbs_own_output(digits_root, tmp_path):
+    lines = train_with_wandb(
+        digits_root, tmp_path / "runs" / "loud", "logger.wandb.console_summary=true"
+    )
+    done = next(i for i, line in enumerate(lines) if line.startswith("done (max_epochs)"))
+    after = lines[done + 1 :]
+    assert "wandb: Run summary:" in after and "wandb: Run history:" in after
+    offline = wandb_run_dir(tmp_path / "runs" / "loud")
+    assert f"wandb: wandb sync {offline}" in after
+    assert not any(line.startswith("wandb: offline run in") for line in lines)  # not ours
 
 
 CURVE_RECORDS = [

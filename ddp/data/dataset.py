@@ -405,8 +405,8 @@ class ShardDataset(Dataset):
             if array is not None and array.shape != common:
                 self._fail(
                     int(indices[i]),
-                    f"shape {array.shape} differs from the batch's {common} (images of "
-                    "mixed sizes need data.augment or a resizing data.transform)",
+                    f"shape {array.shape} differs from the batch's {common} (inputs are "
+                    "stacked as stored: images of mixed sizes need data.augment)",
                 )
                 arrays[i], ok[i] = None, False
 

@@ -9,7 +9,7 @@ from ddp.shards.manifest import (
     read_manifest,
     write_manifest,
 )
-from ddp.shards.verify import verify_split
+from ddp.shards.verify import SplitReport, verify_split
 from ddp.shards.writer import ShardWriter
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "ShardInfo",
     "ShardWriter",
     "SplitIndex",
+    "SplitReport",
     "index_shard",
     "index_split",
     "read_manifest",

@@ -108,8 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="rewrite an older manifest as v2 from the manifest itself, without reading shards",
     )
 
-    verify = commands.add_parser("verify", help="checksums, counts, decodability")
+    verify = commands.add_parser("verify", help="checksums, counts, decodability, shapes")
     verify.add_argument("dir", type=Path)
+    verify.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help="judge the split as read without data.augment: images too are stacked as "
+        "stored, so mixed sizes are problems (default: data.augment crops them to one size)",
+    )
 
     order = commands.add_parser("order", help="keys rank R consumes in epoch E, in order")
     order.add_argument("dir", type=Path)
@@ -202,11 +209,11 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    problems = verify_split(args.dir)
-    for line in problems:
+    report = verify_split(args.dir, augment=args.augment)
+    for line in report.notes + report.problems:
         print(line)
-    if problems:
-        print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
+    if report.problems:
+        print(f"{args.dir}: {len(report.problems)} problem(s)", file=sys.stderr)
         return 1
     print(f"{_summary(str(args.dir), read_manifest(args.dir))}: ok")
     return 0

@@ -4,11 +4,13 @@ Train metrics go against the global step (`trainer/global_step`), validation and
 plateau markers against the epoch, the summary to the run summary, plateau events
 also as W&B alerts. W&B's start (import, service process, handshake: about 0.8 s)
 runs on a thread from the constructor, alongside the rest of the job's set-up; the
-first use waits for it and raises its failure, if any.
+first use waits for it and raises its failure, if any. On the console W&B keeps quiet
+(`logger.wandb.console_summary: false`): one line at its start says where the run is.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import string
 import threading
@@ -44,6 +46,7 @@ class WandbSink:
     ) -> None:
         self.run_id = run_id
         self._run = None
+        self._console_summary = config.console_summary
         self._defined_prefixes = {"train", *_EPOCH_PREFIXES}
         self._starting: Future | None = _in_background(
             self._init, config, Path(run_dir), resuming, init_config, monitor, monitor_mode
@@ -57,7 +60,23 @@ class WandbSink:
         if self._starting is not None:
             starting, self._starting = self._starting, None
             self._run = starting.result()
+            self._say_where()
         return self._run
+
+    def _say_where(self) -> None:
+        """The one line that stands for W&B's own start and end-of-run output (silenced
+        by `console_summary: false`): where the run is and how to sync it. Printed once W&B
+        has started, before training, so the trainer's `done` line stays the last one."""
+        from wandb import env
+
+        if self._console_summary or env.is_silent():  # W&B speaks, or the user silenced it
+            return
+        run = self._run
+        if run.offline:
+            where = _shown(run.sync_dir)
+            print(f"wandb: offline run in {where}; sync with: wandb sync {where}", flush=True)
+        else:
+            print(f"wandb: run {run.name} at {run.url}", flush=True)
 
     def _init(self, cfg: WandbConfig, run_dir, resuming, init_config, monitor, monitor_mode):
         mode = cfg.resolved_mode()
@@ -76,10 +95,7 @@ class WandbSink:
             id=self.run_id,
             resume="allow" if resuming else None,
             config=init_config,
-            # System metrics make wandb-core sample the machine in the background: on a
-            # CPU-bound node that steals cycles from training (about a third of the steps/s
-            # of a small 2-process CPU job), so they are opt-in.
-            settings=wandb.Settings(x_disable_stats=not cfg.system_metrics),
+            settings=_settings(wandb, cfg),
             # A resumed run brings a different config only if the user changed it on purpose.
             allow_val_change=True,
         )
@@ -150,6 +166,30 @@ class WandbSink:
 
     def finish(self, exit_code: int) -> None:
         self.run.finish(exit_code=exit_code)
+
+
+def _settings(wandb, cfg: WandbConfig):
+    """The run's wandb.Settings."""
+    # System metrics make wandb-core sample the machine in the background: on a
+    # CPU-bound node that steals cycles from training (about a third of the steps/s
+    # of a small 2-process CPU job), so they are opt-in.
+    settings = {"x_disable_stats": not cfg.system_metrics}
+    if not cfg.console_summary:
+        # `silent` in this run's settings silences the run's own printer (its header and
+        # notes at start, the "Finishing up" progress, the end-of-run block), not wandb's
+        # warnings and errors (wandb.termwarn/termerror: the global settings decide those)
+        # nor wandb-core's messages (e.g. a failing upload); the run still captures the
+        # console (output.log). `quiet` would still print three lines at the start of an
+        # offline run and three at the end of an online one.
+        settings["silent"] = True
+    return wandb.Settings(**settings)
+
+
+def _shown(path: str) -> str:
+    """`path` relative to the working directory when it lies below it (shorter to read
+    and to paste into `wandb sync`), else as it is."""
+    relative = os.path.relpath(path)
+    return path if relative.split(os.sep, 1)[0] == os.pardir else relative
 
 
 def _in_background(fn, *args) -> Future:

@@ -1,33 +1,30 @@
-"""Run state: where the run is, who asked it to stop, and its checkpoints.
+"""Run state: where the run is, who asked it to stop, who owns its directory, and the
+objects a step updates.
 
 - `Position`: epoch, step and the sums of the unfinished epoch: what a resume restores.
 - `StopRequest`: SIGTERM / SIGUSR1 (preemption) set a flag that the loop agrees on.
-- `Checkpointer`: the state a checkpoint holds, written by rank 0 in the background.
+- `claim_run_dir`: one job per run directory, refused on every rank together.
+- `Training`: model, optimizer, scaler and plateau tracker, restored from a checkpoint.
+(ddp.checkpointer writes the checkpoints; ddp.resume decides what a start continues.)
 """
 
 from __future__ import annotations
 
 import itertools
 import signal
-import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ddp import checkpoint
-from ddp.config import TrainerConfig
 from ddp.dist import collectives
 from ddp.dist.group import DistEnv
-from ddp.plan import BatchPlan
 from ddp.plateau import PlateauTracker
 from ddp.run_dir import RunLock
 from ddp.validate import ConfigError
-
-if TYPE_CHECKING:  # ddp.step imports this module
-    from ddp.step import SampleAudit
 
 EPOCH_SUMS = ("loss", "correct", "count", "skipped")
 """Per-step totals (over all ranks) that add up to the epoch's train metrics."""
@@ -170,85 +167,3 @@ def _check_param_groups(optimizer: torch.optim.Optimizer, saved: dict[str, Any])
 
 def _shorten(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class Checkpointer:
-    """checkpoints/last.pt (and best.pt, a byte copy), written by rank 0 while training
-    goes on; every rank takes part in gathering the RNG states."""
-
-    def __init__(
-        self,
-        directory: Path,
-        trainer: TrainerConfig,
-        config_record: dict[str, Any],
-        plan: BatchPlan,
-        data: dict[str, Any],
-        training: Training,
-        env: DistEnv,
-        wandb_run_id: str | None,
-        audit: SampleAudit | None = None,
-    ) -> None:
-        self.directory = directory
-        self.audit = audit
-        self.trainer = trainer
-        self.config_record, self.plan, self.data = config_record, plan, data
-        self.training, self.env = training, env
-        self.wandb_run_id = wandb_run_id
-        self.writer = checkpoint.BackgroundWriter()
-        self._last_save = time.monotonic()
-        self._failure: str | None = None
-
-    def due(self, next_step: int) -> bool:
-        """By steps or by minutes; the caller shares the answer so all ranks save together."""
-        t = self.trainer
-        every = t.checkpoint_every_steps
-        by_steps = every is not None and next_step % every == 0
-        minutes = t.checkpoint_every_minutes
-        by_time = minutes is not None and time.monotonic() - self._last_save >= 60 * minutes
-        return by_steps or by_time
-
-    def state(self, pos: Position) -> dict[str, Any]:
-        training = self.training
-        gathered = collectives.all_gather_bytes(checkpoint.rng_state_bytes(), self.env)
-        return {
-            "format": checkpoint.FORMAT,
-            "model": training.model.state_dict(),
-            "optimizer": training.optimizer.state_dict(),
-            "optimizer_class": class_name(training.optimizer),
-            "scaler": training.scaler.state_dict(),
-            "position": asdict(pos),
-            "plateau": training.plateau.state_dict(),
-            "rng": [checkpoint.rng_state_from_bytes(b) for b in gathered],  # every rank's
-            "plan": self.plan.as_dict(),
-            "data": self.data,  # what a resume must find again (ddp.data.identity)
-            "config": self.config_record,
-            "wandb_run_id": self.wandb_run_id,
-            "audit": self.audit.state(self.env) if self.audit else None,
-        }
-
-    def save(self, pos: Position, best: bool = False, leaving: bool = False) -> None:
-        """last.pt (and best.pt); before leaving, every rank waits until it is on disk."""
-        state = self.state(pos)
-        if self.env.is_main:
-            if checkpoint.has_nonfinite(state["model"]):
-                print("warning: not saving last.pt: the weights are not finite", flush=True)
-            else:
-                copies = (self.directory / "best.pt",) if best else ()
-                self.writer.save(state, self.directory / "last.pt", copies=copies)
-        self._last_save = time.monotonic()
-        if leaving:
-            self.close()
-
-    @property
-    def failure(self) -> str | None:
-        """Why the last write failed (rank 0), e.g. a full disk; None while all is well."""
-        return self._failure or self.writer.failure
-
-    def close(self) -> None:
-        """The last checkpoint is on disk (or its failure known) before anyone reports or
-        leaves (or is killed by torchrun while rank 0 writes)."""
-        try:
-            self.writer.wait()
-        except checkpoint.CheckpointError as exc:
-            self._failure = str(exc)
-        collectives.barrier(self.env)

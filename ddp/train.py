@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ddp import checkpoint
+from ddp.audit import SampleAudit
 from ddp.build import (
     autocast_for,
     build_loaders,
@@ -28,6 +29,7 @@ from ddp.build import (
     wandb_config,
     wrap_ddp,
 )
+from ddp.checkpointer import Checkpointer
 from ddp.compose import as_record
 from ddp.config import Config, TrainerConfig
 from ddp.data.batch import Batch
@@ -43,13 +45,8 @@ from ddp.plan import plan_for
 from ddp.progress import Progress, epoch_line, final_line, start_lines
 from ddp.resume import finished, load_resume_point, order_of
 from ddp.run_dir import check_writable
-from ddp.state import (
-    Checkpointer,
-    Position,
-    StopRequest,
-    claim_run_dir,
-)
-from ddp.step import SampleAudit, Stepper, StepTotals, epoch_metrics, evaluate
+from ddp.state import Position, StopRequest, claim_run_dir
+from ddp.step import Stepper, StepTotals, epoch_metrics, evaluate
 from ddp.tracking.tracker import Tracker
 
 

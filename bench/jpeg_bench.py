@@ -44,7 +44,8 @@ import torch
 
 from ddp.data import images as images_module
 from ddp.data.batch import LoaderOptions
-from ddp.data.images import ImageAugment, decode_jpegs
+from ddp.data.device_jpeg import decode_jpegs
+from ddp.data.images import ImageAugment
 from ddp.data.loaders import build_eval_loader, build_train_loader
 from ddp.plan import make_plan
 from ddp.shards import read_manifest

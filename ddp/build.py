@@ -16,7 +16,8 @@ from ddp import checkpoint
 from ddp.config import Config, ConfigError, WandbConfig
 from ddp.data.batch import LoaderOptions, TrainBatches
 from ddp.data.device import InputPipeline
-from ddp.data.images import ImageAugment, check_device_decoder
+from ddp.data.device_jpeg import check_device_decoder
+from ddp.data.images import ImageAugment
 from ddp.data.loaders import EvalLoader, build_eval_loader, build_train_loader
 from ddp.data.splits import Splits
 from ddp.data.streaming import build_stream_loader

@@ -23,10 +23,10 @@ from ddp.data import images as images_module
 from ddp.data.batch import Batch, LoaderOptions
 from ddp.data.dataset import ShardDataset
 from ddp.data.device import InputPipeline
+from ddp.data.device_jpeg import decode_jpegs
 from ddp.data.images import (
     Crop,
     ImageAugment,
-    decode_jpegs,
     decode_on_host,
     jpeg_size,
     random_resized_crop,

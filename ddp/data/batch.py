@@ -4,17 +4,35 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 
 from ddp.validate import integer_at_least, one_of, require
 
-if TYPE_CHECKING:
-    from ddp.data.images import Jpegs
-
 Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Jpegs:
+    """A micro-batch of JPEGs as stored, to be decoded and augmented on the device
+    (placement=device). The bytes stay on the host: nvJPEG reads them from there."""
+
+    data: torch.Tensor
+    """uint8 (total,): every sample's member, back to back."""
+    offsets: torch.Tensor
+    """int64 (B + 1,): sample i is data[offsets[i]:offsets[i + 1]] (empty: a bad sample)."""
+    crops: torch.Tensor
+    """int64 (B, 5): top, left, height, width, flip in the full image."""
+    size: int
+    """Output side in pixels."""
+    names: tuple[str, ...]
+    """'SHARD: key KEY' per sample: a sample the device cannot decode is named by it."""
+    on_error: str = "raise"
+
+    def pin_memory(self) -> Jpegs:
+        return replace(self, data=self.data.pin_memory())
 
 
 @dataclass

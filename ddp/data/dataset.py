@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ddp.data.batch import Batch, Transform, make_batch
+from ddp.data.images import ImageAugment
 from ddp.data.samples import (
     LabelKey,
     alternatives,
@@ -39,7 +40,6 @@ from ddp.shards.tar import member_name
 
 if TYPE_CHECKING:
     from ddp.data.cache import RemoteSplit
-    from ddp.data.images import ImageAugment
 
 CHECK_CHUNK = 1 << 20
 """Samples whose member columns are read at once when checking a split at start-up."""

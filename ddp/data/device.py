@@ -16,7 +16,7 @@ from dataclasses import replace
 import torch
 
 from ddp.data.batch import Batch, to_model_input
-from ddp.data.images import decode_jpegs
+from ddp.data.device_jpeg import decode_jpegs
 
 
 class InputPipeline:

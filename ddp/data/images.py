@@ -10,7 +10,8 @@ the DataLoader workers or the batch a sample lands in, so a resumed run, or one 
 another worker count, sees the very same crops.
 
 Two placements (`data.augment.placement`), both fed by `ImageAugment.fetch` in the
-DataLoader workers, which reads the members and draws the crops:
+DataLoader workers, which reads the members and draws the crops (this module; the
+device's half is ddp.data.device_jpeg):
 
 - `host`: the workers decode (libjpeg-turbo through simplejpeg, else Pillow), at 1/2,
   1/4 or 1/8 scale (libjpeg's DCT scaling) when the crop is that many times the output
@@ -36,19 +37,15 @@ import math
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ddp.data.batch import Batch, make_batch
+from ddp.data.batch import Batch, Jpegs, Transform, make_batch
 from ddp.data.samples import describe
 from ddp.shards.manifest import DataError
-from ddp.validate import ConfigError
-
-if TYPE_CHECKING:
-    from ddp.data.dataset import ShardDataset
 
 Placement = Literal["host", "device"]
 
@@ -256,133 +253,22 @@ def _resize_host(region: np.ndarray, size: int, flip: bool) -> np.ndarray:
     return region[:, ::-1] if flip else region
 
 
-# ----------------------------------------------------------------------------- device
-
-
-@dataclass
-class Jpegs:
-    """A micro-batch of JPEGs as stored, to be decoded and augmented on the device
-    (placement=device). The bytes stay on the host: nvJPEG reads them from there."""
-
-    data: torch.Tensor
-    """uint8 (total,): every sample's member, back to back."""
-    offsets: torch.Tensor
-    """int64 (B + 1,): sample i is data[offsets[i]:offsets[i + 1]] (empty: a bad sample)."""
-    crops: torch.Tensor
-    """int64 (B, 5): top, left, height, width, flip in the full image."""
-    size: int
-    """Output side in pixels."""
-    names: tuple[str, ...]
-    """'SHARD: key KEY' per sample: a sample the device cannot decode is named by it."""
-    on_error: str = "raise"
-
-    def pin_memory(self) -> Jpegs:
-        return replace(self, data=self.data.pin_memory())
-
-
-def check_device_decoder(device: torch.device) -> None:
-    """ConfigError unless `device` decodes JPEGs: on a GPU, torchvision's nvJPEG is tried
-    on a small image at start-up, so a torchvision without it (or built for another
-    torch) is reported as such, not blamed on the first sample."""
-    if device.type != "cuda":
-        return  # Pillow, in the training process
-    try:
-        from PIL import Image
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        buffer = io.BytesIO()
-        Image.new("RGB", (16, 16), (200, 100, 50)).save(buffer, format="JPEG")
-        probe = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-        decode_jpeg([probe], mode=ImageReadMode.RGB, device=device)
-    except Exception as err:  # noqa: BLE001 - missing, built for another torch, no nvJPEG
-        raise ConfigError(
-            "data.augment.placement=device needs torchvision's nvJPEG decoder on this GPU "
-            f"(torchvision.io.decode_jpeg): {describe(err)}"
-        ) from err
-
-
-def decode_jpegs(batch: Batch, device: torch.device) -> Batch:
-    """A Batch whose `jpegs` are decoded and augmented on `device`: float (B, 3, S, S) in
-    [0, 1]. A sample that fails to decode raises a DataError naming it, or (on_error=skip)
-    comes out zeros and invalid, counted in num_skipped."""
-    jpegs = batch.jpegs
-    assert jpegs is not None
-    bounds = jpegs.offsets.tolist()
-    members = [jpegs.data[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
-    decoded = _decode_batched(members, device) if device.type == "cuda" else None
-    if decoded is None:  # one by one: on a CPU, or to find the culprit of a failed batch
-        decoded = [_decode_one(m, device, jpegs, i) for i, m in enumerate(members)]
-    failed = [i for i, m in enumerate(members) if m.numel() and decoded[i] is None]
-    inputs = augment_decoded(decoded, jpegs.crops, jpegs.size, device)
-    valid = batch.valid
-    if failed:  # (empty members were judged in the worker: already invalid and counted)
-        keep = torch.ones(len(members), dtype=torch.bool)
-        keep[failed] = False
-        valid = valid & keep.to(valid.device)
-    skipped = batch.num_skipped + len(failed)
-    return replace(batch, inputs=inputs, valid=valid, jpegs=None, num_skipped=skipped)
-
-
-def _decode_batched(members: list[torch.Tensor], device: torch.device) -> list | None:
-    """The micro-batch through nvJPEG in one call (None where a member is empty), or
-    None when some member fails."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    todo = [i for i, m in enumerate(members) if m.numel()]
-    decoded: list[torch.Tensor | None] = [None] * len(members)
-    if not todo:
-        return decoded
-    try:
-        images = decode_jpeg([members[i] for i in todo], mode=ImageReadMode.RGB, device=device)
-    except Exception:  # noqa: BLE001 - which one failed is found one by one
-        return None
-    for i, image in zip(todo, images, strict=True):
-        decoded[i] = image
-    return decoded
-
-
-def _decode_one(
-    member: torch.Tensor, device: torch.device, jpegs: Jpegs, i: int
-) -> torch.Tensor | None:
-    """One member as uint8 (3, H, W) on `device`; None for an empty (already bad) one or,
-    with on_error=skip, one that does not decode."""
-    if not member.numel():
-        return None
-    try:
-        if device.type == "cuda":
-            from torchvision.io import ImageReadMode, decode_jpeg
-
-            return decode_jpeg(member, mode=ImageReadMode.RGB, device=device)
-        from PIL import Image
-
-        with Image.open(io.BytesIO(member.numpy())) as image:
-            array = np.asarray(image.convert("RGB"))
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).to(device)
-    except Exception as err:  # noqa: BLE001 - any decode failure is bad data
-        if jpegs.on_error == "raise":
-            raise DataError(f"{jpegs.names[i]}: undecodable JPEG: {describe(err)}") from err
-        return None
-
-
-def augment_decoded(
-    images: list[torch.Tensor | None], crops: torch.Tensor, size: int, device: torch.device
-) -> torch.Tensor:
-    """Decoded uint8 (3, H, W) images (None: a blank) -> float (B, 3, size, size) in
-    [0, 1]: each crop resized (antialiased bilinear) and mirrored where asked. Runs
-    wherever the images are: on the GPU after nvJPEG, on a CPU in tests."""
-    out = torch.zeros((len(images), 3, size, size), dtype=torch.float32, device=device)
-    for i, (image, crop) in enumerate(zip(images, crops.tolist(), strict=True)):
-        if image is None:
-            continue
-        top, left, height, width, flip = crop
-        region = image[:, top : top + height, left : left + width].unsqueeze(0).float()
-        if (height, width) != (size, size):
-            region = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True)
-        out[i] = region[0].flip(-1) if flip else region[0]
-    return out.mul_(1.0 / 255.0)
-
-
 # ----------------------------------------------------------------------------- the hook
+
+
+class Members(Protocol):
+    """What `ImageAugment` reads a micro-batch from (ddp.data.dataset.ShardDataset)."""
+
+    input_key: str
+    on_error: str
+    transform: Transform | None
+    num_errors: int
+
+    def labels(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def input_member(self, index: int) -> memoryview | bytes: ...
+
+    def sample_name(self, index: int) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -417,9 +303,7 @@ class ImageAugment:
         box, reduce = reducible(box, height, width, self.size)
         return Crop(*box, flip, reduce)
 
-    def fetch(
-        self, dataset: ShardDataset, indices: np.ndarray, padded: np.ndarray, epoch: int
-    ) -> Batch:
+    def fetch(self, dataset: Members, indices: np.ndarray, padded: np.ndarray, epoch: int) -> Batch:
         """One micro-batch of `dataset`, its inputs decoded (host) or packed (device)."""
         targets, ok = dataset.labels(indices)
         if self.placement == "host":
@@ -437,7 +321,7 @@ class ImageAugment:
             return make_batch(inputs, targets, ok & ~padded, indices, bad, dataset.transform)
         return replace(make_batch(inputs, targets, ok & ~padded, indices, bad), jpegs=jpegs)
 
-    def _decode(self, dataset: ShardDataset, index: int, epoch: int, out: np.ndarray) -> bool:
+    def _decode(self, dataset: Members, index: int, epoch: int, out: np.ndarray) -> bool:
         def draw(height: int, width: int) -> Crop:
             return self.crop(height, width, index, epoch)
 
@@ -448,9 +332,7 @@ class ImageAugment:
             self._bad(dataset, index, err)
             return False
 
-    def _pack(
-        self, dataset: ShardDataset, indices: np.ndarray, epoch: int, ok: np.ndarray
-    ) -> Jpegs:
+    def _pack(self, dataset: Members, indices: np.ndarray, epoch: int, ok: np.ndarray) -> Jpegs:
         """The members back to back after a header check (a bad one is left empty), and
         their crops."""
         members: list[memoryview | bytes] = []
@@ -479,7 +361,7 @@ class ImageAugment:
             on_error=dataset.on_error,
         )
 
-    def _bad(self, dataset: ShardDataset, index: int, err: Exception) -> None:
+    def _bad(self, dataset: Members, index: int, err: Exception) -> None:
         if dataset.on_error == "raise":
             message = f"undecodable .{dataset.input_key}: {describe(err)}"
             raise DataError(f"{dataset.sample_name(index)}: {message}") from err

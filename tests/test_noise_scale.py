@@ -1,0 +1,110 @@
+"""The noise scale's estimators (ddp.noise_scale) against populations of synthetic
+per-sample gradients whose |G|² and tr(Σ) are known exactly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ddp.noise_scale import estimate, finite_population
+
+
+def population(rng: np.random.Generator, n: int, dim: int, signal: float) -> np.ndarray:
+    """n per-sample gradients in `dim` dimensions: a common direction of size `signal`
+    plus anisotropic noise."""
+    scales = rng.uniform(0.2, 2.0, size=dim)
+    return (
+        signal * rng.standard_normal(dim) / math.sqrt(dim) + rng.standard_normal((n, dim)) * scales
+    )
+
+
+def exact(grads: np.ndarray) -> tuple[float, float]:
+    """|G|² and tr(Σ) (divisor N) of a population of per-sample gradients."""
+    mean = grads.mean(axis=0)
+    return float(mean @ mean), float(((grads - mean) ** 2).sum(axis=1).mean())
+
+
+def mean_sq_norm(rng: np.random.Generator, grads: np.ndarray, batch: int, draws: int) -> np.ndarray:
+    """|g_b|² of `draws` batches of `batch` samples, each drawn without replacement."""
+    n = len(grads)
+    picks = np.stack([rng.choice(n, size=batch, replace=False) for _ in range(draws)])
+    means = grads[picks].mean(axis=1)
+    return (means**2).sum(axis=1)
+
+
+sizes = st.integers(min_value=8, max_value=300).flatmap(
+    lambda n: st.tuples(
+        st.just(n),
+        st.integers(min_value=1, max_value=n - 1).flatmap(
+            lambda b: st.tuples(st.just(b), st.integers(min_value=b + 1, max_value=n))
+        ),
+    )
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=sizes, dim=st.integers(1, 40), signal=st.floats(0.1, 10.0), seed=st.integers(0, 2**31))
+def test_the_expected_squared_norms_give_back_the_exact_values(sizes, dim, signal, seed):
+    """E|g_b|² = |G|² + tr(Σ) c(b) (sampling without replacement): the estimators, fed the
+    expectations at any b < B <= N, return |G|² and tr(Σ) exactly."""
+    n, (small, big) = sizes
+    grads = population(np.random.default_rng(seed), n, dim, signal)
+    g2, trace = exact(grads)
+    expected = [g2 + trace * finite_population(b, n) for b in (small, big)]
+    found = estimate(*expected, small, big, population=n)
+    assert found.grad_sq_norm == pytest.approx(g2, rel=1e-6, abs=1e-9 * trace)
+    assert found.grad_var == pytest.approx(trace, rel=1e-6)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    n=st.integers(64, 400),
+    fractions=st.tuples(st.floats(0.02, 0.3), st.floats(0.35, 1.0)),
+    signal=st.floats(1.0, 6.0),
+    seed=st.integers(0, 2**31),
+)
+def test_the_estimates_from_drawn_batches_are_unbiased(n, fractions, signal, seed):
+    """Means over many drawn batches: both estimates within 5 standard errors of the
+    truth (a biased estimator, e.g. one without the finite population correction,
+    fails this at large B/N)."""
+    rng = np.random.default_rng(seed)
+    small, big = max(1, int(fractions[0] * n)), max(2, int(fractions[1] * n))
+    if big <= small:
+        big = small + 1
+    grads = population(rng, n, 16, signal)
+    g2, trace = exact(grads)
+    draws = 3000
+    s_small, s_big = mean_sq_norm(rng, grads, small, draws), mean_sq_norm(rng, grads, big, draws)
+    found = estimate(s_small.mean(), s_big.mean(), small, big, population=n)
+    # Standard errors of the two linear estimators from the draws' spread.
+    c_small, c_big = finite_population(small, n), finite_population(big, n)
+    se_small, se_big = s_small.std() / math.sqrt(draws), s_big.std() / math.sqrt(draws)
+    se_trace = math.hypot(se_small, se_big) / (c_small - c_big)
+    se_g2 = math.hypot(se_big, c_big * se_trace) + c_big * se_trace
+    assert abs(found.grad_var - trace) <= 5 * se_trace + 1e-9
+    assert abs(found.grad_sq_norm - g2) <= 5 * se_g2 + 1e-9
+
+
+def test_without_the_correction_the_true_gradient_is_underestimated():
+    """At B close to N the plain (infinite population) estimator is far off; the
+    corrected one is not."""
+    rng = np.random.default_rng(0)
+    grads = population(rng, 200, 16, 2.0)
+    g2, trace = exact(grads)
+    small, big = 10, 180
+    expected = [g2 + trace * finite_population(b, 200) for b in (small, big)]
+    plain = estimate(*expected, small, big)
+    corrected = estimate(*expected, small, big, population=200)
+    assert corrected.noise_scale == pytest.approx(trace / g2, rel=1e-6)
+    assert abs(plain.noise_scale - trace / g2) > 0.05 * trace / g2
+
+
+def test_a_noise_scale_that_cannot_be_told_is_nan():
+    assert math.isnan(estimate(1.0, 1.2, 4, 8).noise_scale)  # the big batch noisier: tr < 0
+    assert math.isnan(estimate(3.0, 1.0, 4, 8).noise_scale)  # |G|² < 0
+    with pytest.raises(ValueError, match="small batch"):
+        estimate(1.0, 1.0, 8, 8)

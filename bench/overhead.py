@@ -11,6 +11,8 @@ every program; all three are launched by torchrun through bench/overhead_rss.py
 - ours-nowandb:  the same with logger.wandb.enabled=false;
 - ours-nchw:     (cnn only) the same with trainer.channels_last=false: what the
                  channels-last memory order brings;
+- ours-nonoise:  the same with trainer.noise_scale=false: what measuring the gradient
+                 noise scale costs (not run unless --programs names it);
 - raw:           bench/raw_ddp.py (samples in memory, DistributedSampler, no_sync);
 - lightning:     bench/lightning_ddp.py (Trainer, strategy="ddp", its defaults);
 - candidate:     with `--candidate DIR`, ddp.train run from another checkout (a proposed
@@ -55,6 +57,7 @@ sys.path.insert(0, str(BENCH))
 from overhead_common import RESULT_PREFIX  # noqa: E402
 
 PROGRAMS = ("ours", "raw", "lightning", "ours-nowandb", "ours-nchw")
+OPTIONAL_PROGRAMS = ("ours-nonoise",)
 
 
 @dataclass
@@ -160,6 +163,8 @@ def program_command(program: str, case: Case, run_dir: Path) -> list[str]:
             overrides.append("logger.wandb.enabled=false")
         if program == "ours-nchw":  # what channels-last memory order brings to the CNN
             overrides.append("trainer.channels_last=false")
+        if program == "ours-nonoise":  # what measuring the noise scale costs
+            overrides.append("trainer.noise_scale=false")
         if program.endswith("-startup"):  # ends after its first step, which it logs
             overrides += ["trainer.max_steps=1", "trainer.log_every_steps=1"]
         return ["-m", "ddp.train", *overrides]
@@ -369,7 +374,7 @@ def startup_times(runs: list[Run], case: str, program: str) -> list[float]:
 
 
 def ratio_pairs(programs: list[str]) -> list[tuple[str, str]]:
-    pairs = [("ours", o) for o in ("raw", "lightning") if o in programs]
+    pairs = [("ours", o) for o in ("raw", "lightning", "ours-nonoise") if o in programs]
     pairs += [("candidate", o) for o in ("ours", "raw") if o in programs]
     return [(a, b) for a, b in pairs if a in programs]
 
@@ -502,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--programs",
         default=",".join(PROGRAMS),
-        help=f"comma-separated subset of {','.join(PROGRAMS)}",
+        help=f"comma-separated subset of {','.join(PROGRAMS + OPTIONAL_PROGRAMS)}",
     )
     p.add_argument("--cases", default="mlp,cnn")
     p.add_argument("--work", type=Path, default=Path("/tmp/ddp-overhead"))

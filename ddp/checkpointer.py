@@ -10,15 +10,23 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ddp import checkpoint
-from ddp.audit import SampleAudit
 from ddp.config import TrainerConfig
 from ddp.dist import collectives
 from ddp.dist.group import DistEnv
 from ddp.plan import BatchPlan
 from ddp.state import Position, Training, class_name
+
+
+class EpochCounter(Protocol):
+    """Sums over the unfinished epoch that a checkpoint carries (ddp.audit.SampleAudit,
+    ddp.noise_scale.NoiseMeter): `state` is collective, `resume` restores on rank 0."""
+
+    def state(self, env: DistEnv) -> Any: ...
+
+    def resume(self, state: dict[str, Any] | None, env: DistEnv) -> None: ...
 
 
 class Checkpointer:
@@ -35,10 +43,12 @@ class Checkpointer:
         training: Training,
         env: DistEnv,
         wandb_run_id: str | None,
-        audit: SampleAudit | None = None,
+        counters: dict[str, EpochCounter | None] | None = None,
     ) -> None:
         self.directory = directory
-        self.audit = audit
+        self.counters = counters or {}
+        """Per-epoch sums a mid-epoch resume continues (the sample audit, the noise scale's
+        norms), saved under their names."""
         self.trainer = trainer
         self.config_record, self.plan, self.data = config_record, plan, data
         self.training, self.env = training, env
@@ -72,7 +82,7 @@ class Checkpointer:
             "data": self.data,  # what a resume must find again (ddp.data.identity)
             "config": self.config_record,
             "wandb_run_id": self.wandb_run_id,
-            "audit": self.audit.state(self.env) if self.audit else None,
+            **{name: c.state(self.env) if c else None for name, c in self.counters.items()},
         }
 
     def save(self, pos: Position, best: bool = False, leaving: bool = False) -> None:

@@ -252,6 +252,9 @@ class TrainerConfig:
     """Resume a checkpoint whose global batch or data set differs, from the start of its epoch."""
     audit_samples: bool = MISSING
     """Count every sample's uses per epoch over all ranks and log coverage (one all_reduce of N)."""
+    noise_scale: bool = MISSING
+    """Measure the gradient noise scale B_simple per epoch (batch/noise_scale; ddp.noise_scale):
+    the global batch beyond which more samples per step stop buying fewer steps."""
 
     def __post_init__(self) -> None:
         require(

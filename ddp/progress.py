@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 
@@ -76,12 +77,19 @@ def start_lines(plan, env, run_dir, resumed: dict | None, pos) -> str:
     return f"{table}\nrun directory: {run_dir} ({where}){note}"
 
 
-def epoch_line(epoch: int, m: dict[str, float], plateau: PlateauTracker) -> str:
+def epoch_line(
+    epoch: int, m: dict[str, float], plateau: PlateauTracker, global_size: int | None = None
+) -> str:
     best = "-" if plateau.best is None else f"{plateau.best:.4f} @ epoch {plateau.best_epoch}"
+    noise = ""
+    if "batch/noise_scale" in m:  # NaN: an estimate came out negative, too noisy to tell
+        value = m["batch/noise_scale"]
+        shown = "too noisy to tell" if math.isnan(value) else f"{value:,.0f}"
+        noise = f" | noise scale {shown} (global batch {global_size})"
     return (
         f"epoch {epoch}: train loss {m['train/epoch_loss']:.4f} acc {m['train/epoch_accuracy']:.4f}"
         f" | val loss {m['val/loss']:.4f} acc {m['val/accuracy']:.4f}"
-        f" | {m['train/samples_per_s']:,.0f} samples/s | best {best}"
+        f" | {m['train/samples_per_s']:,.0f} samples/s{noise} | best {best}"
     )
 
 

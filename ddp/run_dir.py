@@ -36,6 +36,7 @@ OPERATIONAL_KEYS = (
     "trainer.log_every_steps",
     "trainer.checkpoint_every_",
     "trainer.audit_samples",
+    "trainer.noise_scale",
     "trainer.max_steps",
     "data.num_workers",
     "data.prefetch_factor",

@@ -23,6 +23,7 @@ from ddp.data.batch import Batch
 from ddp.dist import collectives
 from ddp.dist.group import DistEnv
 from ddp.dist.step_sums import StepSums
+from ddp.noise_scale import NoiseMeter
 from ddp.state import EPOCH_SUMS, Position, Training
 
 DEVICE_SUMS = ("loss", "correct", "count")
@@ -92,9 +93,16 @@ class Stepper:
         autocast: Callable[[], object],
         grad_clip: float | None,
         lag: int = 0,
+        noise: NoiseMeter | None = None,
     ) -> None:
         self.training, self.autocast, self.grad_clip = training, autocast, grad_clip
         self.sums = StepSums(env, training.ddp_model, DEVICE_SUMS, HOST_SUMS)
+        self.noise = noise
+        """The noise scale's meter: fed by the hook (world > 1) or by each micro-batch."""
+        if noise is not None and env.distributed:
+            self.sums.track_norms()
+        self._accumulated: list[torch.Tensor] | None = None
+        """One process: the gradients accumulated before this micro-batch (a copy)."""
         self.device_skip = skips_on_device(training)
         if lag and not self.device_skip:
             raise ValueError("reading a step's totals late needs a fused optimizer, no fp16")
@@ -135,6 +143,19 @@ class Stepper:
             # Sum over the micro-batch / its size / accumulate: this rank's share of the mean
             # over the global batch; DDP averages the ranks.
             self.training.scaler.scale(loss / (len(losses) * accumulate)).backward()
+        if self.noise is not None and not self.sums.tracks_norms:
+            self._measure_micro_batch(accumulate, last)
+
+    def _measure_micro_batch(self, accumulate: int, last: bool) -> None:
+        """One process: this micro-batch's gradient (what its backward added, times
+        `accumulate`: the mean over its samples) is the small batch, the step's the big."""
+        grads = [p.grad for p in self.training.model.parameters() if p.grad is not None]
+        before = self._accumulated or [torch.zeros_like(g) for g in grads]
+        added = [g - b for g, b in zip(grads, before, strict=True)]
+        self.noise.add_small(_sq_norm(added) * accumulate**2)
+        self._accumulated = None if last else [g.clone() for g in grads]
+        if last:
+            self.noise.add_big(_sq_norm(grads))
 
     def finish(self) -> None:
         """Apply the step's update, unless its loss was not finite on some rank (then no
@@ -150,6 +171,8 @@ class Stepper:
             self._clip()
             t.scaler.step(t.optimizer)
             t.scaler.update()
+        if self.noise is not None:
+            self._book_noise(reduced)
         t.optimizer.zero_grad(set_to_none=True)
         staging = self._staging[self._turn]
         self._turn = (self._turn + 1) % len(self._staging)
@@ -160,6 +183,16 @@ class Stepper:
             event.record()
         meta = {"step": self._step, "lr": self._lr, "micro_batches": len(self._stats)}
         self._pending.append((meta, staging, event))
+
+    def _book_noise(self, reduced: torch.Tensor) -> None:
+        """Count the step's norms when its every sample was real and its loss finite."""
+        noise = self.noise
+        if self.sums.tracks_norms:
+            local, averaged = self.sums.take_sq_norms()
+            noise.add_small(local)
+            noise.add_big(averaged)
+        count = reduced[DEVICE_SUMS.index("count")]
+        noise.end_step((count == noise.big) & torch.isfinite(reduced[0]))
 
     def _clip(self) -> None:
         if self.grad_clip is not None:
@@ -178,6 +211,12 @@ class Stepper:
             values = dict(zip(self.sums.keys, staging.tolist(), strict=True))
             done.append(StepTotals(**meta, **values))
         return done
+
+
+def _sq_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.nn.utils.get_total_norm(tensors, norm_type=2.0).to(torch.float64).square()
 
 
 def skips_on_device(training: Training) -> bool:

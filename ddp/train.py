@@ -40,8 +40,9 @@ from ddp.dist import collectives
 from ddp.dist.agreement import check_same_job
 from ddp.dist.env import detect
 from ddp.dist.exit import ExitCode, retire
-from ddp.dist.group import init_distributed, pick_device, shutdown
-from ddp.plan import plan_for
+from ddp.dist.group import DistEnv, init_distributed, pick_device, shutdown
+from ddp.noise_scale import NOT_MEASURED, NoiseMeter, meter_for
+from ddp.plan import BatchPlan, plan_for
 from ddp.progress import Progress, epoch_line, final_line, start_lines
 from ddp.resume import finished, load_resume_point, order_of
 from ddp.run_dir import check_writable
@@ -97,20 +98,25 @@ def train(
     )
     auditable = config.trainer.audit_samples and train_loader.indexed
     audit = SampleAudit(plan.num_samples if auditable else 0)
-    audit.resume(resumed, env)  # a resumed epoch's counts so far
+    noise, unmeasured = noise_meter(config, plan, env)  # the gradient noise scale, per epoch
+    counters = {"audit": audit, "noise": noise}  # per-epoch sums a checkpoint carries
+    for counter in filter(None, counters.values()):
+        counter.resume(resumed, env)  # a resumed epoch's sums so far
     checkpoints = Checkpointer(
         run_dir / "checkpoints", config.trainer, config_record, plan, data, training, env,
-        tracker.run_id, audit,
+        tracker.run_id, counters,
     )  # fmt: skip
     autocast = autocast_for(config, device)
     lag = step_lag(config, training, device)  # on a GPU, read a step's totals a step late
-    stepper = Stepper(training, env, autocast, config.trainer.grad_clip, lag)
+    stepper = Stepper(training, env, autocast, config.trainer.grad_clip, lag, noise)
     pipeline = input_pipeline(config, training.model, device)  # uint8 -> float on the device
     plateau = training.plateau
     progress = Progress(
         env.is_main, plan.iterations_per_epoch, plan.global_size, config.trainer.progress
     )
     progress.print(start_lines(plan, env, run_dir, resumed, pos))
+    if unmeasured:
+        progress.print(unmeasured)
     tracker.ready()  # the first write to the run (W&B failing to start stops us before it)
     if env.is_main:
         checkpoint.remove_stale_temporaries(run_dir / "checkpoints")
@@ -158,12 +164,14 @@ def train(
         trained = (plan.iterations_per_epoch - first_step) * plan.global_size
         metrics = epoch_metrics(pos, trained / max(time.perf_counter() - t0, 1e-9))
         metrics.update(audit.finish_epoch(env))
+        if noise is not None and (found := noise.finish_epoch(env)):
+            metrics.update(found.as_metrics())
         metrics.update(evaluate(training.model, val_loader, env, autocast, pipeline))
         event = plateau.update(epoch, metrics[config.plateau.monitor])
         tracker.log_val(epoch, pos.global_step, metrics)
         if event is not None:
             tracker.log_event(epoch, event)
-        progress.print(epoch_line(epoch, metrics, plateau))
+        progress.print(epoch_line(epoch, metrics, plateau, plan.global_size))
         pos.next_epoch()
         checkpoints.save(pos, best=plateau.best_epoch == epoch)
         if collectives.any_rank(plateau.stopped, env):  # every rank leaves the loop together
@@ -206,6 +214,18 @@ EXIT_CODES = {
     "nonfinite_loss": ExitCode.NONFINITE,
     "io_error": ExitCode.BAD_INPUT,
 }
+
+
+def noise_meter(config: Config, plan: BatchPlan, env: DistEnv) -> tuple[NoiseMeter | None, str]:
+    """trainer.noise_scale's meter, or None and the line that says why it is not measured."""
+    if not config.trainer.noise_scale:
+        return None, ""
+    if config.trainer.precision == "fp16":  # scaled gradients, and a scale that moves
+        return None, "noise scale: not measured with trainer.precision=fp16"
+    meter = meter_for(
+        plan.micro_size, plan.accumulate, env.world_size, plan.num_samples, env.device
+    )
+    return meter, NOT_MEASURED if meter is None else ""
 
 
 def read_ahead(batches: Iterator[Batch], count: int) -> Iterator[Batch]:

@@ -43,6 +43,10 @@ def epoch_metrics(run_dir: Path) -> list[tuple[float, float]]:
     return [(r["train/epoch_loss"], r["train/epoch_accuracy"]) for r in records(run_dir, "val")]
 
 
+def noise_scales(run_dir: Path) -> list[float]:
+    return [r["batch/noise_scale"] for r in records(run_dir, "val")]
+
+
 def job_overrides(digits_root: Path, run_root: Path, name: str, *extra: str) -> list[str]:
     """A short digits job with dropout (so RNG state matters), checkpointed every 3 steps,
     every step in metrics.jsonl: 4 epochs of 23 iterations, no early stop, a W&B run."""
@@ -116,8 +120,10 @@ def test_preemption_signal_on_one_rank_checkpoints_exits_and_resumes(job, refere
     assert_bitwise_equal(final_weights(run_dir), final_weights(reference()))
     assert train_steps(run_dir) == list(range(1, 4 * 23 + 1))
     # The resumed epoch's train loss/accuracy are the uninterrupted run's: the epoch sums
-    # carried in the checkpoint are over all ranks, counted once.
+    # carried in the checkpoint are over all ranks, counted once. So is its noise scale
+    # (its norms' sums too; added in another order, hence approx).
     assert epoch_metrics(run_dir) == epoch_metrics(reference())
+    assert noise_scales(run_dir) == pytest.approx(noise_scales(reference()), rel=1e-9)
 
 
 def test_sigterm_single_process_exits_75_with_checkpoint(job, tmp_path):

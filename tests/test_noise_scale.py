@@ -4,13 +4,22 @@ per-sample gradients whose |G|² and tr(Σ) are known exactly."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ddp import checkpoint
+from ddp.data.batch import to_model_input
+from ddp.data.loaders import build_eval_loader
+from ddp.models import MLP
 from ddp.noise_scale import estimate, finite_population
+from tests import harness
+from tests.fixtures import smoke_overrides
 
 
 def population(rng: np.random.Generator, n: int, dim: int, signal: float) -> np.ndarray:
@@ -108,3 +117,59 @@ def test_a_noise_scale_that_cannot_be_told_is_nan():
     assert math.isnan(estimate(3.0, 1.0, 4, 8).noise_scale)  # |G|² < 0
     with pytest.raises(ValueError, match="small batch"):
         estimate(1.0, 1.0, 8, 8)
+
+
+# ---------------------------------------------------------------- the trainer's estimate
+
+
+def exact_noise_scale(model: torch.nn.Module, split: Path) -> tuple[float, float]:
+    """|G|² and tr(Σ) of `model`'s per-example gradients over the whole split, from
+    torch.func (vmap of grad): the values the trainer estimates."""
+    loader = build_eval_loader(split, micro_size=4096, rank=0, world_size=1)
+    (batch,) = list(loader)
+    inputs, targets = to_model_input(batch.inputs), batch.targets
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = torch.func.functional_call(model, p, (x.unsqueeze(0),))
+        return F.cross_entropy(logits, y.unsqueeze(0))
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(
+        params, inputs, targets
+    )
+    flat = torch.cat([g.reshape(len(targets), -1) for g in per_sample.values()], dim=1).double()
+    mean = flat.mean(dim=0)
+    return float(mean @ mean), float(((flat - mean) ** 2).sum(dim=1).mean())
+
+
+FROZEN = ("optim.lr=1e-12", "model.dropout=0.0", "plateau=none", "trainer.max_epochs=12")
+"""A run whose weights do not move: every epoch measures the same gradients."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [0, 2], ids=["one-process-accumulating", "two-processes"])
+def test_the_trainers_noise_scale_matches_per_example_gradients(digits_root, tmp_path, nproc):
+    """The trainer's per-epoch estimates (means over the epochs of a run that does not
+    move its weights) against the exact values at those weights: B_simple within 15%."""
+    out = harness.train(smoke_overrides(digits_root, tmp_path, "frozen", *FROZEN), nproc=nproc)
+    assert out.returncode == 0, out.stderr[-3000:]
+    epochs = harness.records(tmp_path / "frozen", "val")
+    assert len(epochs) == 12 and all("batch/noise_scale" in e for e in epochs)
+    assert "noise scale " in out.stdout and "(global batch 64)" in out.stdout
+    g2 = float(np.mean([e["batch/grad_sq_norm"] for e in epochs]))
+    trace = float(np.mean([e["batch/grad_var"] for e in epochs]))
+    model = MLP(in_features=64, num_classes=10, hidden=[128, 64])
+    state = checkpoint.load(tmp_path / "frozen" / "checkpoints" / "last.pt")
+    model.load_state_dict(state["model"])
+    exact_g2, exact_trace = exact_noise_scale(model, digits_root / "train")
+    assert trace / g2 == pytest.approx(exact_trace / exact_g2, rel=0.15)
+    assert trace == pytest.approx(exact_trace, rel=0.15)
+
+
+@pytest.mark.slow
+def test_one_process_without_accumulation_says_it_does_not_measure(digits_root, tmp_path):
+    extra = ("batch.micro_size=64", "trainer.max_epochs=1")
+    out = harness.train(smoke_overrides(digits_root, tmp_path, "one", *extra), nproc=0)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("noise scale: not measured (one process without accumulation") == 1
+    assert "batch/noise_scale" not in harness.records(tmp_path / "one", "val")[0]

@@ -45,8 +45,26 @@ class StepSums:
         self._host_tensor = torch.zeros(len(host_keys), device=env.device)
         self._reduced: torch.Tensor | None = None
         """Set by the hook: the sums rode on this step's gradients."""
+        self.sq_norms: torch.Tensor | None = None
+        """With `track_norms()`: [this rank's gradient's squared norm before the average,
+        the averaged gradient's after it], summed by the hook over the step's buckets."""
         if env.distributed and ddp_model is not None:
             ddp_model.register_comm_hook(self, _all_reduce_with_sums)
+
+    def track_norms(self) -> None:
+        """Have the hook also measure the gradients' squared norms (for the noise scale)."""
+        self.sq_norms = torch.zeros(2, dtype=torch.float64, device=self._env.device)
+
+    @property
+    def tracks_norms(self) -> bool:
+        return self.sq_norms is not None
+
+    def take_sq_norms(self) -> torch.Tensor:
+        """The step's [local, averaged] squared gradient norms (a copy), zeroed for the next."""
+        assert self.sq_norms is not None
+        taken = self.sq_norms.clone()
+        self.sq_norms.zero_()
+        return taken
 
     def set_host(self, **values: float) -> None:
         """This rank's host values, before the step (copied to the device now, so the
@@ -88,16 +106,26 @@ class StepSums:
 
 def _all_reduce_with_sums(sums, bucket):  # unannotated: DDP checks annotations as objects
     """DDP comm hook (state: the StepSums, bucket: a dist.GradBucket) -> Future[Tensor]."""
-    grads = bucket.buffer().div_(dist.get_world_size())
-    if bucket.index() != 0 or grads.dtype not in (torch.float32, torch.float64):
-        # (half-precision gradients would round the sums: they take the fallback)
-        return dist.all_reduce(grads, async_op=True).get_future().then(lambda f: f.value()[0])
+    grads = bucket.buffer()
+    norms = sums.sq_norms
+    if norms is not None:  # this rank's own gradient, before the average replaces it
+        norms[0] += _sq_norm(grads)
+    grads.div_(dist.get_world_size())
     n = grads.numel()
-    packed = torch.cat([grads, sums._packed(grads.dtype)])
+    # (half-precision gradients would round the sums: they take the fallback)
+    riding = bucket.index() == 0 and grads.dtype in (torch.float32, torch.float64)
+    packed = torch.cat([grads, sums._packed(grads.dtype)]) if riding else grads
 
     def unpack(fut: torch.futures.Future) -> torch.Tensor:
         reduced = fut.value()[0]
-        sums._reduced = reduced[n:].float()
+        if riding:
+            sums._reduced = reduced[n:].float()
+        if norms is not None:
+            norms[1] += _sq_norm(reduced[:n])
         return reduced[:n]  # the gradients must come first: DDP reads them from offset 0
 
     return dist.all_reduce(packed, async_op=True).get_future().then(unpack)
+
+
+def _sq_norm(values: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(values, dtype=torch.float64).square()

@@ -22,7 +22,7 @@ from ddp.state import Position, Training, class_name
 
 class EpochCounter(Protocol):
     """Sums over the unfinished epoch that a checkpoint carries (ddp.audit.SampleAudit,
-    ddp.noise_scale.NoiseMeter): `state` is collective, `resume` restores on rank 0."""
+    ddp.noise_meter.NoiseMeter): `state` is collective, `resume` restores on rank 0."""
 
     def state(self, env: DistEnv) -> Any: ...
 

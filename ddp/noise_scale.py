@@ -32,12 +32,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-
-from ddp.dist import collectives
-from ddp.dist.group import DistEnv
 
 
 def finite_population(batch: float, population: int | None) -> float:
@@ -83,93 +77,49 @@ def estimate(
     return NoiseEstimate(grad_sq_norm=big_sq - c_big * trace, grad_var=trace)
 
 
-class NoiseMeter:
-    """The epoch's squared gradient norms at both batch sizes, summed on the device (no
-    host sync per step), and the estimate from their means at the epoch's end.
-
-    Data-parallel (world > 1): per step, this rank's gradient before the all-reduce (b =
-    micro_size x accumulate samples) and the averaged one after it (B = the global
-    batch), both read by the communication hook bucket by bucket (ddp.dist.step_sums),
-    so no extra pass over the gradients and no extra collective: the ranks' sums meet in
-    one all_reduce per epoch. One process with accumulation: each micro-batch's gradient
-    (b = micro_size, its difference to the accumulated one before it) and the step's
-    (B = the global batch). Only steps whose every sample is real count: a step with
-    padding or skipped bad samples (fewer valid samples than the global batch) or a
-    non-finite loss is left out, so neither biases the estimate.
-    """
-
-    def __init__(self, small: int, big: int, population: int, device: torch.device) -> None:
-        self.small, self.big, self.population = small, big, population
-        self._sums = torch.zeros(3, dtype=torch.float64, device=device)
-        """[sum of |g_small|² over this rank's counted batches, of |g_big|², counted steps]"""
-        self._small = torch.zeros((), dtype=torch.float64, device=device)
-        self._small_count = 0
-        self._big = torch.zeros((), dtype=torch.float64, device=device)
-
-    def add_small(self, sq_norm: torch.Tensor) -> None:
-        """A small batch's squared gradient norm (this rank's, or a micro-batch's)."""
-        self._small += sq_norm.to(torch.float64)
-        self._small_count += 1
-
-    def add_big(self, sq_norm: torch.Tensor) -> None:
-        """The step's averaged gradient's squared norm (equal on every rank)."""
-        self._big += sq_norm.to(torch.float64)
-
-    def end_step(self, counted: torch.Tensor) -> None:
-        """Book the step's norms if `counted` (a device bool: every sample real, the loss
-        finite); either way start the next step from zero."""
-        if self._small_count:
-            mean_small = self._small / self._small_count
-            step = torch.stack([mean_small, self._big, torch.ones_like(self._big)])
-            self._sums += torch.where(counted, step, torch.zeros_like(step))
-        self._small.zero_()
-        self._big.zero_()
-        self._small_count = 0
-
-    def state(self, env: DistEnv) -> dict[str, Any]:
-        """The unfinished epoch's sums over all ranks (every rank calls it), for a checkpoint."""
-        summed = collectives.all_reduce_sum(self._sums.clone(), env).cpu()
-        return {"small": self.small, "big": self.big, "sums": summed}
-
-    def resume(self, state: dict[str, Any] | None, env: DistEnv) -> None:
-        """Continue the sums of the checkpoint's unfinished epoch (held by rank 0 alone,
-        since they are summed over ranks), when its batch sizes are this run's."""
-        saved = state.get("noise") if state else None
-        mid_epoch = state is not None and state["position"]["step_in_epoch"] > 0
-        same = saved is not None and (saved["small"], saved["big"]) == (self.small, self.big)
-        if mid_epoch and same and env.is_main:
-            self._sums.copy_(saved["sums"])
-
-    def finish_epoch(self, env: DistEnv) -> NoiseEstimate | None:
-        """The epoch's estimate (None when no step counted); every rank calls it (one
-        all_reduce)."""
-        summed = collectives.all_reduce_sum(self._sums.clone(), env).tolist()
-        self._sums.zero_()
-        ranks_small, ranks_big, ranks_steps = summed
-        if ranks_steps <= 0:
-            return None
-        # Every rank counted the same steps: the big sums are world_size copies of one value.
-        small_sq, big_sq = ranks_small / ranks_steps, ranks_big / ranks_steps
-        return estimate(small_sq, big_sq, self.small, self.big, self.population)
+LINEAR_FROM = 0.1
+"""Below B_simple the steps to a given loss fall nearly in proportion to the batch; the
+advice starts at this fraction of it (beyond B_simple extra samples buy ever less)."""
 
 
-def meter_for(
-    micro_size: int,
-    accumulate: int,
-    world_size: int,
+def useful_global_batches(noise_scale: float, world_size: int, num_samples: int) -> list[int]:
+    """Global batches from LINEAR_FROM x B_simple to B_simple (capped at the number of
+    samples) that `world_size` processes can run: powers of two times world_size (the
+    nearest one when none falls in the range)."""
+    low, high = LINEAR_FROM * noise_scale, min(noise_scale, num_samples)
+    found, g = [], world_size
+    while g <= high:
+        if g >= low:
+            found.append(g)
+        g *= 2
+    return found or [max(world_size, min(num_samples, int(2 ** round(math.log2(high)))))]
+
+
+def advice(
+    noise_scale: float,
+    epoch: int,
     num_samples: int,
-    device: torch.device,
-) -> NoiseMeter | None:
-    """The meter for a run's plan, or None when it has one batch size only (one process
-    without accumulation: each step's gradient is the only one there is)."""
-    small = micro_size * accumulate if world_size > 1 else micro_size
-    big = micro_size * accumulate * world_size
-    if small >= big:
-        return None
-    return NoiseMeter(small, big, num_samples, device)
-
-
-NOT_MEASURED = (
-    "noise scale: not measured (one process without accumulation has one batch size "
-    "only; run 2 processes, or a batch.micro_size below batch.global_size)"
-)
+    global_size: int,
+    micro_size: int,
+    world_size: int,
+    drop_last: bool,
+) -> str:
+    """What `ddp-plan run=RUN_DIR` prints: the measured B_simple, and per global batch in
+    its useful range the micro-batch, accumulation and iterations per epoch it implies."""
+    lines = [
+        f"measured noise scale B_simple = {noise_scale:,.0f} (epoch {epoch}, global batch "
+        f"{global_size})",
+        "below it, doubling the global batch nearly halves the steps to a given loss; "
+        "above it, extra samples per step are largely wasted",
+        f"global batches from {LINEAR_FROM:g} x B_simple to B_simple on {world_size} process(es):",
+        f"{'global batch':>14} {'micro':>6} {'accumulate':>11} {'iterations/epoch':>17}",
+    ]
+    for g in useful_global_batches(noise_scale, world_size, num_samples):
+        micro = min(micro_size, g // world_size)
+        while g % (micro * world_size):
+            micro -= 1
+        steps = num_samples // g if drop_last else math.ceil(num_samples / g)
+        mark = "  <- this run" if g == global_size else ""
+        accumulate = g // (micro * world_size)
+        lines.append(f"{g:>14} {micro:>6} {accumulate:>11} {steps:>17}{mark}")
+    return "\n".join(lines)

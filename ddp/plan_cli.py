@@ -2,6 +2,7 @@
 
     ddp-plan experiment=digits world_size=8
     ddp-plan batch.global_size=100 batch.micro_size=10 world_size=2 num_samples=1000 --json
+    ddp-plan run=runs/digits world_size=8    # which global batch: the run's noise scale
 
 Arithmetic on a config and a manifest: no torch import (it starts in a fraction of
 the trainer's time).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
@@ -19,19 +21,26 @@ from ddp.compose import compose
 from ddp.data.splits import train_samples
 from ddp.dist.env import detect
 from ddp.dist.exit import ExitCode
+from ddp.noise_scale import advice
 from ddp.plan import PlanError, plan_for
 from ddp.shards.manifest import DataError
+from ddp.tracking.metrics_file import METRICS_FILE, read_records
 from ddp.validate import ConfigError
 
-USAGE = "usage: ddp-plan [--json] [world_size=N] [num_samples=N] [hydra overrides ...]"
+USAGE = (
+    "usage: ddp-plan [--json] [world_size=N] [num_samples=N] [hydra overrides ...]\n"
+    "       ddp-plan run=RUN_DIR [world_size=N]"
+)
 
 
-def parse(argv: list[str]) -> tuple[bool, int | None, int | None, list[str]]:
-    as_json, world_size, num_samples, overrides = False, None, None, []
+def parse(argv: list[str]) -> tuple[bool, int | None, int | None, list[str], str | None]:
+    as_json, world_size, num_samples, overrides, run = False, None, None, [], None
     for arg in argv:
         key, _, value = arg.partition("=")
         if arg == "--json":
             as_json = True
+        elif key == "run":
+            run = value
         elif arg in ("-h", "--help"):
             print(USAGE)
             sys.exit(0)
@@ -44,7 +53,37 @@ def parse(argv: list[str]) -> tuple[bool, int | None, int | None, list[str]]:
                 num_samples = int(value)
         else:
             overrides.append(arg)
-    return as_json, world_size, num_samples, overrides
+    return as_json, world_size, num_samples, overrides, run
+
+
+def run_advice(run_dir: Path, world_size: int | None) -> str:
+    """The noise scale a finished (or running) run measured, and the global batches it
+    recommends; ConfigError naming the run when it measured none."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        raise ConfigError(f"run={run_dir}: no {METRICS_FILE} there (is it a run directory?)")
+    records = read_records(path)
+    plan = next((r for r in records if r.get("kind") == "plan"), None)
+    measured = [
+        r
+        for r in records
+        if r.get("kind") == "val" and isinstance(r.get("batch/noise_scale"), (int, float))
+    ]
+    if plan is None or not measured:
+        raise ConfigError(
+            f"run={run_dir}: no noise scale measured yet (it needs a finished epoch, "
+            "trainer.noise_scale=true, and 2 processes or accumulation)"
+        )
+    last = measured[-1]
+    return advice(
+        last["batch/noise_scale"],
+        last["epoch"],
+        plan["num_samples"],
+        plan["global_size"],
+        plan["micro_size"],
+        world_size or plan["world_size"],
+        plan["drop_last"],
+    )
 
 
 def fail(message: str) -> None:
@@ -54,7 +93,12 @@ def fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        as_json, world_size, num_samples, overrides = parse(sys.argv[1:] if argv is None else argv)
+        as_json, world_size, num_samples, overrides, run = parse(
+            sys.argv[1:] if argv is None else argv
+        )
+        if run is not None:
+            print(run_advice(Path(run), world_size))
+            return
         config = compose(overrides)
         if num_samples is None:
             num_samples = train_samples(config.data)  # the trainer's own lookup

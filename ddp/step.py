@@ -23,7 +23,7 @@ from ddp.data.batch import Batch
 from ddp.dist import collectives
 from ddp.dist.group import DistEnv
 from ddp.dist.step_sums import StepSums
-from ddp.noise_scale import NoiseMeter
+from ddp.noise_meter import NoiseMeter
 from ddp.state import EPOCH_SUMS, Position, Training
 
 DEVICE_SUMS = ("loss", "correct", "count")

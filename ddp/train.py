@@ -41,7 +41,7 @@ from ddp.dist.agreement import check_same_job
 from ddp.dist.env import detect
 from ddp.dist.exit import ExitCode, retire
 from ddp.dist.group import DistEnv, init_distributed, pick_device, shutdown
-from ddp.noise_scale import NOT_MEASURED, NoiseMeter, meter_for
+from ddp.noise_meter import NOT_MEASURED, NoiseMeter, meter_for
 from ddp.plan import BatchPlan, plan_for
 from ddp.progress import Progress, epoch_line, final_line, start_lines
 from ddp.resume import finished, load_resume_point, order_of

@@ -4,6 +4,7 @@ per-sample gradients whose |G|² and tr(Σ) are known exactly."""
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from ddp import checkpoint
 from ddp.data.batch import to_model_input
 from ddp.data.loaders import build_eval_loader
 from ddp.models import MLP
-from ddp.noise_scale import estimate, finite_population
+from ddp.noise_scale import advice, estimate, finite_population
 from tests import harness
 from tests.fixtures import smoke_overrides
 
@@ -173,3 +174,33 @@ def test_one_process_without_accumulation_says_it_does_not_measure(digits_root, 
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("noise scale: not measured (one process without accumulation") == 1
     assert "batch/noise_scale" not in harness.records(tmp_path / "one", "val")[0]
+
+
+# ---------------------------------------------------------------- which global batch
+
+
+def test_the_advice_spans_a_tenth_of_the_noise_scale_to_the_noise_scale():
+    text = advice(188.0, 3, 1438, 64, 32, 8, drop_last=False)
+    rows = [line.split() for line in text.splitlines()[4:]]
+    assert [int(r[0]) for r in rows] == [32, 64, 128]  # 18.8 .. 188, multiples of 8
+    assert [int(r[3]) for r in rows] == [45, 23, 12]  # ceil(1438 / G)
+    assert [(int(r[1]), int(r[2])) for r in rows] == [(4, 1), (8, 1), (16, 1)]
+    assert rows[1][-3:] == ["<-", "this", "run"]
+    assert "B_simple = 188 (epoch 3, global batch 64)" in text
+
+
+@pytest.mark.slow
+def test_ddp_plan_advises_from_a_runs_noise_scale(digits_root, tmp_path):
+    out = harness.train(
+        smoke_overrides(digits_root, tmp_path, "r", "trainer.max_epochs=1"), nproc=0
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (epoch,) = harness.records(tmp_path / "r", "val")
+    plan = harness.run(
+        [sys.executable, "-m", "ddp.plan_cli", f"run={tmp_path / 'r'}", "world_size=4"]
+    )
+    assert plan.returncode == 0, plan.stderr
+    assert f"B_simple = {epoch['batch/noise_scale']:,.0f} (epoch 0, global batch 64)" in plan.stdout
+    assert "on 4 process(es)" in plan.stdout and "<- this run" in plan.stdout
+    missing = harness.run([sys.executable, "-m", "ddp.plan_cli", f"run={tmp_path}"])
+    assert missing.returncode == 2 and missing.stderr.startswith("error: run=")

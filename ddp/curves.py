@@ -35,7 +35,8 @@ def matplotlib_figure():
 
 
 def epoch_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One dict per validated epoch: val/* from the val record, train/* averaged over the epoch.
+    """One dict per validated epoch: val/* and batch/* (the noise scale) from the val record,
+    train/* averaged over the epoch.
 
     Train metrics of the epoch's steps are averaged; a train/* key in the val record (an exact
     epoch value from the trainer, train/epoch_loss counting as train/loss) wins over that average.
@@ -56,6 +57,7 @@ def epoch_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row.update(exact)
         row.update({EPOCH_ALIASES[k]: v for k, v in exact.items() if k in EPOCH_ALIASES})
         row.update(_metrics(rec, "val/"))
+        row.update(_metrics(rec, "batch/"))
         by_epoch[epoch] = row  # a re-run epoch (after a resume) replaces the earlier one
     return [by_epoch[e] for e in sorted(by_epoch)]
 

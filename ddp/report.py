@@ -10,11 +10,12 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ddp.curves import best_of, epoch_records, matplotlib_figure
+from ddp.curves import best_of, epoch_records, finite, matplotlib_figure
+from ddp.sweep_fit import TradeOff, fit_trade_off, steps_to_target
 from ddp.tracking.metrics_file import METRICS_FILE, read_records
 
 SWEEP_PLOT = "sweep.png"
@@ -44,6 +45,18 @@ class RunSummary:
     """The W&B group: the sweep directory's name for the runs of one sweep."""
     monitor: str
     path: Path
+    higher_is_better: bool = True
+    steps_to_target: float | None = None
+    """Optimizer steps to reach the sweep's validation target (interpolated), if reached."""
+    noise_scale: float | None = None
+    """The noise scale B_simple measured at the epoch that reached the target (else the
+    last measured)."""
+
+    @property
+    def samples_to_target(self) -> float | None:
+        if self.steps_to_target is None or self.global_batch is None:
+            return None
+        return self.steps_to_target * self.global_batch
 
 
 def find_run_dirs(roots: list[Path]) -> list[Path]:
@@ -77,6 +90,7 @@ def summarize(run_dir: Path, name: str | None = None) -> RunSummary:
     else:  # unfinished or killed run: the best validation record so far
         best, best_epoch = best_of(records, monitor, mode)
     return RunSummary(
+        higher_is_better=mode == "max",
         name=name or run_dir.name,
         global_batch=plan.get("global_size"),
         iterations_per_epoch=plan.get("iterations_per_epoch"),
@@ -124,10 +138,81 @@ COLUMNS = (
     ("best epoch", "best_epoch", "{:d}"),
     ("wall time (s)", "wall_time_s", "{:.1f}"),
     ("samples/s", "samples_per_s", "{:.1f}"),
+    ("steps to target", "steps_to_target", "{:.0f}"),
+    ("samples to target", "samples_to_target", "{:,.0f}"),
+    ("noise scale", "noise_scale", "{:,.0f}"),
     ("stop", "stop_reason", "{}"),
     ("diagnosis", "verdict", "{}"),
     ("W&B name", "run_name", "{}"),
 )
+
+
+@dataclass(frozen=True)
+class SweepFit:
+    """The sweep's common target, and the trade-off fitted to the steps each run took."""
+
+    target: float
+    monitor: str
+    trade_off: TradeOff | None
+    noise_scale: float | None
+    """The median of the runs' measured B_simple (None: none measured)."""
+
+    def lines(self) -> list[str]:
+        said = [f"target: {self.monitor} {self.target:.4f} (the worst run's best, or --target)"]
+        if self.trade_off is None:
+            said.append(
+                "fit (S/S_min - 1)(E/E_min - 1) = 1: none (needs 3 or more runs that reach the "
+                "target, whose steps fall as the global batch grows: extend the batch sizes)"
+            )
+        else:
+            t = self.trade_off
+            said.append(
+                f"fit (S/S_min - 1)(E/E_min - 1) = 1: S_min {t.min_steps:,.1f} steps, E_min "
+                f"{t.min_samples:,.0f} samples, critical batch B_crit = E_min/S_min = "
+                f"{t.critical_batch:,.0f}"
+            )
+        if self.noise_scale is not None:
+            said.append(
+                f"measured noise scale B_simple (median over the runs): {self.noise_scale:,.0f}"
+            )
+        return said
+
+
+def fit_sweep(
+    rows: list[RunSummary], target: float | None = None
+) -> tuple[list[RunSummary], SweepFit | None]:
+    """The rows with their steps to the target (default: the worst run's best) and noise
+    scale, and the fit over those that reached it."""
+    bests = [r.best for r in rows if isinstance(r.best, (int, float))]
+    if not bests:
+        return rows, None
+    higher = rows[0].higher_is_better
+    if target is None:
+        target = min(bests) if higher else max(bests)
+    filled = []
+    for row in rows:
+        epochs = epoch_records(read_records(row.path / METRICS_FILE))
+        steps = steps_to_target(epochs, row.monitor, target, higher)
+        filled.append(
+            replace(row, steps_to_target=steps, noise_scale=_noise_at(epochs, row, target))
+        )
+    reached = [r for r in filled if r.steps_to_target and r.global_batch]
+    trade_off = fit_trade_off(
+        [r.global_batch for r in reached], [r.steps_to_target for r in reached]
+    )
+    scales = sorted(r.noise_scale for r in filled if r.noise_scale is not None)
+    median = scales[len(scales) // 2] if scales else None
+    return filled, SweepFit(target, rows[0].monitor, trade_off, median)
+
+
+def _noise_at(epochs: list[dict[str, Any]], row: RunSummary, target: float) -> float | None:
+    """B_simple at the first epoch that reached the target, else the last measured."""
+    sign = 1.0 if row.higher_is_better else -1.0
+    measured = [e for e in epochs if finite(e.get("batch/noise_scale"))]
+    for e in measured:
+        if finite(e.get(row.monitor)) and sign * (e[row.monitor] - target) >= 0:
+            return e["batch/noise_scale"]
+    return measured[-1]["batch/noise_scale"] if measured else None
 
 
 def format_table(rows: list[RunSummary]) -> str:
@@ -157,15 +242,17 @@ def _cell(value: Any, fmt: str) -> str:
     return fmt.format(value)
 
 
-def plot_sweep(rows: list[RunSummary], out_path: Path) -> Path:
-    """Validation metric vs epoch and vs global step, one line per run, labelled by batch.
+def plot_sweep(rows: list[RunSummary], out_path: Path, fit: SweepFit | None = None) -> Path:
+    """Validation metric vs epoch and vs global step, one line per run, labelled by batch;
+    with a fit, a third panel: steps to the target against the global batch, the fitted
+    trade-off, B_crit from the fit and B_simple from the runs.
 
     A star marks each run's best epoch: the left panel compares epochs (samples seen), the
-    right one optimizer updates, which is where a larger global batch saves time.
+    middle one optimizer updates, which is where a larger global batch saves time.
     """
     Figure, MaxNLocator = matplotlib_figure()
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    by_epoch, by_step = fig.subplots(1, 2)
+    fig = Figure(figsize=(16 if fit else 11, 4), layout="constrained")
+    by_epoch, by_step, *rest = fig.subplots(1, 3 if fit else 2)
     for row in sorted(rows, key=lambda r: (r.global_batch or 0, r.name)):
         epochs = epoch_records(read_records(row.path / METRICS_FILE))
         points = [(e["epoch"], e["step"], e[row.monitor]) for e in epochs if row.monitor in e]
@@ -190,8 +277,36 @@ def plot_sweep(rows: list[RunSummary], out_path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
+    if fit is not None:
+        _plot_trade_off(rest[0], rows, fit)
     fig.savefig(out_path, dpi=100)
     return out_path
+
+
+def _plot_trade_off(ax, rows: list[RunSummary], fit: SweepFit) -> None:
+    reached = sorted((r.global_batch, r.steps_to_target) for r in rows if r.steps_to_target)
+    ax.loglog([b for b, _ in reached], [s for _, s in reached], "o", label="runs")
+    if fit.trade_off is not None and reached:
+        lo, hi = reached[0][0] / 2, reached[-1][0] * 2
+        grid = [lo * (hi / lo) ** (i / 50) for i in range(51)]
+        ax.loglog(grid, [fit.trade_off.steps(b) for b in grid], "-", label="fit S_min(1+B_crit/B)")
+        ax.axvline(
+            fit.trade_off.critical_batch,
+            linestyle="--",
+            color="C2",
+            label=(f"B_crit (fit) {fit.trade_off.critical_batch:,.0f}"),
+        )
+    if fit.noise_scale is not None:
+        ax.axvline(
+            fit.noise_scale,
+            linestyle=":",
+            color="C3",
+            label=(f"B_simple (measured) {fit.noise_scale:,.0f}"),
+        )
+    ax.set_xlabel("global batch")
+    ax.set_ylabel(f"steps to {fit.monitor} {fit.target:.3f}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
 
 
 def _display_name(run_dir: Path, roots: list[Path]) -> str:
@@ -207,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("dirs", nargs="+", type=Path, help="a sweep (multirun) dir or run dirs")
     parser.add_argument("--out", type=Path, help=f"comparison plot (default DIR/{SWEEP_PLOT})")
+    parser.add_argument(
+        "--target",
+        type=float,
+        help="validation target for steps to target (default: the worst run's best)",
+    )
     args = parser.parse_args(argv)
     missing = [d for d in args.dirs if not d.exists()]
     if missing:
@@ -220,10 +340,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     rows = [summarize(d, _display_name(d, args.dirs)) for d in run_dirs]
+    rows, fit = fit_sweep(rows, args.target)
     print(format_table(rows))
+    if fit is not None:
+        print("\n" + "\n".join(fit.lines()))
     out = args.out or args.dirs[0] / SWEEP_PLOT
     out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"\nplot: {plot_sweep(rows, out)}")
+    print(f"\nplot: {plot_sweep(rows, out, fit)}")
     return 0
 
 

@@ -19,6 +19,7 @@ from ddp.data.batch import to_model_input
 from ddp.data.loaders import build_eval_loader
 from ddp.models import MLP
 from ddp.noise_scale import advice, estimate, finite_population
+from ddp.sweep_fit import fit_trade_off, steps_to_target
 from tests import harness
 from tests.fixtures import smoke_overrides
 
@@ -204,3 +205,39 @@ def test_ddp_plan_advises_from_a_runs_noise_scale(digits_root, tmp_path):
     assert "on 4 process(es)" in plan.stdout and "<- this run" in plan.stdout
     missing = harness.run([sys.executable, "-m", "ddp.plan_cli", f"run={tmp_path}"])
     assert missing.returncode == 2 and missing.stderr.startswith("error: run=")
+
+
+# ---------------------------------------------------------------- the sweep's trade-off
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    min_steps=st.floats(1.0, 1e4),
+    critical=st.floats(1.0, 1e5),
+    batches=st.lists(st.integers(1, 1 << 16), min_size=3, max_size=8, unique=True),
+)
+def test_the_fit_recovers_the_critical_batch_of_an_exact_trade_off(min_steps, critical, batches):
+    """Points on S = S_min (1 + B_crit / B) give back S_min, E_min and B_crit."""
+    steps = [min_steps * (1 + critical / b) for b in batches]
+    fit = fit_trade_off(batches, steps)
+    assert fit is not None
+    assert fit.min_steps == pytest.approx(min_steps, rel=1e-6)
+    assert fit.critical_batch == pytest.approx(critical, rel=1e-6)
+    assert all(
+        fit.steps(b) == pytest.approx(s, rel=1e-9) for b, s in zip(batches, steps, strict=True)
+    )
+
+
+def test_no_fit_where_the_steps_do_not_fall_with_the_batch():
+    assert fit_trade_off([16, 32], [100.0, 50.0]) is None  # two points
+    assert fit_trade_off([16, 32, 64], [10.0, 20.0, 40.0]) is None  # E_min < 0
+    assert fit_trade_off([16, 32, 64], [100.0, 50.0, 25.0]) is None  # S_min = 0: all linear
+
+
+def test_steps_to_target_interpolates_between_validations():
+    epochs = [{"step": 10, "acc": 0.5}, {"step": 20, "acc": 0.7}, {"step": 30, "acc": 0.9}]
+    assert steps_to_target(epochs, "acc", 0.6) == pytest.approx(15.0)
+    assert steps_to_target(epochs, "acc", 0.4) == 10.0  # already at the first validation
+    assert steps_to_target(epochs, "acc", 0.95) is None
+    losses = [{"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.0}]
+    assert steps_to_target(losses, "loss", 1.5, higher_is_better=False) == pytest.approx(15.0)

@@ -59,12 +59,9 @@ def sweep(tmp_path) -> Path:
 
 
 def table_rows(stdout: str) -> dict[str, list[str]]:
-    lines = stdout.splitlines()
-    return {
-        line.split()[0]: line.split()
-        for line in lines[2:]
-        if line.strip() and not line.startswith("plot")
-    }
+    """The table's rows by run name: the lines after its header, up to the first blank one."""
+    table = stdout.split("\n\n")[0].splitlines()
+    return {line.split()[0]: line.split() for line in table[2:] if line.strip()}
 
 
 def test_finds_runs_by_their_plan_record(sweep):
@@ -95,6 +92,18 @@ def test_table_matches_the_metrics_files(sweep, capsys):
             assert float(row[7]) == 2000.0
 
 
+def test_steps_to_the_worst_runs_best_are_interpolated_between_validations(sweep, capsys):
+    """Target 0.58, the worst run's best. Run 0 (G=5, 40 steps an epoch) validates 0.5 at
+    step 40 and 0.6 at step 80: it crosses 0.58 at step 72 (360 samples); run 1 (G=20)
+    reaches it at its fourth validation, step 40 (800 samples). Two runs: no fit."""
+    assert main([str(sweep)]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert rows["0"][8:10] == ["72", "360"] and rows["1"][8:10] == ["40", "800"]
+    assert "target: val/accuracy 0.5800 (the worst run's best" in out
+    assert "fit (S/S_min - 1)(E/E_min - 1) = 1: none" in out
+
+
 def test_writes_one_comparison_plot(sweep, tmp_path):
     assert main([str(sweep)]) == 0
     assert (sweep / SWEEP_PLOT).stat().st_size > 1000
@@ -118,8 +127,8 @@ def test_table_shows_stop_reason_diagnosis_and_wandb_name(sweep, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[-4:] == ["stop", "diagnosis", "W&B", "name"]
     rows = table_rows("\n".join(lines))
-    assert rows["0"][8].startswith("plateau:") and rows["0"][-1] == "0"  # name: the dir's
-    assert rows["1"][8] == "-"  # the fake run ran out of epochs: no stop reason given
+    assert rows["0"][11].startswith("plateau:") and rows["0"][-1] == "0"  # name: the dir's
+    assert rows["1"][11] == "-"  # the fake run ran out of epochs: no stop reason given
 
 
 def test_best_is_the_summarys_when_the_run_finished(tmp_path, capsys):
@@ -132,7 +141,7 @@ def test_best_is_the_summarys_when_the_run_finished(tmp_path, capsys):
         tr.summary(best_value=0.8, best_epoch=1, stop_reason="max_epochs")
     assert main([str(tmp_path / "sweep")]) == 0
     row = table_rows(capsys.readouterr().out)["0"]
-    assert row[4:6] == ["0.8000", "1"] and row[8] == "max_epochs"
+    assert row[4:6] == ["0.8000", "1"] and row[11] == "max_epochs"
     assert row[-1] == "exp-batch.global_size=5"
 
 

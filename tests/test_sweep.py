@@ -158,7 +158,12 @@ def test_report_table_matches_the_metrics_files(sweep):
             summary["diagnosis"]["verdict"],
             plan["run_name"],
         ]
-        assert rows[run_dir.name] == expected
+        row = rows[run_dir.name]
+        steps, samples, noise = row[8:11]
+        assert row[:8] + row[11:] == expected
+        # Steps to the worst point's best, the samples they took, the noise scale measured.
+        assert abs(float(steps) * batch - float(samples.replace(",", ""))) <= batch
+        assert float(noise.replace(",", "")) > 0
     assert (sweep / "sweep.png").stat().st_size > 1000
 
 

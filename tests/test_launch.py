@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -252,6 +253,30 @@ def test_a_killed_rank_is_named_and_the_survivor_says_one_line(digits_root, tmp_
     assert lost.startswith(f"error: lost rank 1 on host {host} (connection "), lost
     assert lost.endswith(f"rank 0 on host {host} stops (exit 4, peer lost)"), lost
     assert "Traceback" not in out.stderr and "Error executing job" not in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_train_sh_ends_with_the_trainers_code_and_make_train_with_makes(nan_root, tmp_path):
+    """launch/train.sh, which `make train` runs, exits with the trainer's code (here 3, a
+    non-finite loss); make itself exits 2 (GNU make, whatever failed) and names it."""
+    up_to_date = harness.run(["make", "-q", ".venv/.ddp-installed"], timeout=30)
+    if up_to_date.returncode != 0:
+        pytest.skip("the .venv is not up to date with pyproject.toml: make train would install")
+    overrides = [
+        f"data.root={nan_root}",
+        f"run.root={tmp_path}",
+        "trainer.nonfinite=stop",
+        "logger.curves=false",
+    ]
+    env = {"NPROC": "1"}
+    script = harness.run([str(LAUNCH / "train.sh"), *overrides, "run.name=sh"], **env)
+    assert script.returncode == 3, script.stderr[-3000:]
+    last = script.stderr.strip().splitlines()[-1]
+    assert re.match(r"\[ddp\.launch\] rank 0 \(host \S+\) exited with 3 \(nonfinite\)", last), last
+    args = " ".join([*overrides, "run.name=make"])
+    made = harness.run(["make", "--no-print-directory", "train", f"ARGS={args}"], **env)
+    assert made.returncode == 2, made.stderr[-3000:]
+    assert made.stderr.strip().splitlines()[-1].endswith("train] Error 3"), made.stderr[-3000:]
 
 
 def failures(*ended: tuple[int, int, int]) -> dict[int, ProcessFailure]:

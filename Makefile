@@ -27,10 +27,12 @@ $(STAMP): pyproject.toml
 data: setup
 	test -f data/digits/train/manifest.json || $(BIN)/ddp-shards prepare digits --out data/digits
 
-# The exit code is the trainer's (0 done, 2 bad input, 3 non-finite, 75 preempted,
-# 130 interrupted); running it again continues the same run (runs/digits).
+# Running it again continues the same run (runs/digits). GNU make exits 2 after any
+# failed recipe, printing the trainer's code in its `Error N` line (0 done, 2 bad input,
+# 3 non-finite, 4 peer lost, 75 preempted, 130 interrupted): launch/train.sh is the
+# same command and exits with that code itself.
 train: data
-	DDP_PYTHON=$(BIN)/python NPROC=$(NPROC) launch/local.sh experiment=digits $(ARGS)
+	DDP_PYTHON=$(BIN)/python NPROC=$(NPROC) launch/train.sh $(ARGS)
 
 # DDP_TEST_SLURM=1: the SLURM tests may start the local one-node cluster (as root;
 # slurm/cluster.sh installs Debian's packages); elsewhere they skip with the reason.

@@ -21,7 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ddp.checkpoint import CheckpointError
 from ddp.compose import CONF_DIR, register, to_config
-from ddp.dist.exit import ExitCode, exit_process
+from ddp.dist.exit import ExitCode, end_with_launcher, exit_process
+from ddp.dist.lost_peer import peer_lost_line
 from ddp.dist.say_once import say_error
 from ddp.plan import PlanError
 from ddp.run_dir import remove_if_empty
@@ -52,6 +53,11 @@ def _hydra_entry(cfg: DictConfig) -> None:
         say_error(f"{exc.filename or run_dir}: {exc.strerror or exc}")
         remove_if_empty(run_dir)
         code = ExitCode.BAD_INPUT
+    except RuntimeError as exc:  # a collective whose peer went away: one line, no traceback
+        if (line := peer_lost_line(exc, cfg.trainer.timeout_s)) is None:
+            raise
+        say_error(line.removeprefix("error: "))  # one survivor's line, not one per survivor
+        code = ExitCode.PEER_LOST
     if code != ExitCode.OK:
         sys.exit(int(code))  # Hydra returns nothing: the exit code travels as SystemExit
 
@@ -73,6 +79,7 @@ def keep_freed_memory() -> None:
 
 
 def main() -> None:
+    end_with_launcher()
     keep_freed_memory()
     # Hydra's own errors (an unknown key, a wrong type, a run directory it cannot make)
     # then reach us as exceptions instead of a message and exit code 1.

@@ -21,6 +21,7 @@ import torch
 from ddp.dist import collectives
 from ddp.dist.env import Launch, detect
 from ddp.dist.group import init_distributed, shutdown
+from ddp.dist.lost_peer import LostPeer, lost_peer, lost_peer_line
 from tests import harness
 from tests.distributed import run_distributed_test
 from tests.workers import trial
@@ -131,3 +132,100 @@ def test_crash_under_torchrun_restarts_and_completes() -> None:
     seen = job.ranks_done()
     assert sorted(seen) == [0, 1], job.stdout
     assert all(seen[r]["attempt"] == 1 for r in (0, 1))
+
+
+# ---------------------------------------------------------------- a lost peer
+
+
+RESET = (  # rank 1 SIGKILLed during the DDP all-reduce (the comm hook wraps gloo's error)
+    "Got the following error when running the callback: RuntimeError: [/__w/pytorch/pytorch/"
+    "third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:37578: "
+    "Connection reset by peer. This is typically caused by a remote worker hanging or bugs in "
+    "the application. Check the logs of the remote worker before reporting an error. GLHF! 🏖️"
+)
+CLOSED = (  # rank 1 SIGKILLed before an all_reduce, barrier or broadcast_object_list
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed "
+    "by peer [127.0.0.1]:32431. This is typically caused by a remote worker crashing. Check "
+    "the logs of the remote worker before reporting an error. GLHF! 🏖️"
+)
+RECV_TIMEOUT = (  # rank 1 SIGSTOPped, process group timeout 5 s
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+    "waiting 5000ms for recv operation to complete"
+)
+SEND_TIMEOUT = (  # the same in all_gather_object
+    "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:129] Timed "
+    "out waiting 3000ms for send operation to complete"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            RESET,
+            LostPeer(stuck=False, address="127.0.0.1:37578", reason="connection reset by peer"),
+        ),
+        (
+            CLOSED,
+            LostPeer(stuck=False, address="127.0.0.1:32431", reason="connection closed by peer"),
+        ),
+        (
+            "[/x/pair.cc:589] Write error [10.0.0.2]:4242: Broken pipe. GLHF",
+            LostPeer(stuck=False, address="10.0.0.2:4242", reason="broken pipe"),
+        ),
+        (
+            RECV_TIMEOUT,
+            LostPeer(
+                stuck=True, address=None, reason="timed out waiting 5000ms for recv operation"
+            ),
+        ),
+        (
+            SEND_TIMEOUT,
+            LostPeer(
+                stuck=True, address=None, reason="timed out waiting 3000ms for send operation"
+            ),
+        ),
+        ("DataLoader worker (pid 4242) is killed by signal: Killed.", None),
+        ("mat1 and mat2 shapes cannot be multiplied (16x64 and 32x10)", None),
+        ("DataLoader timed out after 5 seconds", None),
+    ],
+)
+def test_a_lost_peer_is_told_from_other_errors(text, expected):
+    assert lost_peer(RuntimeError(text)) == expected
+
+
+def test_a_lost_peer_is_found_in_what_an_error_was_raised_from():
+    try:
+        try:
+            raise RuntimeError(CLOSED)
+        except RuntimeError as gloo:
+            raise ValueError("the step's sums could not be read") from gloo
+    except ValueError as exc:
+        assert lost_peer(exc).reason == "connection closed by peer"
+
+
+@pytest.mark.parametrize(
+    ("text", "launch", "line"),
+    [
+        (
+            RESET,
+            Launch("torchrun", rank=0, local_rank=0, world_size=2, local_world_size=2),
+            "error: lost rank 1 on host h (connection reset by peer [127.0.0.1:37578]: it crashed "
+            "or was killed, see its output); rank 0 on host h stops (exit 4, peer lost)",
+        ),
+        (
+            RECV_TIMEOUT,
+            Launch("torchrun", rank=1, local_rank=1, world_size=2, local_world_size=2),
+            "error: lost rank 0 on host h (no answer within trainer.timeout_s=5: it is stuck or "
+            "gone); rank 1 on host h stops (exit 4, peer lost)",
+        ),
+        (  # 4 ranks on 2 hosts: which rank is not known here, its address is
+            CLOSED.replace("127.0.0.1", "10.0.0.2"),
+            Launch("torchrun", rank=3, local_rank=1, world_size=4, local_world_size=2),
+            "error: lost a peer at 10.0.0.2:32431 (connection closed by peer: it crashed or was "
+            "killed, see its output); rank 3 on host h stops (exit 4, peer lost)",
+        ),
+    ],
+)
+def test_the_survivor_names_the_peer_it_lost_as_far_as_it_knows(text, launch, line):
+    assert lost_peer_line(lost_peer(RuntimeError(text)), launch, "h", timeout_s=5) == line

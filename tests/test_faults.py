@@ -290,19 +290,32 @@ def test_nonfinite_loss_can_skip_the_step(job, nan_root, tmp_path):
 
 
 def test_a_stuck_peer_ends_the_job_within_the_timeout(job, tmp_path):
+    """Rank 1 stopped (SIGSTOP): rank 0 gives up after trainer.timeout_s with one line and
+    exit 4; torch's agent ends rank 1 (SIGTERM, then SIGKILL 30 s later); the launcher
+    names rank 1 as the cause."""
     # No W&B start on rank 0 (a thread importing wandb): on a loaded machine it delayed
     # rank 0 past the 5 s timeout in a start-up collective, before any peer was stopped.
     overrides = job(
         "stuck", "logger=none", "trainer.timeout_s=5", "plateau=none", "trainer.max_epochs=100000"
     )
-    job_run = harness.start(harness.trainer(overrides))
+    launch = [sys.executable, "-m", "ddp.launch", "--standalone", "--nproc-per-node=2"]
+    job_run = harness.start([*launch, "-m", "ddp.train", *overrides])
     job_run.wait_for_file(tmp_path / "stuck" / "checkpoints" / "last.pt")
     job_run.worker(rank=1).suspend()  # SIGSTOP; the harness's SIGKILL ends it
     t0 = time.monotonic()
     out = job_run.finish(timeout=90)
-    assert out.returncode != 0
     assert time.monotonic() - t0 < 60
-    assert "trainer.timeout_s=5" in out.stderr  # the message says what happened
+    assert out.returncode == 128 + signal.SIGKILL, out.stderr[-3000:]
+    host = socket.gethostname()
+    (lost,) = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert lost.startswith(f"error: lost rank 1 on host {host} (no answer within "), lost
+    assert "trainer.timeout_s=5" in lost  # the message says what happened
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"[ddp.launch] rank 1 (host {host}) stopped responding: rank 0 gave up on it (exit 4, "
+        "peer lost), then it was killed by SIGKILL"
+    ), out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
 
 
 @contextlib.contextmanager

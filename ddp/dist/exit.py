@@ -11,14 +11,20 @@ destroy_process_group does not join these threads (the process group lives on wh
 DDP references it) and a barrier only produces one more such work object.
 `exit_process` runs the Python exit handlers and then leaves with os._exit, so no
 interpreter finalization races the workers.
+
+A worker of `python -m ddp.launch` also ends when its launcher does (`end_with_launcher`):
+a launcher killed outright (SIGKILL, the OOM killer) leaves no worker training on,
+holding the run directory.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import enum
 import logging
 import os
+import signal
 import sys
 from typing import Any, NoReturn
 
@@ -38,6 +44,44 @@ class ExitCode(enum.IntEnum):
     """EX_TEMPFAIL: a checkpoint was written on request; run again (requeue) to continue."""
     INTERRUPTED = 130
     """Ctrl-C (SIGINT, 128 + 2, as shells report it): a checkpoint was written; run again."""
+
+
+LAUNCHER_PID = "DDP_LAUNCHER_PID"
+"""Set by `python -m ddp.launch` in its workers' environment: its own pid."""
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def end_with_launcher() -> None:
+    """A worker started by `python -m ddp.launch` gets SIGTERM when the launcher dies.
+
+    SIGTERM, not SIGKILL: the workers, which all get it at once, agree to stop at the
+    next step boundary, checkpoint and exit 75, as if preempted; a worker still starting
+    up (no handler yet) simply ends. Linux only (prctl PR_SET_PDEATHSIG), and only for
+    the launcher's own children: the variable is removed here, so this process's own
+    children (DataLoader workers, tools) neither inherit it nor take the launcher for
+    their parent. The launcher starts its workers from its main thread, which lives as
+    long as it does (the kernel sends the signal when the parent *thread* ends).
+    """
+    launcher = os.environ.pop(LAUNCHER_PID, None)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    parent = int(launcher)
+    if os.getppid() != parent and _alive(parent):  # started by a worker, not by the launcher
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # it died while this process started up
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: the pid was reused
+        pass
+    return True
 
 
 _retired: list[Any] = []

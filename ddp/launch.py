@@ -30,7 +30,7 @@ from torch.distributed.run import parse_args, run
 
 from ddp.dist.exit import ExitCode
 from ddp.dist.network import this_host, wait_for_rendezvous
-from ddp.validate import ConfigError
+from ddp.errors import BadInput
 
 C10D_PORT = 29400
 """torchrun's default port of a c10d rendezvous endpoint given without one."""
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             wait_for_rendezvous(*endpoint, join_timeout, args.rdzv_id)
         started = time.monotonic()
         run(args)
-    except ConfigError as err:
+    except BadInput as err:
         print(f"[ddp.launch] error: {err}", file=sys.stderr)
         return int(ExitCode.BAD_INPUT)
     except RendezvousError as err:  # after the checks above: the rendezvous itself failed

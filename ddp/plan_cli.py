@@ -19,9 +19,8 @@ from ddp.compose import compose
 from ddp.data.splits import train_samples
 from ddp.dist.env import detect
 from ddp.dist.exit import ExitCode
-from ddp.plan import PlanError, plan_for
-from ddp.shards.manifest import DataError
-from ddp.validate import ConfigError
+from ddp.errors import BadInput, ConfigError
+from ddp.plan import plan_for
 
 USAGE = "usage: ddp-plan [--json] [world_size=N] [num_samples=N] [hydra overrides ...]"
 
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         if num_samples is None:
             num_samples = train_samples(config.data)  # the trainer's own lookup
         plan = plan_for(config.batch, world_size or detect().world_size, num_samples)
-    except (ConfigError, PlanError, DataError) as exc:
+    except BadInput as exc:
         fail(str(exc))
     except (HydraException, OmegaConfBaseException) as exc:
         fail(str(exc).strip().splitlines()[0])

@@ -21,10 +21,10 @@ from ddp import checkpoint
 from ddp.config import TrainerConfig
 from ddp.dist import collectives
 from ddp.dist.group import DistEnv
+from ddp.errors import CheckpointError, ConfigError
 from ddp.plan import BatchPlan
 from ddp.plateau import PlateauTracker
 from ddp.run_dir import RunLock
-from ddp.validate import ConfigError
 
 if TYPE_CHECKING:  # ddp.step imports this module
     from ddp.step import SampleAudit
@@ -249,6 +249,6 @@ class Checkpointer:
         leaves (or is killed by torchrun while rank 0 writes)."""
         try:
             self.writer.wait()
-        except checkpoint.CheckpointError as exc:
+        except CheckpointError as exc:
             self._failure = str(exc)
         collectives.barrier(self.env)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from ddp import checkpoint
+from ddp.errors import CheckpointError
 from tests import harness
 from tests.fixtures import smoke_overrides
 from tests.harness import records
@@ -214,7 +215,7 @@ def test_a_failed_background_write_is_raised_naming_the_file(tmp_path, capfd):
     (tmp_path / "file").write_text("not a directory")
     writer = checkpoint.BackgroundWriter()
     writer.save({"format": checkpoint.FORMAT}, tmp_path / "file" / "last.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoint .*file/last.pt"):
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*file/last.pt"):
         writer.wait()
     writer.wait()  # reported once
     # A failure is reported by the next save, which is still tried (storage may recover).

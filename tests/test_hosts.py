@@ -21,7 +21,7 @@ import pytest
 from ddp.dist.agreement import check_same_job
 from ddp.dist.env import Launch
 from ddp.dist.network import use_interface_towards_master
-from ddp.validate import ConfigError
+from ddp.errors import ConfigError
 from tests import harness
 from tests.distributed import run_distributed_test
 from tests.fixtures import smoke_overrides

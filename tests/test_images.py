@@ -18,7 +18,6 @@ from PIL import Image
 
 from ddp import checkpoint
 from ddp.compose import compose
-from ddp.config import ConfigError
 from ddp.data import images as images_module
 from ddp.data.batch import Batch, LoaderOptions
 from ddp.data.dataset import ShardDataset
@@ -33,8 +32,9 @@ from ddp.data.images import (
     reducible,
 )
 from ddp.data.loaders import build_eval_loader, build_train_loader
+from ddp.errors import ConfigError, DataError
 from ddp.plan import make_plan
-from ddp.shards import DataError, read_manifest
+from ddp.shards import read_manifest
 from ddp.shards.prepare import photo_classes, photo_sample, prepare_photos
 from tests import harness
 from tests.fixtures import break_huffman_table, copy_split, corrupt_member, garble

@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 from ddp.dist.network import check_rendezvous_port, port_in_use, rendezvous_id
-from ddp.validate import ConfigError
+from ddp.errors import ConfigError
 from tests import harness
 from tests.distributed import free_port
 from tests.fixtures import smoke_overrides

@@ -25,10 +25,10 @@ import pytest
 import torch
 
 from ddp import checkpoint
+from ddp.errors import ConfigError
 from ddp.plan import make_plan
 from ddp.resume import load_resume_point
 from ddp.shards import index_split
-from ddp.validate import ConfigError
 from tests import harness
 from tests.fixtures import as_v1, copy_split, smoke_overrides
 from tests.refusals import again, assert_refused, error_lines, snapshot

@@ -21,9 +21,10 @@ from ddp.data.cache import GB, Prefetcher, ShardCache
 from ddp.data.loaders import build_eval_loader, build_train_loader
 from ddp.data.remote import Remote
 from ddp.data.splits import open_location
+from ddp.errors import DataError
 from ddp.order import rank_micro_batches
 from ddp.plan import make_plan
-from ddp.shards import DataError, read_manifest
+from ddp.shards import read_manifest
 from ddp.shards.manifest import SplitIndex
 from tests import harness
 from tests.fixtures import smoke_overrides

@@ -44,8 +44,7 @@ import torch.nn.functional as F
 
 from ddp.data.batch import Batch, make_batch
 from ddp.data.samples import describe
-from ddp.shards.manifest import DataError
-from ddp.validate import ConfigError
+from ddp.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from ddp.data.dataset import ShardDataset

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import re
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -412,7 +411,7 @@ def test_a_job_killed_mid_epoch_resumes_bitwise_equal_with_augmentation(
         )
     )
     run.wait_for_file(tmp_path / "killed" / "checkpoints" / "last.pt")  # epoch 0, step 2
-    time.sleep(0.1)
+    run.wait_for_record(tmp_path / "killed", "train", 3)  # past it: step 3 is redone
     run.worker(rank=1).kill()
     out = run.finish()
     assert out.returncode == 0, out.stderr[-3000:]

@@ -52,11 +52,12 @@ test-packages:
 			--no-install-recommends nginx-light) \
 		|| echo "nginx not installed: the remote-data tests over nginx will skip"; fi
 
-# Ours vs a raw DDP loop vs Lightning (installs the bench extra), then the data loader.
+# Ours vs a raw DDP loop vs Lightning (installs the bench extra), then the data loader;
+# each writes bench/results/NAME-DATE.json. Exit 1 if a goal (bench/goals.py) is missed.
 bench: data
 	$(BIN)/pip install --quiet -e '.[test,slurm,bench]'
-	OMP_NUM_THREADS=1 $(BIN)/python bench/overhead.py --repeats 5 --json bench/results/overhead.json
-	$(BIN)/python bench/data_bench.py
+	status=0; OMP_NUM_THREADS=1 $(BIN)/python bench/overhead.py --repeats 5 || status=$$?; \
+		$(BIN)/python bench/data_bench.py || status=$$?; exit $$status
 
 lint: setup
 	$(BIN)/ruff check ddp tests bench && $(BIN)/ruff format --check ddp tests bench

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+from results import write
 
 from ddp.data.batch import LoaderOptions
 from ddp.data.loaders import build_train_loader
@@ -117,6 +118,7 @@ def main() -> None:
     parser.add_argument("--formats", default="npy,png")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--in-memory-max-mb", type=int, default=256, help="0: read the shards")
+    parser.add_argument("--json", type=Path, help="the results file (default: bench/results/)")
     args = parser.parse_args()
     memory = args.in_memory_max_mb
     torch.set_num_threads(1)
@@ -124,6 +126,7 @@ def main() -> None:
         f"{'case':<6} {'floor (read)':>14} {'ddp shuffle':>14} {'webdataset':>14} "
         f"{'ddp/wds':>8} {'resume@90%':>11}"
     )
+    rows = {}
     for fmt in args.formats.split(","):
         split = prepare(args.data, fmt, args.num_samples)
         ours(split, fmt, memory)  # warm the page cache and the code paths
@@ -132,14 +135,25 @@ def main() -> None:
             best_of(args.repeats, ours, split, fmt, memory),
             best_of(max(1, args.repeats // 2), webdataset, split, fmt),
         ]
+        resume = resume_ratio(split, fmt, memory)
         print(
             f"{fmt:<6} {row[0]:>14,.0f} {row[1]:>14,.0f} {row[2]:>14,.0f} "
-            f"{row[1] / row[2]:>7.1f}x {resume_ratio(split, fmt, memory):>10.2f}x"
+            f"{row[1] / row[2]:>7.1f}x {resume:>10.2f}x"
         )
+        rows[fmt] = {
+            "floor (sequential read)": row[0],
+            "ddp, full shuffle": row[1],
+            "webdataset pipeline": row[2],
+            "ddp / webdataset": row[1] / row[2],
+            "resume at 90% / at start": resume,
+        }
     print(
         f"samples/s (best of {args.repeats}), one process, one thread, "
         f"{args.num_samples:,} samples of 32x32x3 uint8, micro-batch {MICRO}"
     )
+    options = {"num_samples": args.num_samples, "micro_batch": MICRO, "repeats": args.repeats}
+    numbers = {"options": {**options, "in_memory_max_mb": memory}, "samples_per_s": rows}
+    write("data", numbers, args.json)
 
 
 if __name__ == "__main__":

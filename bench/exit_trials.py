@@ -30,6 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from goals import EXIT_TRIALS, exit_code, judge, print_rows
+from results import write
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "trial.py"
 LOGS = ROOT / "bench" / "results" / "exit_trials"
@@ -147,7 +150,7 @@ def one_trial(mode: str, variant: str, steps: int, timeout_s: float) -> Trial:
 
 
 def keep_log(mode: str, cmd: list[str], rc: int, out: str, err: str) -> None:
-    """Full output of a failed trial, for reading the cause (bench/results/ is ignored)."""
+    """Full output of a failed trial, for reading the cause (not committed: .gitignore)."""
     LOGS.mkdir(parents=True, exist_ok=True)
     path = LOGS / f"{mode}-{time.strftime('%H%M%S')}-{os.getpid()}-{time.monotonic_ns()}.log"
     path.write_text(f"$ {' '.join(cmd)}\nrc={rc}\n--- stdout\n{out}\n--- stderr\n{err}")
@@ -185,6 +188,7 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per trial")
     p.add_argument("--variant", choices=["naive", "no-exit", "fixed"], default="fixed")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--json", type=Path, help="the results file (default: bench/results/)")
     args = p.parse_args()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, kill_live_and_exit)
@@ -192,7 +196,31 @@ def main() -> int:
     results = {m: run_mode(m, args) for m in modes}
     for mode, trials in results.items():
         report(mode, trials, args.variant)
-    return 0 if all(t.ok for ts in results.values() for t in ts) else 1
+    rows = [
+        judge(f"{mode} ({args.variant}): successes / trials", EXIT_TRIALS, ok_fraction(trials))
+        for mode, trials in results.items()
+    ]
+    print_rows(rows)
+    numbers = {
+        "options": {k: v for k, v in vars(args).items() if k != "json"},
+        "modes": {mode: summary(trials) for mode, trials in results.items()},
+        "goals": rows,
+    }
+    write(f"exit-trials-{args.variant}", numbers, args.json)
+    return exit_code(rows)
+
+
+def ok_fraction(trials: list[Trial]) -> float:
+    return sum(t.ok for t in trials) / len(trials)
+
+
+def summary(trials: list[Trial]) -> dict:
+    failures = collections.Counter(t.signature for t in trials if not t.ok)
+    return {
+        "successes": sum(t.ok for t in trials),
+        "trials": len(trials),
+        "failures": dict(failures.most_common()),
+    }
 
 
 if __name__ == "__main__":

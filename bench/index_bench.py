@@ -19,7 +19,9 @@ and its v2 upgrade (`ddp-shards index --upgrade`); 100 M and 1 B are `ddp-shards
 synth-index` (10,000 and 100,000 shards of 10,000). Then the commands a user runs:
 `ddp-shards order` for one step and `ddp-plan`, wall time and peak RSS from outside,
 and with --data-bench, bench/data_bench.py's loader samples/s under v1 and v2.
-Everything is printed as markdown, with the machine's load before and after.
+Everything is printed as markdown, with the machine's load before and after, and written
+to bench/results/index-DATE.json (or --json). Goals (issue 18): bench/goals.py's INDEX,
+judged at the sizes they name (1B, 2M); a missed goal exits 1.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from goals import INDEX, exit_code, judge, print_rows
+from results import write
 
 ROOT = Path(__file__).resolve().parent.parent
 V1_REV = "e813da4"
@@ -248,7 +253,7 @@ def data_bench(code: Path, data: Path, in_memory_mb: int) -> tuple[float, float]
     return float(wall), float(cpu)
 
 
-def data_bench_rows(v1: Path, v2: Path, data: Path, repeats: int) -> None:
+def data_bench_rows(v1: Path, v2: Path, data: Path, repeats: int) -> dict:
     """v1 and v2 in turns, `repeats` times each, the best kept: on a shared machine the
     slower runs measure the neighbours (memory bandwidth above all)."""
     print(
@@ -256,6 +261,7 @@ def data_bench_rows(v1: Path, v2: Path, data: Path, repeats: int) -> None:
         "| v2 samples/s (wall / CPU) | v2 / v1 (wall / CPU) | v2 / v1, median of pairs (CPU) |"
     )
     print("| --- | --- | --- | --- | --- |")
+    rows = {}
     for label, mb in (("in memory (the default)", 256), ("from the shards", 0)):
         old, new = [], []
         for _ in range(repeats):
@@ -267,6 +273,12 @@ def data_bench_rows(v1: Path, v2: Path, data: Path, repeats: int) -> None:
             f"| {label} | {ow:,.0f} / {oc:,.0f} | {nw:,.0f} / {nc:,.0f} "
             f"| {nw / ow:.2f} / {nc / oc:.2f} | {paired:.2f} |"
         )
+        rows[label] = {
+            "v1 samples/s (wall, CPU)": (ow, oc),
+            "v2 samples/s (wall, CPU)": (nw, nc),
+            "v2 / v1, median of pairs (CPU)": paired,
+        }
+    return rows
 
 
 # --------------------------------------------------------------------------- report
@@ -306,17 +318,36 @@ def print_order_table(rows: list[tuple]) -> None:
             print(f"| {size} | **v1 / v2** | {' | '.join(cells)} | {rate} (v2 / v1) |")
 
 
-def main() -> None:
+def goals(rows: list[tuple], commands: list[tuple]) -> list[dict]:
+    """INDEX's goals, judged where their size ran (n/a elsewhere)."""
+    at_1b = next((new for size, _, new, _ in rows if size == "1B"), None)
+    order_2m = next(
+        (wall for size, name, version, wall, *_ in commands
+         if (size, name, version) == ("2M", "ddp-shards order, one step", "v2")),
+        None,
+    )  # fmt: skip
+    figures = {
+        "1B: set-up s": at_1b and at_1b["set_up"],
+        "1B: peak RSS MB": at_1b and at_1b["peak_mb"],
+        "1B: first micro-batch ms, any step": at_1b and max(at_1b["first"], at_1b["at_90"]) * 1e3,
+        "2M: `ddp-shards order`, one step s": order_2m,
+    }
+    return [judge(name, goal, figures[name]) for name, goal in INDEX.items()]
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="2M,100M,1B")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "ddp-index")
     parser.add_argument("--v1", type=Path, default=Path(tempfile.gettempdir()) / f"ddp-{V1_REV}")
     parser.add_argument("--data-bench", action="store_true", help="also bench/data_bench.py")
+    parser.add_argument("--json", type=Path, help="the results file (default: bench/results/)")
     args = parser.parse_args()
     v2, args.data = ROOT, args.data.resolve()
     v1 = v1_checkout(args.v1.resolve()) if "2M" in args.sizes or args.data_bench else None
-    print(f"before: {load()}\n")
+    before = load()
+    print(f"before: {before}\n")
     rows, commands = [], []
     for size in args.sizes.split(","):
         splits = prepare(args.data, size, v2)
@@ -337,10 +368,27 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for size, name, version, wall, cpu, peak in commands:
         print(f"| {size} | `{name}` | {version} | {wall:.2f} | {cpu:.2f} | {peak:,.0f} |")
-    if args.data_bench:
-        data_bench_rows(v1, v2, args.data, args.repeats)
-    print(f"\nafter: {load()}; best of {args.repeats} runs per cell")
+    loader = data_bench_rows(v1, v2, args.data, args.repeats) if args.data_bench else None
+    after = load()
+    print(f"\nafter: {after}; best of {args.repeats} runs per cell")
+    judged = goals(rows, commands)
+    print_rows(judged)
+    columns = ("size", "v1", "v2", "split")
+    numbers = {
+        "options": {"sizes": args.sizes, "repeats": args.repeats, "plan": PLAN},
+        "load": {"before": before, "after": after},
+        "order": [dict(zip(columns, row, strict=True)) for row in rows],
+        "python_numpy_mb": bare,
+        "commands": [
+            dict(zip(("size", "command", "code", "wall_s", "cpu_s", "peak_mb"), c, strict=True))
+            for c in commands
+        ],
+        "data_bench": loader,
+        "goals": judged,
+    }
+    write("index", numbers, args.json)
+    return exit_code(judged)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

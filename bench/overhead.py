@@ -33,6 +33,9 @@ the import time of ddp.train, and (cnn) scaling from 1 process to all of them.
 CPU: 2 processes, gloo, OMP_NUM_THREADS=1 each. CUDA: one process per GPU, nccl;
 the table reports GPU samples/s. Ratios are medians of ratios taken within each
 repeat, so slow phases of a shared machine hit both sides of a ratio.
+
+Goals: bench/goals.py's OVERHEAD (per case) and SCALING; a missed goal exits 1. Every run,
+the summary and the machine go to bench/results/overhead[-quick]-DATE.json (or --json).
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -54,7 +56,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
+from goals import OVERHEAD, SCALING, exit_code, judge, print_rows  # noqa: E402
 from overhead_common import RESULT_PREFIX  # noqa: E402
+from results import write  # noqa: E402
 
 PROGRAMS = ("ours", "raw", "lightning", "ours-nowandb", "ours-nchw")
 OPTIONAL_PROGRAMS = ("ours-nonoise",)
@@ -420,35 +424,25 @@ def scaling(runs: list[Run], case: str, nproc: int, programs: list[str]) -> dict
     return out
 
 
+GOAL_FIGURES = {
+    "steps/s ours/raw": ("steady steps/s (whole epochs)", "ours/raw"),
+    "steps/s ours/lightning": ("steady steps/s (whole epochs)", "ours/lightning"),
+    "whole-job wall ours/raw": ("whole-job wall s", "ours/raw"),
+    "peak RSS ours/raw": ("peak RSS MiB (max rank)", "ours/raw"),
+}
+"""The figure of the summary each of goals.OVERHEAD judges: (metric, ratio)."""
+
+
 def goals(summary: dict, scale: dict | None) -> list[dict]:
     rows = []
-
-    def add(name, value, ok):
-        rows.append(
-            {"goal": name, "value": value, "pass": None if value is None else bool(ok(value))}
-        )
-
     for case, c in summary.items():
-        steps = c["steady steps/s (whole epochs)"]
-        add(f"{case}: steps/s ours/raw >= 0.97", steps.get("ours/raw"), lambda v: v >= 0.97)
-        if "ours/lightning" in steps:
-            add(
-                f"{case}: steps/s ours/lightning >= 1.3",
-                steps["ours/lightning"],
-                lambda v: v >= 1.3,
-            )
-        add(
-            f"{case}: whole-job wall ours/raw <= 1.1",
-            c["whole-job wall s"].get("ours/raw"),
-            lambda v: v <= 1.1,
-        )
-        add(
-            f"{case}: peak RSS ours/raw <= 1.2",
-            c["peak RSS MiB (max rank)"].get("ours/raw"),
-            lambda v: v <= 1.2,
-        )
+        for name, goal in OVERHEAD.items():
+            metric, ratio = GOAL_FIGURES[name]
+            if ratio == "ours/lightning" and ratio not in c[metric]:
+                continue  # Lightning did not run
+            rows.append(judge(f"{case}: {name}", goal, c[metric].get(ratio)))
     if scale:
-        add("cnn: scaling 1->N ours/raw >= 0.97", scale.get("ours/raw"), lambda v: v >= 0.97)
+        rows.append(judge("cnn: scaling 1->N ours/raw", SCALING, scale.get("ours/raw")))
     return rows
 
 
@@ -488,10 +482,7 @@ def print_table(summary, programs, scale, nproc, imports, goal_rows, device) -> 
         "ddp.train heaviest imports (cumulative s): "
         + ", ".join(f"{k} {v:.2f}" for k, v in imports["ddp_train_heaviest_cumulative_s"].items())
     )
-    print("\n== goals ==")
-    for g in goal_rows:
-        verdict = {True: "PASS", False: "FAIL", None: "n/a"}[g["pass"]]
-        print(f"{verdict:<5} {g['goal']:<40} {fmt(g['value'], '{:.3f}')}")
+    print_rows(goal_rows)
 
 
 # ------------------------------------------------------------------------ main
@@ -502,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quick", action="store_true", help="smoke mode: mlp only, 2 epochs, 1 repeat, no scaling"
     )
-    p.add_argument("--json", type=Path, help="write every run and the summary here")
+    p.add_argument(
+        "--json", type=Path, help="write every run and the summary here (default: bench/results/)"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
         "--programs",
@@ -614,32 +607,18 @@ def main(argv: list[str] | None = None) -> int:
     goal_rows = goals(summary, scale)
     print_table(summary, programs, scale, nproc, imports, goal_rows, device)
     print(f"\n{len(runs)} runs in {time.time() - t_start:.0f}s; logs in {work / 'logs'}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "machine": {
-                        "device": device,
-                        "nproc": nproc,
-                        "cpus": os.cpu_count(),
-                        "python": platform.python_version(),
-                        "torch": torch.__version__,
-                        "load_avg_at_end": os.getloadavg(),
-                    },
-                    "options": {k: str(v) for k, v in vars(args).items()},
-                    "cases": [{k: str(v) for k, v in asdict(c).items()} for c in cases],
-                    "runs": [r.summary() for r in runs],
-                    "summary": summary,
-                    "scaling": scale,
-                    "import_time": imports,
-                    "goals": goal_rows,
-                },
-                indent=2,
-            )
-        )
-        print(f"wrote {args.json}")
-    return 0
+    numbers = {
+        "machine": {"device": device, "nproc": nproc},
+        "options": {k: str(v) for k, v in vars(args).items()},
+        "cases": [{k: str(v) for k, v in asdict(c).items()} for c in cases],
+        "runs": [r.summary() for r in runs],
+        "summary": summary,
+        "scaling": scale,
+        "import_time": imports,
+        "goals": goal_rows,
+    }
+    write("overhead-quick" if args.quick else "overhead", numbers, args.json)
+    return exit_code(goal_rows)
 
 
 if __name__ == "__main__":

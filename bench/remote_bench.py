@@ -38,7 +38,6 @@ import io
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -47,19 +46,18 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+from results import write
+from servers import S3_ENV, Nginx, ServerUnavailable, free_port, wait_for_port
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ddp.data.batch import LoaderOptions  # noqa: E402
-from ddp.data.cache import GB, ShardCache  # noqa: E402
-from ddp.data.loaders import build_train_loader  # noqa: E402
-from ddp.data.remote import Remote  # noqa: E402
-from ddp.data.splits import open_location  # noqa: E402
-from ddp.order import ShardWindows, order_for  # noqa: E402
-from ddp.plan import make_plan  # noqa: E402
-from ddp.shards import read_manifest  # noqa: E402
-from ddp.shards.prepare import prepare_synthetic  # noqa: E402
-from tests.servers import S3_ENV, Nginx, free_port, wait_for_port  # noqa: E402
+from ddp.data.batch import LoaderOptions
+from ddp.data.cache import GB, ShardCache
+from ddp.data.loaders import build_train_loader
+from ddp.data.remote import Remote
+from ddp.data.splits import open_location
+from ddp.order import ShardWindows, order_for
+from ddp.plan import make_plan
+from ddp.shards import read_manifest
+from ddp.shards.prepare import prepare_synthetic
 
 SHAPE = (32, 32, 3)
 MICRO = 256
@@ -204,6 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=20_000)
     parser.add_argument("--data", type=Path, default=Path("/tmp/ddp-remote-bench"))
+    parser.add_argument("--json", type=Path, help="the results file (default: bench/results/)")
     args = parser.parse_args()
     split = prepare(args.data, args.num_samples)
     manifest = read_manifest(split)
@@ -213,7 +212,11 @@ def main() -> None:
     print(f"{num:,} samples of {SHAPE} uint8 npy in {len(names)} shards, {size / 1e6:.1f} MB")
 
     work = Path(tempfile.mkdtemp(prefix="remote-bench-"))
-    server = Nginx(args.data, work / "nginx")
+    try:
+        server = Nginx(args.data, work / "nginx")
+    except ServerUnavailable as err:
+        shutil.rmtree(work, ignore_errors=True)
+        raise SystemExit(f"remote_bench: {err}") from None
     os.environ.update(S3_ENV)
     from moto.server import ThreadedMotoServer
 
@@ -310,6 +313,33 @@ def main() -> None:
             f"| {fetched / size:.2f}x | {mixed['shards']:.1f} | {mixed['classes']:.1f} "
             f"| {by_class:.1f} | {mixed['same shard']:.3f} |"
         )
+    numbers = {
+        "split": {"samples": num, "shards": len(names), "bytes": size, "micro_batch": MICRO},
+        "samples_per_s": rows,
+        "warm_over_local_by_turn": {
+            scheme: np.divide(turns[f"{scheme} warm"], turns["local disk"]).tolist()
+            for scheme in ("http", "s3")
+        },
+        "bytes_per_epoch": {
+            "ddp http cold": http_bytes,
+            "ddp s3 cold": s3_bytes,
+            "webdataset http": wds_bytes,
+            "ddp http, cache = half the split": half_bytes,
+        },
+        "warm_set_up_s": {scheme: min(times) for scheme, times in setups.items()},
+        "first_batch_cold_s": {"at start": at_start, "at 90%": at_90},
+        "window_shards": [
+            {
+                "window_shards": k,
+                "samples_per_s": rate,
+                "bytes_per_epoch": fetched,
+                "shuffled shards": mixed,
+                "classes per batch, shards by class": by_class,
+            }
+            for k, rate, fetched, mixed, by_class in windows
+        ],  # fmt: skip
+    }
+    write("remote", numbers, args.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp import checkpoint
-from ddp.config import Config, ConfigError, WandbConfig
+from ddp.config import Config, WandbConfig
 from ddp.data.batch import LoaderOptions, TrainBatches
 from ddp.data.device import InputPipeline
 from ddp.data.device_jpeg import check_device_decoder
@@ -22,6 +22,7 @@ from ddp.data.loaders import EvalLoader, build_eval_loader, build_train_loader
 from ddp.data.splits import Splits
 from ddp.data.streaming import build_stream_loader
 from ddp.dist.group import DistEnv
+from ddp.errors import ConfigError
 from ddp.plan import BatchPlan
 from ddp.plateau import PlateauTracker
 from ddp.run_dir import run_label

@@ -23,11 +23,9 @@ from typing import Any, BinaryIO
 
 import torch
 
+from ddp.errors import CheckpointError
+
 FORMAT = "ddp-checkpoint/1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file."""
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -16,6 +16,7 @@ from ddp import checkpoint
 from ddp.config import TrainerConfig
 from ddp.dist import collectives
 from ddp.dist.group import DistEnv
+from ddp.errors import CheckpointError
 from ddp.plan import BatchPlan
 from ddp.state import Position, Training, class_name
 
@@ -108,6 +109,6 @@ class Checkpointer:
         leaves (or is killed by torchrun while rank 0 writes)."""
         try:
             self.writer.wait()
-        except checkpoint.CheckpointError as exc:
+        except CheckpointError as exc:
             self._failure = str(exc)
         collectives.barrier(self.env)

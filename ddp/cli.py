@@ -19,18 +19,15 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from ddp.checkpoint import CheckpointError
 from ddp.compose import CONF_DIR, register, to_config
 from ddp.dist.exit import ExitCode, end_with_launcher, exit_process
 from ddp.dist.lost_peer import peer_lost_line
 from ddp.dist.say_once import say_error
-from ddp.plan import PlanError
+from ddp.errors import BadInput
 from ddp.run_dir import remove_if_empty
-from ddp.shards.manifest import DataError
 from ddp.train import train
-from ddp.validate import ConfigError
 
-BAD_INPUT = (ConfigError, PlanError, DataError, CheckpointError)
+BAD_INPUT = BadInput
 
 register()
 

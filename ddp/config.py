@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ddp.validate import ConfigError, integer_at_least, one_of, positive_or_none, require
+from ddp.validate import integer_at_least, one_of, positive_or_none, require
 
 MISSING: Any = "???"  # OmegaConf's marker for a mandatory value (omegaconf.MISSING)
 
@@ -22,7 +22,6 @@ __all__ = [
     "AugmentConfig",
     "BatchConfig",
     "Config",
-    "ConfigError",
     "DataConfig",
     "LoggerConfig",
     "PlateauConfig",

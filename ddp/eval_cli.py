@@ -18,16 +18,14 @@ from pathlib import Path
 
 from ddp import checkpoint
 from ddp.build import autocast_for, loader_options
-from ddp.checkpoint import CheckpointError
 from ddp.data.loaders import build_eval_loader
 from ddp.data.splits import open_named_split
 from ddp.dist.env import detect
 from ddp.dist.exit import ExitCode, exit_process
 from ddp.dist.group import init_distributed, pick_device, shutdown
+from ddp.errors import BadInput
 from ddp.inference import load_trained, rebuild
-from ddp.shards.manifest import DataError
 from ddp.step import evaluate
-from ddp.validate import ConfigError
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -99,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             out = args.out or (run_dir or Path(".")) / f"eval-{split}.json"
             out.write_text(json.dumps(result, indent=2))
             print(report(result, out), flush=True)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         code = ExitCode.BAD_INPUT
     exit_process(int(code))

@@ -20,16 +20,14 @@ from pathlib import Path
 import torch
 
 from ddp.build import loader_options
-from ddp.checkpoint import CheckpointError
 from ddp.compose import as_record
 from ddp.data.batch import to_model_input
 from ddp.data.device import InputPipeline
 from ddp.data.loaders import build_eval_loader
 from ddp.data.splits import open_named_split
 from ddp.dist.exit import ExitCode
+from ddp.errors import BadInput
 from ddp.inference import load_trained, rebuild
-from ddp.shards.manifest import DataError
-from ddp.validate import ConfigError
 
 TOLERANCE = 1e-5
 
@@ -102,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         info = export(args.path, args.overrides, args.out, args.format)
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except BadInput as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(ExitCode.BAD_INPUT)
     print(

@@ -55,7 +55,7 @@ from torch.distributed.run import parse_args, run
 
 from ddp.dist.exit import LAUNCHER_PID, ExitCode
 from ddp.dist.network import this_host, wait_for_rendezvous
-from ddp.validate import ConfigError
+from ddp.errors import BadInput
 
 C10D_PORT = 29400
 """torchrun's default port of a c10d rendezvous endpoint given without one."""
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         with agent_class(relaying_agent(relay)):
             run(args)
-    except ConfigError as err:
+    except BadInput as err:
         say(f"error: {err}", log)
         return int(ExitCode.BAD_INPUT)
     except RendezvousError as err:  # after the checks above: the rendezvous itself failed

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.random import SeedSequence  # numpy loads it lazily: now, not on the first seek
 
+from ddp.errors import ConfigError
 from ddp.plan import BatchPlan
 
 ROUNDS = 6
@@ -205,7 +206,7 @@ class ShardWindows:
 
     def __post_init__(self) -> None:
         if self.shards < 1:
-            raise ValueError(f"data.window_shards={self.shards} must be >= 1 (or null)")
+            raise ConfigError(f"data.window_shards={self.shards} must be >= 1 (or null)")
 
     @classmethod
     def of(cls, counts: np.ndarray, shards: int | None) -> ShardWindows | None:

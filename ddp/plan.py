@@ -9,9 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-
-class PlanError(ValueError):
-    """A batch configuration that cannot be planned; the message names the key."""
+from ddp.errors import PlanError
 
 
 @dataclass(frozen=True)

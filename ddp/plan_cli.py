@@ -21,11 +21,10 @@ from ddp.compose import compose
 from ddp.data.splits import train_samples
 from ddp.dist.env import detect
 from ddp.dist.exit import ExitCode
+from ddp.errors import BadInput, ConfigError
 from ddp.noise_scale import advice
-from ddp.plan import PlanError, plan_for
-from ddp.shards.manifest import DataError
+from ddp.plan import plan_for
 from ddp.tracking.metrics_file import METRICS_FILE, read_records
-from ddp.validate import ConfigError
 
 USAGE = (
     "usage: ddp-plan [--json] [world_size=N] [num_samples=N] [hydra overrides ...]\n"
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         if num_samples is None:
             num_samples = train_samples(config.data)  # the trainer's own lookup
         plan = plan_for(config.batch, world_size or detect().world_size, num_samples)
-    except (ConfigError, PlanError, DataError) as exc:
+    except BadInput as exc:
         fail(str(exc))
     except (HydraException, OmegaConfBaseException) as exc:
         fail(str(exc).strip().splitlines()[0])

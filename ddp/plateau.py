@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from ddp.config import PlateauConfig
-from ddp.validate import ConfigError
+from ddp.errors import ConfigError
 
 Mode = Literal["min", "max"]
 Action = Literal["stop", "reduce_lr", "none"]

@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 from ddp import checkpoint
 from ddp.config import TrainerConfig
 from ddp.data.identity import what_changed
+from ddp.errors import ConfigError
 from ddp.plan import BatchPlan
 from ddp.tracking.metrics_file import METRICS_FILE
-from ddp.validate import ConfigError
 
 PLAN_KEYS = ("global_size", "num_samples", "drop_last")
 """What a resume must keep: the position in the epoch means nothing in another plan."""

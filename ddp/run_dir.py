@@ -21,7 +21,7 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
-from ddp.validate import ConfigError
+from ddp.errors import ConfigError
 
 LOCK_FILE = ".lock"
 

@@ -22,9 +22,9 @@ import torch
 from ddp import checkpoint
 from ddp.dist import collectives
 from ddp.dist.group import DistEnv
+from ddp.errors import ConfigError
 from ddp.plateau import PlateauTracker
 from ddp.run_dir import RunLock
-from ddp.validate import ConfigError
 
 EPOCH_SUMS = ("loss", "correct", "count", "skipped")
 """Per-step totals (over all ranks) that add up to the epoch's train metrics."""

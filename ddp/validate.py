@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-
-class ConfigError(ValueError):
-    """A value out of range or of the wrong kind; the message names the key."""
+from ddp.errors import ConfigError
 
 
 def require(ok: bool, message: str) -> None:

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import psutil
@@ -117,12 +117,30 @@ class Running:
 
     def wait_for_file(self, path: Path, timeout: float = 90) -> None:
         """Block until `path` exists; fail with the output if the command ends first."""
+        self.wait_until(path.exists, f"{path} never appeared", timeout)
+
+    def wait_for_record(
+        self, run_dir: Path, kind: str, count: int = 1, timeout: float = 90
+    ) -> None:
+        """Block until the run's metrics.jsonl holds `count` records of `kind` (steps
+        logged, epochs validated): a test's next move ordered after the run's progress.
+        Fails with the output if the command ends first."""
+        path = run_dir / "metrics.jsonl"
+
+        def done() -> bool:
+            return len(written_records(path, kind)) >= count
+
+        self.wait_until(done, f"{path} never held {count} {kind!r} record(s)", timeout)
+
+    def wait_until(self, done: Callable[[], bool], failure: str, timeout: float = 90) -> None:
+        """Poll `done` until it is true; fail with `failure` and the command's output if
+        the command ends first or `timeout` seconds pass."""
         deadline = time.monotonic() + timeout
-        while not path.exists():
+        while not done():
             if self.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 out = self.finish(timeout=30)
-                raise AssertionError(f"{path} never appeared:\n{out.stdout[-2000:]}{out.stderr}")
+                raise AssertionError(f"{failure}:\n{out.stdout[-2000:]}{out.stderr}")
             self.descendants()
             time.sleep(0.05)
 
@@ -224,6 +242,17 @@ def records(run_dir: Path, kind: str | None = None) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines if line.strip()]
     return [r for r in rows if kind is None or r.get("kind") == kind]
+
+
+def written_records(path: Path, kind: str) -> list[dict]:
+    """The records of `kind` in a metrics.jsonl a run is writing: its whole lines (the
+    last may be half-written), none before the file exists."""
+    try:
+        lines = path.read_text().split("\n")[:-1]
+    except FileNotFoundError:
+        return []
+    rows = [json.loads(line) for line in lines if line.strip()]
+    return [r for r in rows if r.get("kind") == kind]
 
 
 @functools.cache

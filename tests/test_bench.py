@@ -1,4 +1,5 @@
-"""bench/overhead.py: its arithmetic, and a smoke run of the command in --quick mode.
+"""The benches: their goals (bench/goals.py), overhead.py's arithmetic, and smoke runs of
+overhead.py --quick and index_bench.py that write their results files.
 
 No timing assertions: the numbers depend on the machine and its load.
 """
@@ -11,6 +12,8 @@ import sys
 
 import pytest
 
+from bench import goals
+from bench.goals import MISSED, Goal
 from tests import harness
 from tests.harness import ROOT
 
@@ -45,23 +48,47 @@ def test_ratios_pair_runs_of_the_same_repeat():
     assert o.paired_ratio(runs, "ours", "raw", lambda r: r.wall_s, "mlp", 2) == 2.0
 
 
-def test_goals_pass_and_fail_on_the_thresholds():
+def test_a_goal_is_met_at_its_bound_and_missed_beyond():
+    assert Goal(1.5).met(1.5) and not Goal(1.5).met(1.49) and Goal(1.5).met(None) is None
+    assert Goal(1.1, at_most=True).met(1.1) and not Goal(1.1, at_most=True).met(1.11)
+    assert str(Goal(0.97)) == ">= 0.97" and str(Goal(200, at_most=True)) == "<= 200"
+    assert goals.exit_code([{"pass": True}, {"pass": None}]) == 0
+    assert goals.exit_code([{"pass": True}, {"pass": False}]) == MISSED != 0
+
+
+def test_overhead_goals_pass_and_fail_on_the_thresholds():
     o = load_overhead()
+    g = goals.OVERHEAD
+    lightning = g["steps/s ours/lightning"]
     summary = {
         "mlp": {
-            "steady steps/s (whole epochs)": {"ours/raw": 0.97, "ours/lightning": 1.2},
-            "whole-job wall s": {"ours/raw": 1.1},
-            "peak RSS MiB (max rank)": {"ours/raw": 1.3},
+            "steady steps/s (whole epochs)": {
+                "ours/raw": g["steps/s ours/raw"].bound,  # at the bound: met
+                "ours/lightning": lightning.bound - 0.01,
+            },
+            "whole-job wall s": {"ours/raw": g["whole-job wall ours/raw"].bound},
+            "peak RSS MiB (max rank)": {"ours/raw": g["peak RSS ours/raw"].bound + 0.01},
         }
     }
-    verdicts = {g["goal"]: g["pass"] for g in o.goals(summary, {"ours/raw": None})}
+    verdicts = {row["goal"]: row["pass"] for row in o.goals(summary, {"ours/raw": None})}
     assert verdicts == {
-        "mlp: steps/s ours/raw >= 0.97": True,
-        "mlp: steps/s ours/lightning >= 1.3": False,
-        "mlp: whole-job wall ours/raw <= 1.1": True,
-        "mlp: peak RSS ours/raw <= 1.2": False,
-        "cnn: scaling 1->N ours/raw >= 0.97": None,
+        f"mlp: steps/s ours/raw {g['steps/s ours/raw']}": True,
+        f"mlp: steps/s ours/lightning {lightning}": False,
+        f"mlp: whole-job wall ours/raw {g['whole-job wall ours/raw']}": True,
+        f"mlp: peak RSS ours/raw {g['peak RSS ours/raw']}": False,
+        f"cnn: scaling 1->N ours/raw {goals.SCALING}": None,
     }
+
+
+def assert_results_file(path, bench: str, script: str) -> dict:
+    """The results file holds the machine, the command line and the date."""
+    result = json.loads(path.read_text())
+    assert result["bench"] == bench and result["date"][:2] == "20"
+    assert f"python {script} " in result["command"] and str(path) in result["command"]
+    machine = result["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["torch"]
+    assert isinstance(machine["gpus"], list)
+    return result
 
 
 @pytest.mark.slow
@@ -70,9 +97,11 @@ def test_quick_bench_runs_and_writes_json(tmp_path):
     work = ["--work", str(tmp_path / "work"), "--json", str(out)]
     cmd = [sys.executable, str(BENCH), "--quick", "--programs", "ours,raw", *work]
     proc = harness.run(cmd, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "== goals ==" in proc.stdout
-    result = json.loads(out.read_text())
+    result = assert_results_file(out, "overhead-quick", "bench/overhead.py")
+    missed = any(row["pass"] is False for row in result["goals"])  # a quick run's figures
+    assert proc.returncode == (MISSED if missed else 0), proc.stdout[-3000:] + proc.stderr[-3000:]
     programs = {r["program"] for r in result["runs"]}
     assert programs == {"ours", "raw", "ours-startup"}
     for run in result["runs"]:
@@ -82,15 +111,22 @@ def test_quick_bench_runs_and_writes_json(tmp_path):
     rows = result["summary"]["mlp"]
     assert rows["steady steps/s (whole epochs)"]["ours/raw"] > 0
     assert rows["launch -> first step s"]["ours"] > 0
-    assert {g["goal"] for g in result["goals"]} >= {"mlp: steps/s ours/raw >= 0.97"}
+    assert {g["goal"] for g in result["goals"]} >= {
+        f"mlp: {name} {goal}" for name, goal in goals.OVERHEAD.items() if "lightning" not in name
+    }
 
 
 @pytest.mark.slow
 def test_index_bench_runs_at_a_simulated_hundred_million(tmp_path):
     """bench/index_bench.py end to end on a synthetic 100 M index (no v1 code needed)."""
     cmd = [sys.executable, str(ROOT / "bench" / "index_bench.py"), "--sizes", "100M"]
-    proc = harness.run([*cmd, "--repeats", "1", "--data", str(tmp_path)], timeout=300)
+    out = tmp_path / "index.json"
+    cmd += ["--repeats", "1", "--data", str(tmp_path), "--json", str(out)]
+    proc = harness.run(cmd, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = assert_results_file(out, "index", "bench/index_bench.py")
+    assert [row["pass"] for row in result["goals"]] == [None] * len(goals.INDEX)  # 1B, 2M only
+    assert result["order"][0]["size"] == "100M" and result["order"][0]["v2"]["n"] == 100_000_000
     rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| 100M")]
     assert [row[1] for row in rows] == [
         "v1",

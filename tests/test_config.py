@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from ddp.compose import CONF_DIR, compose
-from ddp.config import Config, ConfigError
+from ddp.config import Config
+from ddp.errors import ConfigError
 
 GROUPS = sorted(
     p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment")

@@ -170,7 +170,7 @@ def test_a_jpeg_nvjpeg_cannot_decode_is_named_or_skipped(photos_root, on_error):
     import numpy as np
 
     from ddp.data.device_jpeg import decode_jpegs
-    from ddp.shards import DataError
+    from ddp.errors import DataError
     from tests.fixtures import break_huffman_table
 
     (batch, *_) = photo_batches(photos_root, "device")

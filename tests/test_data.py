@@ -16,8 +16,9 @@ from ddp.data.batch import Batch, LoaderOptions
 from ddp.data.dataset import ShardDataset
 from ddp.data.device import InputPipeline
 from ddp.data.loaders import build_eval_loader, build_train_loader
+from ddp.errors import DataError
 from ddp.plan import make_plan
-from ddp.shards import DataError, index_split, read_manifest
+from ddp.shards import index_split, read_manifest
 from ddp.shards.prepare import prepare_synthetic
 from tests import harness
 from tests.fixtures import as_v1, copy_split, corrupt_npy

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from ddp import checkpoint
+from ddp.errors import CheckpointError
 from tests import harness
 from tests.fixtures import smoke_overrides
 from tests.harness import records
@@ -92,8 +93,8 @@ def reference(digits_root, tmp_path_factory):
 def test_sigkill_mid_epoch_resumes_bitwise_equal(job, reference, tmp_path):
     run_dir = tmp_path / "killed"
     job_run = harness.start(harness.trainer(job("killed"), torchrun_args=["--max-restarts=2"]))
-    job_run.wait_for_file(run_dir / "checkpoints" / "last.pt")
-    time.sleep(0.3)  # somewhere inside epoch 0 or 1, not at a checkpoint
+    job_run.wait_for_file(run_dir / "checkpoints" / "last.pt")  # step 3's
+    job_run.wait_for_record(run_dir, "train", 4)  # past that checkpoint, in epoch 0 or 1
     job_run.worker(rank=1).kill()
     out = job_run.finish()
     assert out.returncode == 0, out.stderr[-3000:]
@@ -127,10 +128,16 @@ def test_preemption_signal_on_one_rank_checkpoints_exits_and_resumes(job, refere
 
 
 def test_sigterm_single_process_exits_75_with_checkpoint(job, tmp_path):
+    run_dir = tmp_path / "single"
     job_run = harness.start(harness.trainer(job("single"), nproc=0))
-    job_run.wait_for_file(tmp_path / "single" / "checkpoints" / "last.pt")
+    job_run.wait_for_file(run_dir / "checkpoints" / "last.pt")
     job_run.send_signal(signal.SIGTERM)
-    assert job_run.finish().returncode == 75
+    out = job_run.finish()
+    assert out.returncode == 75, out.stderr[-3000:]
+    # The checkpoint is the stop's own: at the last step done (each is in metrics.jsonl),
+    # not only the periodic one before it.
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert 0 < state["position"]["global_step"] == train_steps(run_dir)[-1] < 4 * 23
 
 
 def test_elastic_resume_keeps_global_batch_and_position(job, tmp_path):
@@ -220,7 +227,7 @@ def test_a_failed_background_write_is_raised_naming_the_file(tmp_path, capfd):
     (tmp_path / "file").write_text("not a directory")
     writer = checkpoint.BackgroundWriter()
     writer.save({"format": checkpoint.FORMAT}, tmp_path / "file" / "last.pt")
-    with pytest.raises(checkpoint.CheckpointError, match="cannot write checkpoint .*file/last.pt"):
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*file/last.pt"):
         writer.wait()
     writer.wait()  # reported once
     # A failure is reported by the next save, which is still tried (storage may recover).

@@ -21,7 +21,7 @@ import pytest
 from ddp.dist.agreement import check_same_job
 from ddp.dist.env import Launch
 from ddp.dist.network import use_interface_towards_master
-from ddp.validate import ConfigError
+from ddp.errors import ConfigError
 from tests import harness
 from tests.distributed import run_distributed_test
 from tests.fixtures import smoke_overrides
@@ -140,6 +140,26 @@ def agent(host: str, port: int, *args: str, **env: str) -> harness.Running:
     )
 
 
+ANSWER_ONE_CONNECTION = """
+import socket, sys
+with socket.create_server(("", int(sys.argv[1]))) as server:
+    connection, _ = server.accept()
+    with connection:
+        connection.recv(1)  # until the caller closes: the TIME_WAIT is its, not this port's
+"""
+
+
+def wait_for_a_connection(host: str, port: int, caller: harness.Running) -> None:
+    """Until something connects to `host`:`port` (ddp.launch on another host polls its
+    rendezvous port until it answers); fail with `caller`'s output if it ends first.
+    Nothing listens there afterwards."""
+    answer = [sys.executable, "-c", ANSWER_ONE_CONNECTION, str(port)]
+    listener = harness.start(on_host(host, answer))
+    caller.wait_until(lambda: listener.poll() is not None, f"nothing reached {host}:{port}", 120)
+    out = listener.finish(timeout=10)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if "error:" in line]
 
@@ -171,11 +191,12 @@ def test_losing_a_host_continues_on_the_survivor(hosts, port, digits_root, tmp_p
     # last_call_timeout: how long the survivor waits for others before going on alone.
     rdzv = {"TORCHRUN_ARGS": "--rdzv-conf=join_timeout=120,last_call_timeout=10"}
     args = job_args(digits_root, tmp_path, "elastic")
-    # node2 first: its agent waits for node1's store, so both hosts are in the first
-    # rendezvous even where starting an agent takes longer than last_call_timeout (on a
-    # loaded machine node1 once formed the job alone, and node2's late join restarted it).
+    # node2 first, and node1 once node2's launcher is knocking on node1's port: node2's
+    # agent is up and waits for node1's store, so both hosts are in the first rendezvous
+    # even where starting an agent takes longer than last_call_timeout (on a loaded
+    # machine node1 once formed the job alone, and node2's late join restarted it).
     node2 = agent("node2", port, *elastic, "--", *args, **rdzv)
-    time.sleep(2)
+    wait_for_a_connection("node1", port, node2)
     node1 = agent("node1", port, *elastic, "--", *args, **rdzv)
     node1.wait_for_file(run_dir / "checkpoints" / "last.pt", timeout=180)
     harness.kill_tree(node2.pid)  # the host's agent and its worker, SIGKILL

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import re
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +17,6 @@ from PIL import Image
 
 from ddp import checkpoint
 from ddp.compose import compose
-from ddp.config import ConfigError
 from ddp.data import images as images_module
 from ddp.data.batch import Batch, LoaderOptions
 from ddp.data.dataset import ShardDataset
@@ -33,8 +31,9 @@ from ddp.data.images import (
     reducible,
 )
 from ddp.data.loaders import build_eval_loader, build_train_loader
+from ddp.errors import ConfigError, DataError
 from ddp.plan import make_plan
-from ddp.shards import DataError, read_manifest
+from ddp.shards import read_manifest
 from ddp.shards.prepare import photo_classes, photo_sample, prepare_photos
 from tests import harness
 from tests.fixtures import break_huffman_table, copy_split, corrupt_member, garble
@@ -412,7 +411,7 @@ def test_a_job_killed_mid_epoch_resumes_bitwise_equal_with_augmentation(
         )
     )
     run.wait_for_file(tmp_path / "killed" / "checkpoints" / "last.pt")  # epoch 0, step 2
-    time.sleep(0.1)
+    run.wait_for_record(tmp_path / "killed", "train", 3)  # past it: step 3 is redone
     run.worker(rank=1).kill()
     out = run.finish()
     assert out.returncode == 0, out.stderr[-3000:]

@@ -17,8 +17,8 @@ from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from ddp import checkpoint
 from ddp.dist.network import check_rendezvous_port, port_in_use, rendezvous_id
+from ddp.errors import ConfigError
 from ddp.launch import failure_line, worker_exit_code
-from ddp.validate import ConfigError
 from tests import harness
 from tests.distributed import free_port
 from tests.fixtures import smoke_overrides

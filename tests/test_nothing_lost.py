@@ -25,10 +25,10 @@ import pytest
 import torch
 
 from ddp import checkpoint
+from ddp.errors import ConfigError
 from ddp.plan import make_plan
 from ddp.resume import load_resume_point
 from ddp.shards import index_split
-from ddp.validate import ConfigError
 from tests import harness
 from tests.fixtures import as_v1, copy_split, smoke_overrides
 from tests.refusals import again, assert_refused, error_lines, snapshot
@@ -209,8 +209,7 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_exits_130(digits_root, tmp_pa
     else:
         cmd = local_sh(*overrides)
     job = harness.start(cmd, unset=("SLURM_",), **launch_env())
-    job.wait_for_file(tmp_path / "int" / "metrics.jsonl")
-    time.sleep(1.0)  # into the first epochs
+    job.wait_for_record(tmp_path / "int", "val")  # into the first epochs
     job.send_signal(signal.SIGINT)  # what a terminal's Ctrl-C sends the launcher
     out = job.finish(timeout=120)
     assert out.returncode == 130, out.stdout[-2000:] + out.stderr[-3000:]
@@ -332,8 +331,8 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_the_last_checkpoint(
         )
         job = harness.start(harness.trainer(overrides, nproc=0))
         last = root / "x" / "checkpoints" / "last.pt"
-        job.wait_for_file(last)
-        time.sleep(0.5)
+        job.wait_for_file(last)  # step 2's
+        job.wait_for_record(root / "x", "train", 3)  # the run goes on past it
         filler = root / "filler"
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
         out = job.finish(timeout=120)

@@ -20,7 +20,8 @@ from PIL import Image
 from ddp import checkpoint
 from ddp.data.batch import LoaderOptions
 from ddp.data.loaders import build_eval_loader
-from ddp.shards import DataError, index_split, read_manifest, verify_split
+from ddp.errors import DataError
+from ddp.shards import index_split, read_manifest, verify_split
 from ddp.shards.cli import main as shards_main
 from ddp.shards.prepare import prepare_imagefolder
 from ddp.shards.writer import ShardWriter

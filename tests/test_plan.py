@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ddp.plan import PlanError, make_plan
+from ddp.errors import PlanError
+from ddp.plan import make_plan
 
 
 @pytest.mark.parametrize(

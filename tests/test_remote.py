@@ -21,9 +21,10 @@ from ddp.data.cache import GB, Prefetcher, ShardCache
 from ddp.data.loaders import build_eval_loader, build_train_loader
 from ddp.data.remote import Remote
 from ddp.data.splits import open_location
+from ddp.errors import DataError
 from ddp.order import rank_micro_batches
 from ddp.plan import make_plan
-from ddp.shards import DataError, read_manifest
+from ddp.shards import read_manifest
 from ddp.shards.manifest import SplitIndex
 from tests import harness
 from tests.fixtures import smoke_overrides
@@ -386,6 +387,14 @@ def first_needs(plan, rank: int, epoch: int, shard_of) -> dict[int, int]:
     return first
 
 
+def fetched_up_to(prefetcher: Prefetcher, count: int, timeout: float = 60) -> None:
+    """Wait for the prefetch thread to have fetched `count` shards (not timing it)."""
+    deadline = time.monotonic() + timeout
+    while len(prefetcher.fetched) < count:
+        assert time.monotonic() < deadline, f"{prefetcher.fetched} after {timeout} s"
+        time.sleep(0.01)
+
+
 def test_prefetch_follows_the_epoch_order_and_stays_within_its_window(
     nginx: Nginx, tmp_path: Path
 ) -> None:
@@ -401,15 +410,19 @@ def test_prefetch_follows_the_epoch_order_and_stays_within_its_window(
     assert everything.fetched == expected and split.cache.downloads == 6
 
     _, _, split = open_location(url, cache_in(tmp_path / "two"))
-    window = Prefetcher(split, shard_of, rank_micro_batches(plan, 0, 5, 1), 2).start()
-    # The consumer has read nothing yet: 2 shards, those micro-batch 0 needs first.
     allowed = 2
-    deadline = time.monotonic() + 60
-    while len(window.fetched) < allowed and time.monotonic() < deadline:
-        time.sleep(0.01)  # waiting for the thread, not timing it
-    window.stop()
+    assert allowed < len(everything.fetched)  # a window smaller than what the split needs
+    window = Prefetcher(split, shard_of, rank_micro_batches(plan, 0, 5, 1), allowed).start()
+    # The consumer has read nothing yet: 2 shards, those micro-batch 0 needs first.
+    fetched_up_to(window, allowed)
     assert window.fetched == expected[:allowed] and split.cache.downloads == allowed
-    assert allowed < 6  # (else the window would not have been tested)
+    # Micro-batch 0 read: the shards it needed leave the window, as many more come in.
+    window.consumed(1)
+    moved = min(len(expected), allowed + sum(position < 1 for position in first.values()))
+    assert moved < len(expected)  # the window still holds the rest back
+    fetched_up_to(window, moved)
+    window.stop()
+    assert window.fetched == expected[:moved] and split.cache.downloads == moved
 
     # Shards the reader holds pinned are in the cache until it lets go: not fetched, and
     # not counted in the window (a warm epoch of a long-lived loader fetches nothing).

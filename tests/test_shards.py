@@ -14,9 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ddp.data.dataset import ShardDataset
+from ddp.errors import DataError
 from ddp.order import rank_micro_batches
 from ddp.plan import make_plan
-from ddp.shards import DataError, Manifest, index_split, read_manifest, write_manifest
+from ddp.shards import Manifest, index_split, read_manifest, write_manifest
 from ddp.shards.cli import main
 from ddp.shards.columns import NO_LABEL
 from ddp.shards.manifest import ShardTable
@@ -450,6 +451,21 @@ def test_a_batch_reads_its_labels_from_the_index_where_it_recorded_them(
     assert dataset._recorded_labels(np.array([0, 2])) is None
     with pytest.raises(DataError, match=rf"key {key}: undecodable \.cls"):
         dataset.labels(np.array([0, 2]))
+
+
+@pytest.mark.parametrize(
+    ("changed", "words"),
+    [
+        (["--rank", "1"], "--rank=1 must be in [0, --world-size=1)"),
+        (["--epoch", "-1"], "--epoch=-1 and --seed=0 must be >= 0"),
+        (["--steps", "999:"], "--steps 999: must start in [0, "),
+    ],
+)
+def test_cli_order_refuses_arguments_outside_the_epoch(digits_root, capsys, changed, words):
+    argv = ["order", str(digits_root / "train"), *ORDER_ARGS, *changed]  # the last one wins
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("ddp-shards order: error: ") and words in line
 
 
 def test_cli_order_prints_the_shard_window_order(digits_root: Path, capsys) -> None:

@@ -16,8 +16,8 @@ import torch
 from ddp.data.batch import Batch, LoaderOptions
 from ddp.data.splits import stream_num_samples
 from ddp.data.streaming import build_stream_loader, stream_share
+from ddp.errors import DataError
 from ddp.plan import make_plan
-from ddp.shards import DataError
 from tests.fixtures import write_split
 
 

@@ -15,13 +15,13 @@ from omegaconf.errors import OmegaConfBaseException
 from ddp import checkpoint, plan_cli
 from ddp.build import wrap_ddp
 from ddp.compose import compose
-from ddp.config import ConfigError
 from ddp.data.batch import Batch
 from ddp.data.splits import train_samples
 from ddp.dist.exit import retire
 from ddp.dist.group import DistEnv
+from ddp.errors import ConfigError, PlanError
 from ddp.models import MLP
-from ddp.plan import PlanError, plan_for
+from ddp.plan import plan_for
 from ddp.state import Training
 from ddp.step import Stepper
 from tests import harness

@@ -48,8 +48,9 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ddp.data.remote import Remote, join
+from ddp.errors import DataError
 from ddp.shards.columns import remove_other_generations
-from ddp.shards.manifest import MANIFEST_NAME, DataError, Manifest, read_manifest
+from ddp.shards.manifest import MANIFEST_NAME, Manifest, read_manifest
 
 GB = 1 << 30
 PART, OK, LOCK, DOWNLOAD = ".part", ".ok", ".lock", ".download"

@@ -32,10 +32,11 @@ from ddp.data.samples import (
     gather_npy,
     parse_labels,
 )
+from ddp.errors import DataError
 from ddp.order import MicroBatch
 from ddp.shards.columns import NO_LABEL
 from ddp.shards.decode import LABEL_EXTS
-from ddp.shards.manifest import DataError, Manifest, SplitIndex, read_manifest
+from ddp.shards.manifest import Manifest, SplitIndex, read_manifest
 from ddp.shards.tar import member_name
 
 if TYPE_CHECKING:

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from ddp.data.batch import Batch, Jpegs
 from ddp.data.samples import describe
-from ddp.shards.manifest import DataError
-from ddp.validate import ConfigError
+from ddp.errors import ConfigError, DataError
 
 
 def check_device_decoder(device: torch.device) -> None:

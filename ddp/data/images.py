@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from ddp.data.batch import Batch, Jpegs, Transform, make_batch
 from ddp.data.samples import describe
-from ddp.shards.manifest import DataError
+from ddp.errors import DataError
 
 Placement = Literal["host", "device"]
 

@@ -21,6 +21,7 @@ from ddp.data.cache import Prefetcher, RemoteSplit
 from ddp.data.dataset import ShardDataset
 from ddp.data.images import ImageAugment
 from ddp.data.memory import MemorySplit
+from ddp.errors import DataError
 from ddp.order import (
     MicroBatch,
     ShardWindows,
@@ -29,7 +30,7 @@ from ddp.order import (
     rank_micro_batches,
 )
 from ddp.plan import BatchPlan
-from ddp.shards.manifest import DataError, Manifest
+from ddp.shards.manifest import Manifest
 
 
 def micro_batch_loader(dataset: Any, options: LoaderOptions, **sampling: Any) -> DataLoader:

@@ -7,8 +7,8 @@ import torch
 
 from ddp.data.batch import Batch, Transform, make_batch
 from ddp.data.dataset import ShardDataset
+from ddp.errors import DataError
 from ddp.order import MicroBatch
-from ddp.shards.manifest import DataError
 
 
 class MemorySplit:

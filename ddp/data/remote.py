@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
-from ddp.shards.manifest import DataError
+from ddp.errors import DataError
 
 SCHEMES = ("http", "https", "s3")
 CHUNK = 1 << 20

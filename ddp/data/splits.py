@@ -22,9 +22,10 @@ import numpy as np
 from ddp.config import DataConfig
 from ddp.data.cache import GB, RemoteSplit, ShardCache, default_cache_dir, open_remote_split
 from ddp.data.remote import Remote, is_remote, join
+from ddp.errors import DataError
 from ddp.shards.columns import NO_LABEL, Keys
 from ddp.shards.index import find_shards
-from ddp.shards.manifest import MANIFEST_NAME, DataError, Manifest, read_manifest
+from ddp.shards.manifest import MANIFEST_NAME, Manifest, read_manifest
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,9 @@ from ddp.data.batch import Batch, LoaderOptions, Transform, make_batch
 from ddp.data.loaders import micro_batch_loader, stop_workers
 from ddp.data.samples import LabelKey, alternatives, check_shape, decode_input
 from ddp.data.splits import StreamIndex, StreamShards, open_stream
+from ddp.errors import DataError
 from ddp.order import check_start_step, epoch_order
 from ddp.plan import BatchPlan
-from ddp.shards.manifest import DataError
 from ddp.shards.tar import iter_members, split_member_name
 
 __all__ = ["StreamLoader", "StreamShare", "build_stream_loader", "stream_share"]

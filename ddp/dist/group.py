@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from ddp.dist.env import Launch
 from ddp.dist.network import use_interface_towards_master
-from ddp.validate import ConfigError
+from ddp.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ddp.dist.env import Launch
-from ddp.validate import ConfigError
+from ddp.errors import ConfigError
 
 SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 

@@ -1,19 +1,11 @@
 """Tar shards in WebDataset layout, with a manifest that indexes every sample."""
 
 from ddp.shards.index import index_shard, index_split
-from ddp.shards.manifest import (
-    DataError,
-    Manifest,
-    ShardInfo,
-    SplitIndex,
-    read_manifest,
-    write_manifest,
-)
+from ddp.shards.manifest import Manifest, ShardInfo, SplitIndex, read_manifest, write_manifest
 from ddp.shards.verify import SplitReport, verify_split
 from ddp.shards.writer import ShardWriter
 
 __all__ = [
-    "DataError",
     "Manifest",
     "ShardInfo",
     "ShardWriter",

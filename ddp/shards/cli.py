@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ddp.errors import BadInput, ConfigError, DataError
 from ddp.order import ShardWindows, rank_micro_batches
-from ddp.plan import PlanError, make_plan
+from ddp.plan import make_plan
 from ddp.shards.index import index_split, manifest_version, upgrade_split
-from ddp.shards.manifest import VERSION, DataError, Manifest, manifest_path, read_manifest
+from ddp.shards.manifest import VERSION, Manifest, manifest_path, read_manifest
 from ddp.shards.prepare import (
     prepare_digits,
     prepare_imagefolder,
@@ -157,12 +158,12 @@ def _summary(name: str, manifest: Manifest) -> str:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     if args.shard_size < 1:
-        raise ValueError(f"--shard-size={args.shard_size} must be >= 1")
+        raise ConfigError(f"--shard-size={args.shard_size} must be >= 1")
     if args.source == "digits":
         manifests = prepare_digits(args.out, args.shard_size, args.seed, args.val_fraction)
     elif args.source == "synthetic":
         if args.num_samples < 1 or args.num_classes < 1:
-            raise ValueError("--num-samples and --num-classes must be >= 1")
+            raise ConfigError("--num-samples and --num-classes must be >= 1")
         manifests = prepare_synthetic(
             args.out,
             args.num_samples,
@@ -175,7 +176,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         )
     elif args.source == "photos":
         if args.num_samples < 1 or not 1 <= args.quality <= 100 or args.workers < 1:
-            raise ValueError("--num-samples and --workers must be >= 1, --quality in [1, 100]")
+            raise ConfigError("--num-samples and --workers must be >= 1, --quality in [1, 100]")
         manifests = prepare_photos(
             args.out,
             args.num_samples,
@@ -220,12 +221,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_order(args: argparse.Namespace) -> int:
+    if not 0 <= args.rank < args.world_size:
+        raise ConfigError(f"--rank={args.rank} must be in [0, --world-size={args.world_size})")
+    if args.epoch < 0 or args.seed < 0:
+        raise ConfigError(f"--epoch={args.epoch} and --seed={args.seed} must be >= 0")
     manifest = read_manifest(args.dir)
     keys = manifest.keys  # looked up per printed sample, never loaded whole
     global_size = args.micro_size * args.accumulate * args.world_size
     plan = make_plan(len(keys), global_size, args.micro_size, args.world_size, args.drop_last)
     lo, hi = args.steps
     lo = 0 if lo is None else lo
+    if not 0 <= lo <= plan.iterations_per_epoch:
+        raise ConfigError(f"--steps {lo}: must start in [0, {plan.iterations_per_epoch}]")
     hi = plan.iterations_per_epoch if hi is None else min(hi, plan.iterations_per_epoch)
     member = _member_reader(args.dir, manifest, args.member) if args.member else None
     windows = ShardWindows.of(manifest.table.counts, args.window_shards)
@@ -283,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `ddp-shards order ... | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (DataError, PlanError, ValueError, OSError) as err:
+    except (BadInput, OSError) as err:  # OSError: a path that cannot be read or written
         print(f"ddp-shards {args.command}: error: {err}", file=sys.stderr)
         return BAD_INPUT
 

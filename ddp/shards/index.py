@@ -19,16 +19,10 @@ import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from ddp.errors import DataError
 from ddp.shards.columns import NO_LABEL
 from ddp.shards.decode import LABEL_EXTS
-from ddp.shards.manifest import (
-    DataError,
-    Manifest,
-    ShardInfo,
-    manifest_path,
-    read_manifest,
-    write_manifest,
-)
+from ddp.shards.manifest import Manifest, ShardInfo, manifest_path, read_manifest, write_manifest
 from ddp.shards.tar import split_member_name
 
 SHARD_GLOB = "*.tar"

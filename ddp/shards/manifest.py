@@ -23,6 +23,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from ddp.errors import DataError
 from ddp.shards.columns import (
     NO_LABEL,
     IndexFileError,
@@ -38,13 +39,6 @@ from ddp.shards.columns import (
 MANIFEST_NAME = "manifest.json"
 FORMAT = "ddp-shards"
 VERSION = 2
-
-
-class DataError(Exception):
-    """Bad data: missing or corrupt shard, stale manifest, undecodable sample.
-
-    The message names the culprit (shard path, and key where there is one).
-    """
 
 
 @dataclass

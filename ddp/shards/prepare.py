@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ddp.errors import ConfigError, DataError
 from ddp.shards.decode import IMAGE_EXTS
-from ddp.shards.manifest import DataError, Manifest
+from ddp.shards.manifest import Manifest
 from ddp.shards.writer import ShardWriter
 
 Sample = tuple[str, dict[str, bytes]]
@@ -44,7 +45,7 @@ def encode_image(array: np.ndarray, fmt: str) -> bytes:
 def split_indices(num: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A fixed, seeded train/val partition of range(num), each part sorted."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val-fraction={val_fraction} must be in [0, 1)")
+        raise ConfigError(f"--val-fraction={val_fraction} must be in [0, 1)")
     order = np.random.Generator(np.random.PCG64([seed, 2**31])).permutation(num)
     num_val = int(round(num * val_fraction))
     return np.sort(order[num_val:]), np.sort(order[:num_val])
@@ -228,7 +229,7 @@ def prepare_synthetic(
     val_fraction: float = 0.1,
 ) -> dict[str, Manifest]:
     if fmt not in ("npy", "png", "jpg"):
-        raise ValueError(f"--format={fmt} must be npy, png or jpg")
+        raise ConfigError(f"--format={fmt} must be npy, png or jpg")
     images, labels = synthetic_arrays(num_samples, shape, num_classes, seed)
 
     def make(indices: np.ndarray) -> Iterator[Sample]:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ddp.errors import ConfigError, DataError
 from ddp.shards.columns import PositionalKeys, SampleColumns, write_sparse_columns
 from ddp.shards.index import find_shards
-from ddp.shards.manifest import DataError, Manifest, ShardTable, read_manifest, write_json
+from ddp.shards.manifest import Manifest, ShardTable, read_manifest, write_json
 
 SHARD_NAME = "shard-{:06d}.tar"
 
@@ -34,7 +35,7 @@ def write_synthetic_index(
     """Write manifest.json and sparse index files for num_shards × samples_per_shard
     samples into `split_dir`; return the manifest as a reader sees it."""
     if num_shards < 1 or samples_per_shard < 1 or sample_bytes < 1 or not extensions:
-        raise ValueError(
+        raise ConfigError(
             "a synthetic index needs >= 1 shard, >= 1 sample per shard, sample bytes >= 1 "
             "and at least one extension"
         )

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ddp.errors import DataError
 from ddp.shards.decode import IMAGE_EXTS, decode_member
 from ddp.shards.index import find_shards, index_shard, sha256_file
-from ddp.shards.manifest import DataError, ShardInfo, read_manifest
+from ddp.shards.manifest import ShardInfo, read_manifest
 
 EXAMPLES = 3
 """Odd samples a shape line names before it counts the rest."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -75,8 +76,25 @@ def keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 256 << 20)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_before_training(signum: int, frame: object) -> None:
+    """SIGTERM or SIGHUP during the start's checks: stop as the default action would
+    (128 + N), but first remove the run directory Hydra made for this start if nothing
+    was written to it. A launcher stops the other ranks of a refused start this way, some
+    of them just after Hydra made the directory. (ddp.train.train puts the default action
+    back before it waits on the process group, where a Python handler could not run.)"""
+    if HydraConfig.initialized() and HydraConfig.get().mode.name == "RUN":
+        remove_if_empty(Path(HydraConfig.get().run.dir))
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     end_with_launcher()
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is signal.SIG_DFL:  # (one ignored, e.g. by nohup, stays so)
+            signal.signal(sig, stop_before_training)
     keep_freed_memory()
     # Hydra's own errors (an unknown key, a wrong type, a run directory it cannot make)
     # then reach us as exceptions instead of a message and exit code 1.

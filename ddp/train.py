@@ -11,6 +11,7 @@ rank runs as `plan.accumulate` micro-batches of `plan.micro_size`.
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,6 +80,7 @@ def train(
     # cached is refused here too.
     opened = read_ahead(train_loader.epoch(pos.epoch, pos.step_in_epoch), plan.accumulate)
 
+    default_stop_signals()  # blocked in the rendezvous, a signal must still end us at once
     env = init_distributed(launch, device, config.trainer.timeout_s, config.trainer.backend)
     check_same_job(env, config_record, run_dir)  # every host: same code, config, run dir
     lock = claim_run_dir(run_dir, env)  # one job per run directory, from here to the exit
@@ -226,6 +228,14 @@ def noise_meter(config: Config, plan: BatchPlan, env: DistEnv) -> tuple[NoiseMet
         plan.micro_size, plan.accumulate, env.world_size, plan.num_samples, env.device
     )
     return meter, NOT_MEASURED if meter is None else ""
+
+
+def default_stop_signals() -> None:
+    """SIGTERM and SIGHUP back to their default action where ddp.cli handled them during
+    the checks (StopRequest takes them over once the process group exists)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if callable(signal.getsignal(sig)):  # a Python handler (ignored stays ignored)
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def read_ahead(batches: Iterator[Batch], count: int) -> Iterator[Batch]:

@@ -336,6 +336,18 @@ def test_every_relative_link_resolves():
     assert not broken, "\n".join(broken)
 
 
+def test_every_test_the_pages_name_exists():
+    named = {
+        m for page in LINKED for m in re.findall(r"(test_\w+\.py)::(test_\w+)", page.read_text())
+    }
+    missing = [
+        f"{module}::{name}"
+        for module, name in sorted(named)
+        if not re.search(rf"^def {name}\(", (ROOT / "tests" / module).read_text(), re.MULTILINE)
+    ]
+    assert not missing, f"tests named in the docs that do not exist: {missing}"
+
+
 def test_matching_takes_lines_in_order_with_dots_for_any_text():
     output = "a plan\nrun directory: /tmp/x/runs/digits (new run)\nepoch 0:  loss 2.1\ndone\n"
     assert first_missing(["run directory: .../runs/digits (new run)", "done"], output) is None

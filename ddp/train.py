@@ -3,9 +3,9 @@
     torchrun --standalone --nproc_per_node=2 -m ddp.train experiment=digits
     python -m ddp.train trainer.max_epochs=3          # one process
 
-Vocabulary (DESIGN.md): an epoch uses every training sample once; a step (iteration)
-is one optimizer update over a global batch of `plan.global_size` samples, which each
-rank runs as `plan.accumulate` micro-batches of `plan.micro_size`.
+Vocabulary (docs/architecture.md): an epoch uses every training sample once; a step
+(iteration) is one optimizer update over a global batch of `plan.global_size` samples,
+which each rank runs as `plan.accumulate` micro-batches of `plan.micro_size`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The batch plan: DESIGN.md's arithmetic, and the refusals before launch."""
+"""The batch plan: the arithmetic of the vocabulary (docs/architecture.md), and the refusals
+before launch."""
 
 import pytest
 from hypothesis import given

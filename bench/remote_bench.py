@@ -50,7 +50,7 @@ import webdataset as wds
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ddp.data.batch import LoaderOptions  # noqa: E402
+from ddp.data.batch import PLAIN, LoaderOptions  # noqa: E402
 from ddp.data.cache import GB, ShardCache  # noqa: E402
 from ddp.data.loaders import build_train_loader  # noqa: E402
 from ddp.data.remote import Remote  # noqa: E402
@@ -65,7 +65,7 @@ SHAPE = (32, 32, 3)
 MICRO = 256
 WARM_EPOCHS = (0, 1, 2)
 """Epochs timed together against local disk (one is ~40 ms here: too short alone)."""
-OPTIONS = LoaderOptions(in_memory_max_mb=0)
+OPTIONS = LoaderOptions(replace(PLAIN, in_memory_max_mb=0))
 
 
 def prepare(root: Path, count: int) -> Path:

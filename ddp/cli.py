@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ddp.checkpoint import CheckpointError
 from ddp.compose import CONF_DIR, register, to_config
+from ddp.config import moved_key_hint
 from ddp.dist.exit import ExitCode, exit_process
 from ddp.dist.say_once import say_error
 from ddp.plan import PlanError
@@ -100,7 +101,7 @@ def hydra_error(exc: Exception) -> str:
     cause = exc.__cause__
     if isinstance(cause, OmegaConfBaseException) and str(cause).strip():
         parts.append(str(cause).strip().splitlines()[0])
-    return ": ".join(parts) or type(exc).__name__
+    return moved_key_hint(": ".join(parts)) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ddp import checkpoint
-from ddp.config import TrainerConfig
+from ddp.config import CheckpointConfig
 from ddp.dist import collectives
 from ddp.dist.group import DistEnv
 from ddp.plan import BatchPlan
@@ -179,7 +179,7 @@ class Checkpointer:
     def __init__(
         self,
         directory: Path,
-        trainer: TrainerConfig,
+        every: CheckpointConfig,
         config_record: dict[str, Any],
         plan: BatchPlan,
         data: dict[str, Any],
@@ -190,7 +190,7 @@ class Checkpointer:
     ) -> None:
         self.directory = directory
         self.audit = audit
-        self.trainer = trainer
+        self.every = every
         self.config_record, self.plan, self.data = config_record, plan, data
         self.training, self.env = training, env
         self.wandb_run_id = wandb_run_id
@@ -199,11 +199,10 @@ class Checkpointer:
         self._failure: str | None = None
 
     def due(self, next_step: int) -> bool:
-        """By steps or by minutes; the caller shares the answer so all ranks save together."""
-        t = self.trainer
-        every = t.checkpoint_every_steps
+        """By steps or by minutes (trainer.checkpoint); the caller shares the answer so all
+        ranks save together."""
+        every, minutes = self.every.every_steps, self.every.every_minutes
         by_steps = every is not None and next_step % every == 0
-        minutes = t.checkpoint_every_minutes
         by_time = minutes is not None and time.monotonic() - self._last_save >= 60 * minutes
         return by_steps or by_time
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ import torch
 import webdataset as wds
 from results import write
 
-from ddp.data.batch import LoaderOptions
+from ddp.data.batch import PLAIN, LoaderOptions
 from ddp.data.loaders import build_train_loader
 from ddp.plan import make_plan
 from ddp.shards import read_manifest
@@ -61,7 +62,7 @@ def floor(split: Path) -> float:
 
 
 def options(fmt: str, in_memory_mb: int) -> LoaderOptions:
-    return LoaderOptions(input_key=fmt, in_memory_max_mb=in_memory_mb)
+    return LoaderOptions(replace(PLAIN, in_memory_max_mb=in_memory_mb), input_key=fmt)
 
 
 def ours(split: Path, fmt: str, in_memory_mb: int) -> float:

@@ -9,7 +9,7 @@ Four comparisons, each against a baseline run in the same call (--parts picks th
    1.., from its metrics.jsonl) against the *bound*: the same model, batch, precision
    and fused AdamW in a bare loop in this process, with the uint8 data already on the
    GPU (converted there, as ddp does), no host sync but at the end. Variants of ours:
-   the split held on the GPU (data.on_device, the default for a split that fits),
+   the split held on the GPU (data.loader.on_device, the default for a split that fits),
    the shard path with 8 DataLoader workers (pinned memory, side-stream prefetch),
    channels-last, the step read at once (trainer.sync_every_step=true: what reading the
    step's totals one step late buys), and (--compile) torch.compile.
@@ -362,14 +362,17 @@ def resnet18_part(args, device, work: Path) -> tuple[list[Result], Ratios]:
     print(f"  bound {bound:,.0f} samples/s", flush=True)
     variants = {
         "ours (split on the GPU)": [],
-        "ours (shards, 8 workers)": ["data.in_memory_max_mb=0", "data.num_workers=8"],
+        "ours (shards, 8 workers)": ["data.loader.in_memory_max_mb=0", "data.loader.num_workers=8"],
         "ours (channels-last)": ["trainer.channels_last=true"],
         "ours (synchronous step)": ["trainer.sync_every_step=true"],
     }
     if args.quick:
-        variants["ours (shards, 8 workers)"] = ["data.in_memory_max_mb=0", "data.num_workers=2"]
+        variants["ours (shards, 8 workers)"] = [
+            "data.loader.in_memory_max_mb=0",
+            "data.loader.num_workers=2",
+        ]
     if args.compile:
-        variants["ours (torch.compile)"] = ["trainer.compile=true"]
+        variants["ours (torch.compile)"] = ["trainer.compile.enabled=true"]
     for label, extra in variants.items():
         name = label.split("(")[1].rstrip(")").replace(" ", "-").replace(",", "")
         result = run_ours(f"{model_name}-{name}", [*common, *extra], work)
@@ -426,11 +429,11 @@ def jpeg_part(args, device, work: Path) -> tuple[list[Result], Ratios]:
     variants = {
         f"host ({host_workers} workers decode)": [
             "data.augment.placement=host",
-            f"data.num_workers={host_workers}",
+            f"data.loader.num_workers={host_workers}",
         ],
         f"device (nvJPEG; {device_workers} workers pack bytes)": [
             "data.augment.placement=device",
-            f"data.num_workers={device_workers}",
+            f"data.loader.num_workers={device_workers}",
         ],
     }
     ratios: Ratios = {}
@@ -459,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a smoke run (also on a CPU)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--parts", default=",".join(PARTS), help=f"some of {','.join(PARTS)}")
-    p.add_argument("--compile", action="store_true", help="also time trainer.compile=true")
+    p.add_argument("--compile", action="store_true", help="also time trainer.compile.enabled=true")
     p.add_argument("--no-overhead", action="store_true", help="skip part 2 (overhead.py)")
     args = p.parse_args(argv)
     parts = [part for part in args.parts.split(",") if part]

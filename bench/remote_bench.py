@@ -49,7 +49,7 @@ import webdataset as wds
 from results import write
 from servers import S3_ENV, Nginx, ServerUnavailable, free_port, wait_for_port
 
-from ddp.data.batch import LoaderOptions
+from ddp.data.batch import PLAIN, LoaderOptions
 from ddp.data.cache import GB, ShardCache
 from ddp.data.loaders import build_train_loader
 from ddp.data.remote import Remote
@@ -63,7 +63,7 @@ SHAPE = (32, 32, 3)
 MICRO = 256
 WARM_EPOCHS = (0, 1, 2)
 """Epochs timed together against local disk (one is ~40 ms here: too short alone)."""
-OPTIONS = LoaderOptions(in_memory_max_mb=0)
+OPTIONS = LoaderOptions(replace(PLAIN, in_memory_max_mb=0))
 
 
 def prepare(root: Path, count: int) -> Path:

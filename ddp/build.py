@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp import checkpoint
-from ddp.config import Config, WandbConfig
+from ddp.config import CompileConfig, Config, WandbConfig
 from ddp.data.batch import LoaderOptions, TrainBatches
 from ddp.data.device import InputPipeline
 from ddp.data.device_jpeg import check_device_decoder
@@ -98,19 +98,13 @@ def start_from(model: torch.nn.Module, path: Path) -> None:
     checkpoint.load_weights(model, checkpoint.load(ckpt)["model"], f"trainer.init_from={ckpt}")
 
 
-def wrap_ddp(
-    training: Training,
-    env: DistEnv,
-    compile: bool = False,
-    compile_mode: str | None = None,
-    compile_backend: str = "inductor",
-) -> None:
-    """The module that trains: the model, compiled if asked (torch.compile), in its DDP
+def wrap_ddp(training: Training, env: DistEnv, compile: CompileConfig | None = None) -> None:
+    """The module that trains: the model, compiled if asked (trainer.compile.enabled), in its DDP
     wrapper when there is a process group. Checkpoints keep using `training.model`, so
     they load with or without compilation."""
     module = training.model
-    if compile:
-        module = torch.compile(module, mode=compile_mode, backend=compile_backend)
+    if compile is not None and compile.enabled:
+        module = torch.compile(module, mode=compile.mode, backend=compile.backend)
     if env.distributed:
         device_ids = [env.device.index] if env.device.type == "cuda" else None
         module = DDP(module, device_ids=device_ids)
@@ -158,19 +152,16 @@ def input_pipeline(config: Config, model: torch.nn.Module, device: torch.device)
 
 
 def loader_options(config: Config, device: torch.device) -> LoaderOptions:
+    """data.loader as it is, for batches that train on `device`, with the sample keys."""
     d = config.data
     return LoaderOptions(
-        num_workers=d.num_workers,
-        pin_memory=d.pin_memory and device.type == "cuda",
-        prefetch_factor=d.prefetch_factor,
-        on_error=d.on_error,
+        loader=d.loader,
+        device=device,
         input_key=d.input_key,
         target_key=d.target_key,
         num_classes=config.model.get("num_classes"),
-        classes=config.data.classes,
-        in_memory_max_mb=d.in_memory_max_mb,
+        classes=d.classes,
         window_shards=d.window_shards,
-        device=device if d.on_device and device.type == "cuda" else None,
     )
 
 
@@ -202,7 +193,7 @@ def build_loaders(
         check_device_decoder(device)
     if splits.stream is not None:  # streaming: sequential reads, exact batch counts
         train: TrainBatches = build_stream_loader(
-            splits.stream, plan, rank, seed, options, d.shuffle_buffer, transform
+            splits.stream, plan, rank, seed, options, d.stream.shuffle_buffer, transform
         )
     else:
         train = build_train_loader(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ddp import checkpoint
-from ddp.config import TrainerConfig
+from ddp.config import CheckpointConfig
 from ddp.dist import collectives
 from ddp.dist.group import DistEnv
 from ddp.errors import CheckpointError
@@ -37,7 +37,7 @@ class Checkpointer:
     def __init__(
         self,
         directory: Path,
-        trainer: TrainerConfig,
+        every: CheckpointConfig,
         config_record: dict[str, Any],
         plan: BatchPlan,
         data: dict[str, Any],
@@ -50,7 +50,7 @@ class Checkpointer:
         self.counters = counters or {}
         """Per-epoch sums a mid-epoch resume continues (the sample audit, the noise scale's
         norms), saved under their names."""
-        self.trainer = trainer
+        self.every = every
         self.config_record, self.plan, self.data = config_record, plan, data
         self.training, self.env = training, env
         self.wandb_run_id = wandb_run_id
@@ -59,11 +59,10 @@ class Checkpointer:
         self._failure: str | None = None
 
     def due(self, next_step: int) -> bool:
-        """By steps or by minutes; the caller shares the answer so all ranks save together."""
-        t = self.trainer
-        every = t.checkpoint_every_steps
+        """By steps or by minutes (trainer.checkpoint); the caller shares the answer so all
+        ranks save together."""
+        every, minutes = self.every.every_steps, self.every.every_minutes
         by_steps = every is not None and next_step % every == 0
-        minutes = t.checkpoint_every_minutes
         by_time = minutes is not None and time.monotonic() - self._last_save >= 60 * minutes
         return by_steps or by_time
 

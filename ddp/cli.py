@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from ddp.compose import CONF_DIR, register, to_config
+from ddp.config import moved_key_hint
 from ddp.dist.exit import ExitCode, end_with_launcher, exit_process
 from ddp.dist.lost_peer import peer_lost_line
 from ddp.dist.say_once import say_error
@@ -122,7 +123,7 @@ def hydra_error(exc: Exception) -> str:
     cause = exc.__cause__
     if isinstance(cause, OmegaConfBaseException) and str(cause).strip():
         parts.append(str(cause).strip().splitlines()[0])
-    return ": ".join(parts) or type(exc).__name__
+    return moved_key_hint(": ".join(parts)) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from ddp.config import Config
+from ddp.config import Config, upgrade_record
 from ddp.errors import ConfigError
 from ddp.run_dir import default_run_name, default_sweep_name
 
@@ -71,11 +71,14 @@ def compose(overrides: list[str] = ()) -> Config:
 
 
 def from_record(record: dict[str, Any], overrides: list[str] = ()) -> Config:
-    """The typed config a checkpoint was trained with (its resolved record), with
-    `key=value` overrides on top (e.g. data.root=... to evaluate on data moved since)."""
+    """The typed config a checkpoint was trained with (its resolved record, in the layout
+    of today's schema: see `ddp.config.upgrade_record`), with `key=value` overrides on top
+    (e.g. data.root=... to evaluate on data moved since)."""
     try:
         merged = OmegaConf.merge(
-            OmegaConf.structured(Config), record, OmegaConf.from_dotlist(list(overrides))
+            OmegaConf.structured(Config),
+            upgrade_record(record),
+            OmegaConf.from_dotlist(list(overrides)),
         )
     except OmegaConfBaseException as exc:
         raise ConfigError(str(exc).strip().splitlines()[0]) from exc

@@ -9,8 +9,10 @@ it, code receives these dataclasses (or plain values) and no module imports omeg
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,14 +23,20 @@ MISSING: Any = "???"  # OmegaConf's marker for a mandatory value (omegaconf.MISS
 __all__ = [
     "AugmentConfig",
     "BatchConfig",
+    "CheckpointConfig",
+    "CompileConfig",
     "Config",
     "DataConfig",
+    "LoaderConfig",
     "LoggerConfig",
     "PlateauConfig",
+    "RemoteConfig",
     "RunConfig",
     "ScheduleConfig",
+    "StreamConfig",
     "TrainerConfig",
     "WandbConfig",
+    "upgrade_record",
 ]
 
 
@@ -70,18 +78,102 @@ class AugmentConfig:
 
 
 @dataclass
-class DataConfig:
-    root: str = MISSING
-    """Directory holding one sub-directory of shards + manifest.json per split."""
-    train_split: str = MISSING
-    val_split: str = MISSING
+class LoaderConfig:
+    """`data.loader`: how each process reads its micro-batches. The loaders take this
+    dataclass as it is (`ddp.data.batch.LoaderOptions.loader`)."""
+
     num_workers: int = MISSING
     """DataLoader worker processes per rank (0: load in the training process)."""
     pin_memory: bool = MISSING
-    """Page-locked host batches; only takes effect on CUDA."""
+    """Page-locked host batches, so the copy to a GPU overlaps compute (no effect on a CPU)."""
     prefetch_factor: int = MISSING
+    """Micro-batches each worker loads ahead of the training loop (DataLoader's
+    prefetch_factor; no effect with num_workers=0)."""
     on_error: str = MISSING
-    """raise: a bad sample stops the job; skip: it is counted, logged and masked out."""
+    """raise: a bad sample stops the job, one line naming its shard and key; skip: it is
+    counted, logged and masked out of the loss and the metrics."""
+    in_memory_max_mb: float = MISSING
+    """A split whose decoded inputs fit in this many MiB is decoded once and served from
+    memory by each process (0: always read the shards). Never a streamed training split
+    (data.stream.urls), nor with data.augment (new crops every epoch), nor a training
+    split with data.transform and num_workers > 0 (the transform stays in the workers)."""
+    on_device: bool = MISSING
+    """On a GPU, keep a split held in memory (see in_memory_max_mb) in GPU memory: a
+    micro-batch is a gather there and nothing crosses the bus per step. No effect on a
+    CPU or for a split read from its shards (not refused: it is the default)."""
+
+    def __post_init__(self) -> None:
+        integer_at_least("data.loader.num_workers", self.num_workers, 0)
+        integer_at_least("data.loader.prefetch_factor", self.prefetch_factor, 1)
+        one_of("data.loader.on_error", self.on_error, ("raise", "skip"))
+        require(
+            self.in_memory_max_mb >= 0,
+            f"data.loader.in_memory_max_mb={self.in_memory_max_mb} must be >= 0",
+        )
+
+
+@dataclass
+class RemoteConfig:
+    """`data.remote`: splits that live elsewhere (data.root, or a split, at http(s)://host/path
+    or s3://bucket/prefix). Their shards are fetched whole into a cache shared by the
+    node's processes, checked against the manifest's sha256, and evicted least recently
+    used. Local splits ignore this group (its defaults are always there: not refused)."""
+
+    cache_dir: str | None = MISSING
+    """Where the shards of remote splits are kept, shared by the processes of a node
+    (local disk, not NFS); null: $XDG_CACHE_HOME/ddp/shards (~/.cache/ddp/shards)."""
+    cache_max_gb: float = MISSING
+    """The cache's bound: least recently used shards no process has open are evicted."""
+    timeout_s: float = MISSING
+    """How long a remote fetch retries (exponential backoff) before the job stops, exit 2."""
+    s3_endpoint: str | None = MISSING
+    """An S3-compatible store's endpoint URL; null: AWS_ENDPOINT_URL, else AWS's."""
+    prefetch_shards: int = MISSING
+    """Remote shards the training loader fetches ahead of the epoch order's needs."""
+
+    def __post_init__(self) -> None:
+        require(self.cache_max_gb > 0, f"data.remote.cache_max_gb={self.cache_max_gb} must be > 0")
+        require(self.timeout_s > 0, f"data.remote.timeout_s={self.timeout_s} must be > 0")
+        integer_at_least("data.remote.prefetch_shards", self.prefetch_shards, 0)
+
+
+@dataclass
+class StreamConfig:
+    """`data.stream`: the streaming mode, shard URLs read front to back instead of the
+    indexed splits (exact batch counts per rank, but not exact coverage: see README)."""
+
+    urls: Any = MISSING
+    """Shard URLs (a list, or a brace pattern; pipe:, http(s), paths), read in order as the
+    training split; null: the indexed splits under data.root (then this group is unused)."""
+    num_samples: int | None = MISSING
+    """Training samples behind `urls` when no manifest.json sits beside them; null: the
+    manifest's count."""
+    shuffle_buffer: int = MISSING
+    """Samples in each stream's shuffle buffer (0 or 1: the shards' own order)."""
+
+    def __post_init__(self) -> None:
+        require(
+            self.num_samples is None or self.num_samples >= 1,
+            f"data.stream.num_samples={self.num_samples} must be >= 1 or null",
+        )
+        require(
+            self.num_samples is None or bool(self.urls),
+            f"data.stream.num_samples={self.num_samples} counts streamed shards: set "
+            "data.stream.urls, or leave data.stream.num_samples null (the indexed splits "
+            "are counted by their manifests)",
+        )
+        integer_at_least("data.stream.shuffle_buffer", self.shuffle_buffer, 0)
+
+
+@dataclass
+class DataConfig:
+    root: str = MISSING
+    """Directory (or http(s)://, s3:// URL) holding one sub-directory of shards +
+    manifest.json per split."""
+    train_split: str = MISSING
+    """The training split's sub-directory of `root`."""
+    val_split: str = MISSING
+    """The validation split's sub-directory of `root` (validated every epoch)."""
     input_key: str = MISSING
     """Member extension holding the input (npy, png, jpg, ...); `jpg;png;jpeg;webp`: the
     first of these a sample has (webdataset's spelling)."""
@@ -91,51 +183,41 @@ class DataConfig:
     classes: list[str] | None = MISSING
     """Class names in id order, for labels given as names; null: the manifest's
     meta.classes (recorded by `ddp-shards prepare imagefolder`), if any."""
-    urls: Any = MISSING
-    """Streaming mode: shard URLs (list or brace pattern; pipe:, http(s), paths), read in
-    order; null: the indexed splits under `root`."""
-    num_samples: int | None = MISSING
-    """Training samples behind `urls` when no manifest.json sits beside them."""
-    shuffle_buffer: int = MISSING
-    """Streaming mode: samples in each stream's shuffle buffer."""
     window_shards: int | None = MISSING
     """The training order: null shuffles all samples; k puts the shards in a random order
     and shuffles the samples within each window of k shards (every sample still once per
-    epoch; a stretch of the epoch reads k shards: for remote splits bigger than the cache)."""
+    epoch; a stretch of the epoch reads k shards: for remote splits bigger than the cache).
+    Indexed splits only: refused with data.stream.urls."""
     transform: Any = MISSING
     """`_target_` of a callable applied to each training input tensor (e.g. torchvision's)."""
-    in_memory_max_mb: float = MISSING
-    """A split whose decoded inputs fit in this many MiB is decoded once and served from
-    memory by each process (0: always read the shards)."""
-    on_device: bool = MISSING
-    """On a GPU, keep such an in-memory split in GPU memory: a micro-batch is a gather
-    there and nothing crosses the bus per step (no effect on a CPU)."""
     normalize: Any = MISSING
     """{mean: [...], std: [...]} per channel, applied on the device after uint8 images
     are scaled to [0, 1]; null: none."""
     augment: AugmentConfig | None = MISSING
     """Decode image members and augment them (conf/data/augment/); null: inputs as stored."""
-    cache_dir: str | None = MISSING
-    """Where shards of remote splits (root or a split at http(s):// or s3://) are kept,
-    shared by the processes of a node; null: $XDG_CACHE_HOME/ddp/shards (~/.cache/...)."""
-    cache_max_gb: float = MISSING
-    """The cache's bound: least recently used shards no process has open are evicted."""
-    remote_timeout_s: float = MISSING
-    """How long a remote fetch retries (exponential backoff) before the job stops, exit 2."""
-    s3_endpoint: str | None = MISSING
-    """An S3-compatible store's endpoint URL; null: AWS_ENDPOINT_URL, else AWS's."""
-    prefetch_shards: int = MISSING
-    """Remote shards the training loader fetches ahead of the epoch order's needs."""
+    loader: LoaderConfig = MISSING
+    """How each process reads its micro-batches (conf/data/loader/)."""
+    remote: RemoteConfig = MISSING
+    """The cache of remote splits (conf/data/remote/)."""
+    stream: StreamConfig = MISSING
+    """Streaming mode (conf/data/stream/); stream.urls null: the indexed splits."""
 
     def __post_init__(self) -> None:
-        require(self.cache_max_gb > 0, f"data.cache_max_gb={self.cache_max_gb} must be > 0")
         require(
-            self.remote_timeout_s > 0,
-            f"data.remote_timeout_s={self.remote_timeout_s} must be > 0",
+            self.window_shards is None or self.window_shards >= 1,
+            f"data.window_shards={self.window_shards} must be >= 1 or null",
         )
-        require(self.prefetch_shards >= 0, "data.prefetch_shards must be >= 0")
+        streaming = bool(self.stream.urls)
+        require(
+            not (streaming and self.window_shards is not None),
+            f"data.window_shards={self.window_shards} orders indexed splits: not with "
+            "data.stream.urls (streams are read in order); unset one of them",
+        )
         if self.augment is not None:
-            require(not self.urls, "data.augment needs indexed shards: unset data.urls")
+            require(
+                not streaming,
+                "data.augment needs indexed shards: not with data.stream.urls; unset one of them",
+            )
             require(
                 self.augment.placement == "host" or self.transform is None,
                 "data.transform runs on the host: not with data.augment.placement=device",
@@ -148,19 +230,6 @@ class DataConfig:
                 len(n["mean"]) == len(n["std"]) and all(v > 0 for v in n["std"]),
                 "data.normalize: mean and std need one value per channel, std > 0",
             )
-        require(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
-        require(self.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
-        one_of("data.on_error", self.on_error, ("raise", "skip"))
-        require(self.in_memory_max_mb >= 0, "data.in_memory_max_mb must be >= 0")
-        require(self.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0")
-        require(
-            self.window_shards is None or self.window_shards >= 1,
-            f"data.window_shards={self.window_shards} must be >= 1 or null",
-        )
-        require(
-            self.num_samples is None or self.num_samples >= 1,
-            f"data.num_samples={self.num_samples} must be >= 1 or null",
-        )
 
 
 @dataclass
@@ -178,6 +247,7 @@ class ScheduleConfig:
     name: str = MISSING
     """warmup_cosine | constant | plateau (constant; the plateau tracker lowers it)."""
     warmup_iterations: int = MISSING
+    """Optimizer steps over which the learning rate rises linearly from 0 to its peak."""
     min_lr_ratio: float = MISSING
     """Cosine floor as a fraction of the peak learning rate."""
     lr_scaling: str = MISSING
@@ -194,10 +264,48 @@ class ScheduleConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """`trainer.checkpoint`: checkpoints between the end-of-epoch ones (last.pt, and best.pt
+    when the monitored metric improved), so that a kill loses less than an epoch."""
+
+    every_steps: int | None = MISSING
+    """Also save every this many optimizer steps; null: not by steps."""
+    every_minutes: float | None = MISSING
+    """Also save when this many minutes passed since the last save; null: not by time."""
+
+    def __post_init__(self) -> None:
+        positive_or_none("trainer.checkpoint.every_steps", self.every_steps)
+        positive_or_none("trainer.checkpoint.every_minutes", self.every_minutes)
+
+
+@dataclass
+class CompileConfig:
+    """`trainer.compile`: torch.compile the model for training (checkpoints hold the plain
+    module's weights: they load with or without it)."""
+
+    enabled: bool = MISSING
+    """Compile the model (false: eager PyTorch)."""
+    mode: str | None = MISSING
+    """torch.compile's mode: null (its default), reduce-overhead, max-autotune, ...; set
+    only with enabled=true."""
+    backend: str = MISSING
+    """torch.compile's backend: inductor; eager or aot_eager to debug a compiled run."""
+
+    def __post_init__(self) -> None:
+        require(
+            self.enabled or self.mode is None,
+            f"trainer.compile.mode={self.mode} compiles nothing without "
+            "trainer.compile.enabled=true; set it, or leave the mode null",
+        )
+
+
+@dataclass
 class TrainerConfig:
     max_epochs: int | None = MISSING
     """null: train until the plateau tracker stops the run."""
     seed: int = MISSING
+    """The seed of the epoch order, the augmentation's crops and the model's initial
+    weights (each rank adds its rank for its own torch RNG)."""
     device: str = MISSING
     """auto | cpu | cuda (auto: cuda when available)."""
     precision: str = MISSING
@@ -209,13 +317,8 @@ class TrainerConfig:
     for models with a Conv2d on a CPU (oneDNN ran the small CNN's step in 0.75x the
     time), off on a GPU (there the small CNN ran 83.0 steps/s NCHW vs 67.8 NHWC on an
     H200, fp32)."""
-    compile: bool = MISSING
-    """torch.compile the model for training (checkpoints hold the plain module's
-    weights: they load with or without it)."""
-    compile_mode: str | None = MISSING
-    """torch.compile's mode: null (default), reduce-overhead, max-autotune, ..."""
-    compile_backend: str = MISSING
-    """torch.compile's backend: inductor; eager or aot_eager to debug a compiled run."""
+    compile: CompileConfig = MISSING
+    """torch.compile for training (conf/trainer/compile/)."""
     backend: str = MISSING
     """auto (nccl on CUDA, gloo on CPU) | nccl | gloo. gloo with CUDA tensors lets
     several ranks share one GPU (NCCL refuses that)."""
@@ -232,11 +335,13 @@ class TrainerConfig:
     progress: bool = MISSING
     """A progress bar per epoch on rank 0 (shown only when stderr is a terminal)."""
     log_every_steps: int = MISSING
-    checkpoint_every_steps: int | None = MISSING
-    checkpoint_every_minutes: float | None = MISSING
+    """Log the training loss and learning rate every this many optimizer steps."""
+    checkpoint: CheckpointConfig = MISSING
+    """Checkpoints within an epoch (conf/trainer/checkpoint/); every epoch ends with one."""
     nonfinite: str = MISSING
     """stop | skip: what all ranks do when the loss is not finite on any rank."""
     max_skipped_steps: int = MISSING
+    """With nonfinite=skip: the run stops once more than this many updates were skipped."""
     resume: str = MISSING
     """auto: continue from the run directory's last checkpoint when there is one, else
     start a new run; never: start a new run, and refuse a directory that holds one;
@@ -267,9 +372,9 @@ class TrainerConfig:
         one_of("trainer.backend", self.backend, ("auto", "nccl", "gloo"))
         require(self.grad_clip is None or self.grad_clip > 0, "trainer.grad_clip must be > 0")
         require(self.timeout_s > 0, f"trainer.timeout_s={self.timeout_s} must be > 0")
-        require(self.log_every_steps >= 1, "trainer.log_every_steps must be >= 1")
-        for key in ("checkpoint_every_steps", "checkpoint_every_minutes", "max_steps"):
-            positive_or_none(f"trainer.{key}", getattr(self, key))
+        integer_at_least("trainer.log_every_steps", self.log_every_steps, 1)
+        integer_at_least("trainer.max_skipped_steps", self.max_skipped_steps, 0)
+        positive_or_none("trainer.max_steps", self.max_steps)
 
 
 @dataclass
@@ -301,6 +406,7 @@ class PlateauConfig:
     alert: bool = MISSING
     """Send a W&B alert on each plateau event."""
     alert_level: str = MISSING
+    """INFO | WARN | ERROR: the level of those alerts."""
 
     def __post_init__(self) -> None:
         one_of("plateau.mode", self.mode, ("min", "max"))
@@ -326,17 +432,22 @@ class PlateauConfig:
 @dataclass
 class WandbConfig:
     enabled: bool = MISSING
+    """Track the run with W&B (rank 0 only); false: metrics.jsonl alone."""
     mode: str = MISSING
     """offline | online | disabled. Offline by default (clusters rarely reach the
     internet); the environment's WANDB_MODE wins when set."""
     project: str = MISSING
+    """The W&B project the run belongs to."""
     entity: str | None = MISSING
+    """The W&B user or team; null: the logged-in user's default."""
     name: str | None = MISSING
     """Run name; null: the experiment and its overrides."""
     group: str | None = MISSING
     """Runs of one sweep share a group; null: the Hydra sweep's name."""
     job_type: str = MISSING
+    """W&B's job type, to tell training runs from others in a project (train)."""
     tags: list[str] = MISSING
+    """Tags on the W&B run (experiments set their own)."""
     dir: str | None = MISSING
     """Where wandb writes its files; null: the run directory."""
     system_metrics: bool = MISSING
@@ -362,6 +473,7 @@ class WandbConfig:
 @dataclass
 class LoggerConfig:
     wandb: WandbConfig = MISSING
+    """Weights & Biases (conf/logger/)."""
     curves: bool = MISSING
     """Save the learning-curve PNG in the run directory (and log it to W&B)."""
 
@@ -369,6 +481,7 @@ class LoggerConfig:
 @dataclass
 class RunConfig:
     root: str = MISSING
+    """Directory holding the run directories (and the sweeps' directories)."""
     name: str | None = MISSING
     """Run directory name; null: from SLURM_JOB_ID, then TORCHELASTIC_RUN_ID."""
 
@@ -380,13 +493,21 @@ class Config:
     optim: Any = MISSING
     """`_target_` + kwargs of a torch.optim.Optimizer (lr required); params are passed in."""
     data: DataConfig = MISSING
+    """The training and validation data and how they are read (conf/data/)."""
     batch: BatchConfig = MISSING
+    """The global batch and the micro-batch (conf/batch/)."""
     schedule: ScheduleConfig = MISSING
+    """The learning-rate schedule (conf/schedule/)."""
     trainer: TrainerConfig = MISSING
+    """How training runs: device, precision, checkpoints, stops (conf/trainer/)."""
     plateau: PlateauConfig = MISSING
+    """The plateau tracker (conf/plateau/)."""
     logger: LoggerConfig = MISSING
+    """W&B and the learning-curve PNG (conf/logger/)."""
     run: RunConfig = MISSING
+    """Where the run directory is and its name."""
     experiment_name: str = MISSING
+    """The experiment's name: the run's default name and the W&B name's prefix."""
 
     def __post_init__(self) -> None:
         for group in ("model", "optim"):
@@ -399,3 +520,60 @@ class Config:
         require(
             isinstance(lr, int | float) and lr > 0, f"optim.lr={lr!r} must be a positive number"
         )
+
+
+MOVED_KEYS = {
+    "data.num_workers": "data.loader.num_workers",
+    "data.pin_memory": "data.loader.pin_memory",
+    "data.prefetch_factor": "data.loader.prefetch_factor",
+    "data.on_error": "data.loader.on_error",
+    "data.in_memory_max_mb": "data.loader.in_memory_max_mb",
+    "data.on_device": "data.loader.on_device",
+    "data.cache_dir": "data.remote.cache_dir",
+    "data.cache_max_gb": "data.remote.cache_max_gb",
+    "data.remote_timeout_s": "data.remote.timeout_s",
+    "data.s3_endpoint": "data.remote.s3_endpoint",
+    "data.prefetch_shards": "data.remote.prefetch_shards",
+    "data.urls": "data.stream.urls",
+    "data.num_samples": "data.stream.num_samples",
+    "data.shuffle_buffer": "data.stream.shuffle_buffer",
+    "trainer.checkpoint_every_steps": "trainer.checkpoint.every_steps",
+    "trainer.checkpoint_every_minutes": "trainer.checkpoint.every_minutes",
+    "trainer.compile": "trainer.compile.enabled",
+    "trainer.compile_mode": "trainer.compile.mode",
+    "trainer.compile_backend": "trainer.compile.backend",
+}
+"""Keys that moved into groups (issue 24): old path -> new path."""
+
+
+def upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A config record as written before issue 24 (a checkpoint's `config`, the `config`
+    of metrics.jsonl's plan record), with MOVED_KEYS at their new paths, so that such a
+    run resumes, evaluates and reports as before. A new record comes back equal; the
+    argument is not changed."""
+    record = copy.deepcopy(record)
+    moved = {}
+    for old, new in MOVED_KEYS.items():
+        group, key = old.split(".")
+        section = record.get(group)
+        if not isinstance(section, dict) or key not in section:
+            continue
+        if new.startswith(f"{old}.") and isinstance(section[key], dict):
+            continue  # trainer.compile: the group itself already
+        moved[new] = section.pop(key)
+    for new, value in moved.items():
+        *groups, key = new.split(".")
+        section = record
+        for name in groups:
+            section = section.setdefault(name, {})
+        section[key] = value
+    return record
+
+
+def moved_key_hint(message: str) -> str:
+    """Hydra's refusal of an override (`message`), plus where the key moved when it names
+    one of MOVED_KEYS: a command line written before issue 24 says what to write now."""
+    for old, new in MOVED_KEYS.items():
+        if re.search(rf"(?<![\w.]){re.escape(old)}(?![\w.])", message):
+            return f"{message} ({old} is {new} now)"
+    return message

@@ -18,6 +18,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from ddp.compose import compose
+from ddp.config import moved_key_hint
 from ddp.data.splits import train_samples
 from ddp.dist.env import detect
 from ddp.dist.exit import ExitCode
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     except BadInput as exc:
         fail(str(exc))
     except (HydraException, OmegaConfBaseException) as exc:
-        fail(str(exc).strip().splitlines()[0])
+        fail(moved_key_hint(str(exc).strip().splitlines()[0]))
     print(json.dumps(plan.as_dict(), indent=2) if as_json else plan.table())
 
 

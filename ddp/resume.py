@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ddp import checkpoint
-from ddp.config import TrainerConfig
+from ddp.config import TrainerConfig, upgrade_record
 from ddp.data.identity import what_changed
 from ddp.errors import ConfigError
 from ddp.plan import BatchPlan
@@ -55,6 +55,7 @@ def load_resume_point(
             raise ConfigError(f"trainer.resume=require but there is no {path} to continue from")
         return None
     state = checkpoint.load(path)
+    state["config"] = upgrade_record(state.get("config") or {})  # written before issue 24?
     position = state["position"]
     mid_epoch = position.get("step_in_epoch", 0) > 0  # between epochs the order may change
     change, remedy = what_changed(state.get("data"), data or {}), "restore that data"

@@ -34,24 +34,23 @@ OPERATIONAL_KEYS = (
     "trainer.progress",
     "trainer.timeout_s",
     "trainer.log_every_steps",
-    "trainer.checkpoint_every_",
+    "trainer.checkpoint",
+    "trainer/checkpoint",
     "trainer.audit_samples",
     "trainer.noise_scale",
     "trainer.max_steps",
-    "data.num_workers",
-    "data.prefetch_factor",
-    "data.pin_memory",
-    "data.in_memory_max_mb",
-    "data.cache_dir",
-    "data.cache_max_gb",
-    "data.remote_timeout_s",
-    "data.prefetch_shards",
+    "data.loader.num_workers",
+    "data.loader.prefetch_factor",
+    "data.loader.pin_memory",
+    "data.loader.in_memory_max_mb",
+    "data.remote",
+    "data/remote",
 )
 """Overrides that change how a run is carried out, not what it computes: they do not
 name a new run (a second attempt with more workers continues the first)."""
 
 
-WHERE_KEYS = ("data.root", "data.urls")
+WHERE_KEYS = ("data.root", "data.stream.urls")
 """Overrides that say where the data is: they define a run, but make poor labels."""
 
 

@@ -45,7 +45,7 @@ class StepTotals:
     count: float
     """Valid samples (padding and skipped bad samples excluded)."""
     skipped: float
-    """Bad samples skipped (data.on_error=skip)."""
+    """Bad samples skipped (data.loader.on_error=skip)."""
     preempt: float
     """> 0: some rank was asked to stop (SIGTERM / SIGUSR1)."""
     interrupt: float

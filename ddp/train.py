@@ -86,7 +86,7 @@ def train(
     lock = claim_run_dir(run_dir, env)  # one job per run directory, from here to the exit
     stop = StopRequest()
     t = config.trainer
-    wrap_ddp(training, env, t.compile, t.compile_mode, t.compile_backend)
+    wrap_ddp(training, env, t.compile)
     tracker = Tracker.start(  # W&B starts on a thread while the rest is set up
         run_dir,
         config_record,
@@ -105,7 +105,7 @@ def train(
     for counter in filter(None, counters.values()):
         counter.resume(resumed, env)  # a resumed epoch's sums so far
     checkpoints = Checkpointer(
-        run_dir / "checkpoints", config.trainer, config_record, plan, data, training, env,
+        run_dir / "checkpoints", t.checkpoint, config_record, plan, data, training, env,
         tracker.run_id, counters,
     )  # fmt: skip
     autocast = autocast_for(config, device)

@@ -1,7 +1,7 @@
 """One way to refuse a value: a ConfigError whose message names the key.
 
 Used by the config schemas, the plateau tracker and the loader options alike, so
-every refusal reads the same: `error: data.num_workers=-1 must be >= 0`.
+every refusal reads the same: `error: data.loader.num_workers=-1 must be >= 0`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@ conf/; these are the neutral ones the unit tests reason about)."""
 
 from __future__ import annotations
 
-from ddp.config import PlateauConfig, WandbConfig
+from dataclasses import fields, replace
+
+from ddp.config import LoaderConfig, PlateauConfig, WandbConfig
+from ddp.data.batch import PLAIN, LoaderOptions
 
 PLATEAU = dict(
     monitor="val/accuracy",
@@ -42,3 +45,12 @@ def plateau_config(**overrides) -> PlateauConfig:
 
 def wandb_config(**overrides) -> WandbConfig:
     return WandbConfig(**{**WANDB, **overrides})
+
+
+def loader_options(**overrides) -> LoaderOptions:
+    """LoaderOptions for tests that build loaders themselves: data.loader's fields among
+    `overrides` change ddp.data.batch.PLAIN (`num_workers=2`), the others are the
+    options' own (`input_key="png"`)."""
+    names = {f.name for f in fields(LoaderConfig)}
+    loader = replace(PLAIN, **{k: v for k, v in overrides.items() if k in names})
+    return LoaderOptions(loader, **{k: v for k, v in overrides.items() if k not in names})

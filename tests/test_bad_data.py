@@ -15,7 +15,7 @@ def test_an_undecodable_sample_ends_every_process_with_its_name(garbled_root, sm
 
 
 def test_on_error_skip_counts_the_sample_and_keeps_batches_equal(garbled_root, smoke, tmp_path):
-    out = harness.train([*smoke, f"data.root={garbled_root}", "data.on_error=skip"])
+    out = harness.train([*smoke, f"data.root={garbled_root}", "data.loader.on_error=skip"])
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = tmp_path / "runs" / "test"
     assert [r["data/skipped_samples"] for r in records(run_dir, "val")] == [1, 1]

@@ -17,6 +17,7 @@ import torch
 
 from ddp import checkpoint
 from tests import harness
+from tests.configs import loader_options
 from tests.fixtures import smoke_overrides
 
 pytestmark = [
@@ -91,15 +92,15 @@ def test_half_precision_trains(digits_root, tmp_path, precision):
 
 def test_a_split_on_the_device_gives_the_batches_of_the_host(digits_root, tmp_path):
     for on_device in ("true", "false"):
-        extra = ("trainer.deterministic=true", f"data.on_device={on_device}")
+        extra = ("trainer.deterministic=true", f"data.loader.on_device={on_device}")
         out = python_train(on_gpu(digits_root, tmp_path, f"dev-{on_device}", *extra))
         assert out.returncode == 0, out.stderr[-3000:]
     assert_same_weights(tmp_path / "dev-true", tmp_path / "dev-false")
 
 
 def test_two_ranks_share_one_gpu_over_gloo(digits_root, tmp_path):
-    extra = ("trainer.backend=gloo", "trainer.audit_samples=true", "data.in_memory_max_mb=0",
-             "data.num_workers=2")  # fmt: skip
+    extra = ("trainer.backend=gloo", "trainer.audit_samples=true", "data.loader.in_memory_max_mb=0",
+             "data.loader.num_workers=2")  # fmt: skip
     out = torchrun_train(on_gpu(digits_root, tmp_path, "shared", *extra))
     assert out.returncode == 0, out.stderr[-3000:]
     (summary,) = harness.records(tmp_path / "shared", "summary")
@@ -134,13 +135,12 @@ def test_prefetch_on_a_side_stream_hands_over_the_right_batches():
 
 
 def photo_batches(photos_root: Path, placement: str, size: int = 40) -> list:
-    from ddp.data.batch import LoaderOptions
     from ddp.data.images import ImageAugment
     from ddp.data.loaders import build_train_loader
     from ddp.plan import make_plan
 
     images = ImageAugment(size=size, train=True, seed=0, placement=placement)
-    options = LoaderOptions(input_key="jpg", pin_memory=True)
+    options = loader_options(input_key="jpg", pin_memory=True, device=torch.device("cuda"))
     loader = build_train_loader(
         photos_root / "train", make_plan(128, 32, 16, 1), 0, 0, options, images=images
     )
@@ -195,8 +195,9 @@ def test_gpu_decoding_trains_and_resumes_bitwise_equal(photos_root, tmp_path):
     def job(name: str, *extra: str) -> list[str]:
         return ["experiment=photos", f"data.root={photos_root}", f"run.root={tmp_path}",
                 f"run.name={name}", "trainer.device=cuda", "trainer.deterministic=true",
-                "data.augment.placement=device", "data.augment.size=32", "data.num_workers=2",
-                "batch.global_size=32", "batch.micro_size=16", "trainer.max_epochs=3",
+                "data.augment.placement=device", "data.augment.size=32",
+                "data.loader.num_workers=2", "batch.global_size=32", "batch.micro_size=16",
+                "trainer.max_epochs=3",
                 "trainer.progress=false", "plateau=none", "logger=none", *extra]  # fmt: skip
 
     straight = python_train(job("straight"))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddp.data.batch import Batch, LoaderOptions
+from ddp.data.batch import Batch
 from ddp.data.dataset import ShardDataset
 from ddp.data.device import InputPipeline
 from ddp.data.loaders import build_eval_loader, build_train_loader
@@ -21,13 +21,14 @@ from ddp.plan import make_plan
 from ddp.shards import index_split, read_manifest
 from ddp.shards.prepare import prepare_synthetic
 from tests import harness
+from tests.configs import loader_options
 from tests.fixtures import as_v1, copy_split, corrupt_npy
 
 
 def epoch_batches(
     split: Path, plan, rank: int = 0, epoch: int = 0, start_step: int = 0, **options
 ) -> list[Batch]:
-    loader = build_train_loader(split, plan, rank, seed=0, options=LoaderOptions(**options))
+    loader = build_train_loader(split, plan, rank, seed=0, options=loader_options(**options))
     return list(loader.epoch(epoch, start_step))
 
 
@@ -81,8 +82,12 @@ def test_loader_returns_the_stored_samples(digits_root: Path) -> None:
 
 def test_loader_is_identical_for_0_and_2_workers(digits_root: Path) -> None:
     plan = make_plan(1438, 64, 16, 2)
-    serial = build_train_loader(digits_root / "train", plan, 1, 0, LoaderOptions(0, **SHARDS))
-    workers = build_train_loader(digits_root / "train", plan, 1, 0, LoaderOptions(2, **SHARDS))
+    serial = build_train_loader(
+        digits_root / "train", plan, 1, 0, loader_options(num_workers=0, **SHARDS)
+    )
+    workers = build_train_loader(
+        digits_root / "train", plan, 1, 0, loader_options(num_workers=2, **SHARDS)
+    )
     for epoch in (0, 1):  # persistent workers must see the new epoch
         assert same(list(serial.epoch(epoch)), list(workers.epoch(epoch)))
     assert same(list(serial.epoch(2, 5)), list(workers.epoch(2, 5)))
@@ -115,7 +120,7 @@ def test_eval_loader_covers_the_val_set_once_with_equal_counts(digits_root: Path
 
 
 def test_png_images_leave_as_uint8_and_become_float_chw_on_the_device(png_root: Path) -> None:
-    options = LoaderOptions(input_key="png")
+    options = loader_options(input_key="png")
     (batch,) = list(build_eval_loader(png_root / "val", 16, 0, 1, options))
     assert batch.inputs.shape == (16, 5, 4, 3) and batch.inputs.dtype == torch.uint8  # as stored
     ready = InputPipeline(torch.device("cpu"))(batch)
@@ -126,7 +131,7 @@ def test_png_images_leave_as_uint8_and_become_float_chw_on_the_device(png_root: 
 
 
 def test_the_pipeline_normalises_per_channel_in_the_models_memory_order(png_root: Path) -> None:
-    options = LoaderOptions(input_key="png")
+    options = loader_options(input_key="png")
     (batch,) = list(build_eval_loader(png_root / "val", 16, 0, 1, options))
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
     pipeline = InputPipeline(torch.device("cpu"), channels_last=True, mean=mean, std=std)
@@ -141,7 +146,7 @@ def test_transform_is_applied_per_sample(digits_root: Path, png_root: Path) -> N
     loader = build_eval_loader(digits_root / "val", 8, 0, 1, transform=lambda x: x.flatten())
     assert next(iter(loader)).inputs.shape == (8, 64)
     # A transform takes what the model would: float CHW in [0, 1] (converted on the host).
-    options = LoaderOptions(input_key="png")
+    options = loader_options(input_key="png")
     seen = []
     loader = build_eval_loader(
         png_root / "val", 4, 0, 1, options, transform=lambda x: seen.append(x) or x
@@ -197,7 +202,7 @@ def test_undecodable_sample_names_shard_and_key(
 ) -> None:
     split = copy_split(digits_root / "val", tmp_path / "val")
     key = corrupt_npy(split, 1, 7)
-    options = LoaderOptions(num_workers=workers, in_memory_max_mb=memory_mb)
+    options = loader_options(num_workers=workers, in_memory_max_mb=memory_mb)
     with pytest.raises(DataError, match=f"shard-000001.tar: key {key}: undecodable .npy") as err:
         list(build_eval_loader(split, 16, 0, 1, options))  # memory: raised while loading
     assert str(err.value).startswith(str(split)) and "\n" not in str(err.value)
@@ -211,7 +216,7 @@ def test_skip_marks_bad_samples_invalid_and_counts_them(
     keys = {corrupt_npy(split, 0, 3), corrupt_npy(split, 4, 10)}
     index_split(split)  # checksums refreshed; the loader only checks sizes anyway
     plan = make_plan(1438, 64, 16, 2)
-    options = LoaderOptions(on_error="skip", in_memory_max_mb=memory_mb)
+    options = loader_options(on_error="skip", in_memory_max_mb=memory_mb)
     loader = build_train_loader(split, plan, 0, 0, options)
     other = build_train_loader(split, plan, 1, 0, options)
     assert loader.memory is None  # bad samples are judged per micro-batch, from the shards
@@ -229,13 +234,13 @@ def test_skip_marks_bad_samples_invalid_and_counts_them(
 def test_memory_gives_the_very_batches_the_shards_give(digits_root: Path, tmp_path: Path) -> None:
     plan = make_plan(1438, 96, 16, 2)  # accumulation 3, 32 padded samples
     for rank in (0, 1):
-        memory = build_train_loader(digits_root / "train", plan, rank, 0, LoaderOptions())
-        shards = build_train_loader(digits_root / "train", plan, rank, 0, LoaderOptions(**SHARDS))
+        memory = build_train_loader(digits_root / "train", plan, rank, 0, loader_options())
+        shards = build_train_loader(digits_root / "train", plan, rank, 0, loader_options(**SHARDS))
         assert memory.memory is not None and shards.memory is None
         for epoch, start in ((0, 0), (3, 0), (3, 7)):
             assert same(list(memory.epoch(epoch, start)), list(shards.epoch(epoch, start)))
         evals = [
-            build_eval_loader(digits_root / "val", 32, rank, 2, LoaderOptions(**o))
+            build_eval_loader(digits_root / "val", 32, rank, 2, loader_options(**o))
             for o in ({}, SHARDS)
         ]
         assert evals[0].memory is not None and same(list(evals[0]), list(evals[1]))
@@ -251,7 +256,7 @@ def test_memory_applies_a_random_transform_per_micro_batch(png_root: Path) -> No
             plan,
             0,
             0,
-            LoaderOptions(input_key="png", **options),
+            loader_options(input_key="png", **options),
             transform=lambda x: x + torch.rand(()),
         )
         torch.manual_seed(0)
@@ -263,12 +268,12 @@ def test_memory_applies_a_random_transform_per_micro_batch(png_root: Path) -> No
 def test_memory_holds_only_splits_under_the_limit(digits_root: Path) -> None:
     # 359 val samples x 64 float32 = 92 KiB
     assert build_eval_loader(
-        digits_root / "val", 8, 0, 1, LoaderOptions(in_memory_max_mb=0.09)
+        digits_root / "val", 8, 0, 1, loader_options(in_memory_max_mb=0.09)
     ).memory
     assert not build_eval_loader(
-        digits_root / "val", 8, 0, 1, LoaderOptions(in_memory_max_mb=0.08)
+        digits_root / "val", 8, 0, 1, loader_options(in_memory_max_mb=0.08)
     ).memory
-    with_workers = LoaderOptions(num_workers=2)
+    with_workers = loader_options(num_workers=2)
     loader = build_train_loader(
         digits_root / "train",
         make_plan(1438, 64, 16, 1),

@@ -60,7 +60,7 @@ def job_overrides(digits_root: Path, run_root: Path, name: str, *extra: str) -> 
         "trainer.max_epochs=4",
         "plateau=none",
         "trainer.log_every_steps=1",
-        "trainer.checkpoint_every_steps=3",
+        "trainer.checkpoint.every_steps=3",
         "batch.global_size=64",
         "batch.micro_size=16",
         *extra,

@@ -115,7 +115,7 @@ def job_args(digits_root: Path, run_root: Path, name: str | None, *extra: str) -
         "plateau=none",
         "logger=none",
         "trainer.max_epochs=6",
-        "trainer.checkpoint_every_steps=5",
+        "trainer.checkpoint.every_steps=5",
         "trainer.audit_samples=true",
         "trainer.log_every_steps=1",
         *extra,

@@ -18,7 +18,7 @@ from PIL import Image
 from ddp import checkpoint
 from ddp.compose import compose
 from ddp.data import images as images_module
-from ddp.data.batch import Batch, LoaderOptions
+from ddp.data.batch import Batch
 from ddp.data.dataset import ShardDataset
 from ddp.data.device import InputPipeline
 from ddp.data.device_jpeg import decode_jpegs
@@ -36,10 +36,11 @@ from ddp.plan import make_plan
 from ddp.shards import read_manifest
 from ddp.shards.prepare import photo_classes, photo_sample, prepare_photos
 from tests import harness
+from tests.configs import loader_options
 from tests.fixtures import break_huffman_table, copy_split, corrupt_member, garble
 from tests.test_data import same
 
-JPG = LoaderOptions(input_key="jpg")
+JPG = loader_options(input_key="jpg")
 CPU = torch.device("cpu")
 
 
@@ -48,7 +49,7 @@ def augment(placement: str = "host", train: bool = True, size: int = 24, seed: i
 
 
 def epoch_batches(split: Path, plan, rank=0, epoch=0, start_step=0, workers=0, **kw) -> list[Batch]:
-    options = LoaderOptions(input_key="jpg", num_workers=workers)
+    options = loader_options(input_key="jpg", num_workers=workers)
     loader = build_train_loader(split, plan, rank, 0, options, images=augment(**kw))
     try:
         return list(loader.epoch(epoch, start_step))
@@ -289,7 +290,7 @@ def test_a_corrupt_jpeg_is_named_by_shard_and_key(
 ) -> None:
     split = copy_split(photos_root / "val", tmp_path / "val")
     key = corrupt_member(split, 0, 5, "jpg", damage)
-    options = LoaderOptions(input_key="jpg", num_workers=workers)
+    options = loader_options(input_key="jpg", num_workers=workers)
     loader = build_eval_loader(split, 8, 0, 1, options, images=augment(placement, train=False))
     with pytest.raises(DataError, match=f"shard-000000.tar: key {key}: undecodable") as err:
         on_device(list(loader))
@@ -305,7 +306,7 @@ def test_skip_masks_a_corrupt_jpeg_and_counts_it(
     corrupt_member(split, 1, 3, "jpg", damage)
     bad = 48 + 3  # shard 1 starts at sample 48
     plan = make_plan(128, 32, 8, 2)
-    options = LoaderOptions(input_key="jpg", on_error="skip")
+    options = loader_options(input_key="jpg", on_error="skip")
     batches = []
     for rank in range(2):
         loader = build_train_loader(split, plan, rank, 0, options, images=augment(placement))
@@ -341,7 +342,10 @@ def test_a_device_decode_failure_names_the_sample(photos_root: Path) -> None:
         ("data.augment.scale=[0.5,0.1]", "data.augment.scale=[0.5, 0.1] must be [min, max]"),
         ("data.augment.scale=[0.5,2.0]", "data.augment.scale=[0.5, 2.0] must be within (0, 1]"),
         ("data.augment.eval_crop=0", "data.augment.eval_crop=0.0 must be in (0, 1]"),
-        ("data.urls=[x.tar]", "data.augment needs indexed shards: unset data.urls"),
+        (
+            "data.stream.urls=[x.tar]",
+            "data.augment needs indexed shards: not with data.stream.urls",
+        ),
     ],
 )
 def test_a_bad_augment_value_is_refused_naming_the_key(override: str, message: str) -> None:
@@ -373,7 +377,7 @@ def job(photos_root: Path, run_root: Path, name: str, *extra: str) -> list[str]:
         "trainer.max_epochs=2",
         "trainer.progress=false",
         "trainer.log_every_steps=1",
-        "trainer.checkpoint_every_steps=2",
+        "trainer.checkpoint.every_steps=2",
         "trainer.audit_samples=true",
         "plateau=none",
         "logger=none",
@@ -401,12 +405,12 @@ def test_a_job_killed_mid_epoch_resumes_bitwise_equal_with_augmentation(
     sample), and the resume machinery does not know where decoding runs."""
     common = ("data.augment.placement=host",)
     reference = harness.train(
-        job(photos_root, tmp_path, "reference", *common, "data.num_workers=0")
+        job(photos_root, tmp_path, "reference", *common, "data.loader.num_workers=0")
     )
     assert reference.returncode == 0, reference.stderr[-3000:]
     run = harness.start(
         harness.trainer(
-            job(photos_root, tmp_path, "killed", *common, "data.num_workers=1"),
+            job(photos_root, tmp_path, "killed", *common, "data.loader.num_workers=1"),
             torchrun_args=["--max-restarts=2"],
         )
     )

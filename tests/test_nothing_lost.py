@@ -191,7 +191,7 @@ before the signal (the digits smoke run's 21 epochs take about a second)."""
 
 def test_preemption_through_local_sh_exits_75(digits_root, tmp_path):
     overrides = smoke_overrides(
-        digits_root, tmp_path, "pre", *UNTIL_SIGNALLED, "trainer.checkpoint_every_steps=5"
+        digits_root, tmp_path, "pre", *UNTIL_SIGNALLED, "trainer.checkpoint.every_steps=5"
     )
     job = harness.start(local_sh(*overrides), unset=("SLURM_",), **launch_env())
     job.wait_for_file(tmp_path / "pre" / "checkpoints" / "last.pt")
@@ -279,14 +279,14 @@ def test_a_label_outside_the_classes_is_named_when_the_manifest_has_no_ranges(
     data, key = mislabelled
     as_v1(data / "train", label_ranges=False)
     overrides = smoke_overrides(digits_root, data.parent / "runs", "x", f"data.root={data}")
-    out = harness.train([*overrides, "data.in_memory_max_mb=0"], nproc=0)
+    out = harness.train([*overrides, "data.loader.in_memory_max_mb=0"], nproc=0)
     assert_refused(out, "shard-000000.tar", f"key {key}", "label 12 is outside [0, 10)")
 
 
 def test_a_label_outside_the_classes_is_skipped_with_on_error_skip(digits_root, mislabelled):
     data, _ = mislabelled
     overrides = smoke_overrides(
-        digits_root, data.parent / "runs", "x", f"data.root={data}", "data.on_error=skip"
+        digits_root, data.parent / "runs", "x", f"data.root={data}", "data.loader.on_error=skip"
     )
     out = harness.train([*overrides, "trainer.max_epochs=1"], nproc=0)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -326,7 +326,7 @@ def test_a_full_disk_mid_run_stops_with_one_line_and_keeps_the_last_checkpoint(
             root,
             "x",
             "trainer.max_epochs=40",
-            "trainer.checkpoint_every_steps=2",
+            "trainer.checkpoint.every_steps=2",
             "trainer.log_every_steps=1",
         )
         job = harness.start(harness.trainer(overrides, nproc=0))

@@ -347,7 +347,11 @@ def test_a_missing_streamed_shard_is_named_once_and_no_innocent_one_is_blamed(
             shutil.copy(shard, tmp_path / shard.name)
     urls = f"pipe:sh -c 'cat {tmp_path}/shard-{{000000..000005}}.tar; sleep 5'"
     overrides = smoke_overrides(
-        digits_root, tmp_path, "stream", f'data.urls="{urls}"', "data.num_samples=1438"
+        digits_root,
+        tmp_path,
+        "stream",
+        f'data.stream.urls="{urls}"',
+        "data.stream.num_samples=1438",
     )
     out = harness.train(overrides)
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]

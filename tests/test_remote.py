@@ -16,7 +16,6 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ddp.data.batch import LoaderOptions
 from ddp.data.cache import GB, Prefetcher, ShardCache
 from ddp.data.loaders import build_eval_loader, build_train_loader
 from ddp.data.remote import Remote
@@ -27,12 +26,13 @@ from ddp.plan import make_plan
 from ddp.shards import read_manifest
 from ddp.shards.manifest import SplitIndex
 from tests import harness
+from tests.configs import loader_options
 from tests.fixtures import smoke_overrides
 from tests.harness import records
 from tests.servers import BreakingServer, Nginx
 from tests.test_data import same
 
-SHARDS = LoaderOptions(in_memory_max_mb=0)
+SHARDS = loader_options(in_memory_max_mb=0)
 """Every micro-batch read from the shards (digits would fit in memory)."""
 DIGITS_SHARD = 532_480
 """The bytes of a full digits training shard (256 samples; checked by the tests that
@@ -270,7 +270,7 @@ def test_a_server_gone_mid_epoch_stops_with_one_line_naming_the_url(
         server.stop()
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{server.url}/digits/train/")
-    assert "unreachable for 2 s (data.remote_timeout_s" in message
+    assert "unreachable for 2 s (data.remote.timeout_s" in message
 
 
 @pytest.mark.slow
@@ -281,7 +281,7 @@ def test_training_from_http_then_a_failing_store_exits_2_and_keeps_the_checkpoin
     once); a resume whose shards then keep failing (503) ends with one line naming the
     URL, exit 2, the checkpoint as it was. (Processes sharing the cache: see above.)"""
     before = len(nginx.requests(".tar"))
-    remote = [f"data.cache_dir={tmp_path / 'cache'}", "data.in_memory_max_mb=0"]
+    remote = [f"data.remote.cache_dir={tmp_path / 'cache'}", "data.loader.in_memory_max_mb=0"]
     first = smoke_overrides(f"{nginx.url}/digits", tmp_path / "runs", "test", *remote)
     audit = ["trainer.max_epochs=1", "trainer.audit_samples=true"]
     out = harness.train([*first, *audit], nproc=0, timeout=180)
@@ -295,7 +295,7 @@ def test_training_from_http_then_a_failing_store_exits_2_and_keeps_the_checkpoin
 
     failing = smoke_overrides(f"{nginx.url}/failing/digits", tmp_path / "runs", "test", *remote)
     out = harness.train(
-        [*failing, "trainer.max_epochs=2", "data.remote_timeout_s=2"], nproc=0, timeout=180
+        [*failing, "trainer.max_epochs=2", "data.remote.timeout_s=2"], nproc=0, timeout=180
     )
     assert out.returncode == 2, out.stderr[-3000:]
     lines = [line for line in out.stderr.splitlines() if "unreachable for 2 s" in line]
@@ -308,7 +308,7 @@ def test_dataloader_workers_read_a_remote_split_as_the_main_process(
 ) -> None:
     """Workers (forked, persistent) fetch and pin through the same cache: same batches."""
     plan = make_plan(1438, 64, 16, 2)
-    options = LoaderOptions(num_workers=2, in_memory_max_mb=0)
+    options = loader_options(num_workers=2, in_memory_max_mb=0)
     cache = cache_in(tmp_path / "cache")
     split_dir, manifest, remote = open_location(f"{nginx.url}/digits/train", cache)
     loader = build_train_loader(split_dir, plan, 1, 0, options, None, manifest, remote=remote)
@@ -371,7 +371,7 @@ def test_a_remote_split_held_in_memory_gives_the_same_batches(
     nginx: Nginx, digits_root: Path, tmp_path: Path
 ) -> None:
     plan = make_plan(1438, 64, 16, 2)
-    memory = LoaderOptions()  # digits fits in in_memory_max_mb: decoded once, at start-up
+    memory = loader_options()  # digits fits in in_memory_max_mb: decoded once, at start-up
     batches = remote_epoch(
         f"{nginx.url}/digits/train", cache_in(tmp_path / "cache"), plan, 1, 2, options=memory
     )
@@ -458,7 +458,7 @@ def test_a_cache_too_small_for_the_shards_in_use_is_named(
     _, _, split = open_location(f"{nginx.url}/digits/train", cache)
     pin = split.pin(0)
     try:
-        with pytest.raises(DataError, match=r"data.cache_max_gb=[0-9.e-]+ is too small"):
+        with pytest.raises(DataError, match=r"data.remote.cache_max_gb=[0-9.e-]+ is too small"):
             split.fetch(1)
         assert split.path(0).is_file() and not split.path(1).exists()
     finally:

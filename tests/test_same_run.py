@@ -125,7 +125,7 @@ def test_unreadable_first_batches_on_resume_change_nothing(digits_root, run_copy
     data = other_digits(digits_root, tmp_path / "data", changed=False)
     corrupt_every_sample(data / "train")
     before = snapshot(run_copy)
-    extra = (f"data.root={data}", "trainer.max_epochs=3", "data.in_memory_max_mb=0")
+    extra = (f"data.root={data}", "trainer.max_epochs=3", "data.loader.in_memory_max_mb=0")
     out = again(digits_root, run_copy, *extra, nproc=nproc)
     assert_refused(out, "shard-0000")
     assert len(error_lines(out)) == 1, out.stderr[-3000:]
@@ -135,7 +135,7 @@ def test_unreadable_first_batches_on_resume_change_nothing(digits_root, run_copy
 def test_a_new_run_refused_at_its_first_batches_leaves_no_directory(digits_root, tmp_path):
     data = other_digits(digits_root, tmp_path / "data", changed=False)
     corrupt_every_sample(data / "train")
-    overrides = smoke_overrides(data, tmp_path / "runs", "new", "data.in_memory_max_mb=0")
+    overrides = smoke_overrides(data, tmp_path / "runs", "new", "data.loader.in_memory_max_mb=0")
     launch = [sys.executable, "-m", "ddp.launch", "--standalone", "--nproc-per-node=2"]
     out = harness.run([*launch, "-m", "ddp.train", *overrides, "logger=wandb"], timeout=120)
     assert_refused(out, "shard-0000")
@@ -146,15 +146,18 @@ def test_a_cache_too_small_for_a_shard_changes_nothing(digits_root, breaking_ser
     """A remote split's run, run again for one more epoch with a cache smaller than a
     shard: refused at its first fetch, the run as it was (the red team saw its plan
     record replaced and its summary deleted)."""
-    runs, cache = tmp_path / "runs", f"data.cache_dir={tmp_path / 'cache'}"
+    runs, cache = tmp_path / "runs", f"data.remote.cache_dir={tmp_path / 'cache'}"
     url = f"data.root={breaking_server.url}/digits"
     remote = smoke_overrides(digits_root, runs, "web", url, cache)
     first = harness.train([*remote, "trainer.max_epochs=1"], nproc=0)
     assert first.returncode == 0, first.stderr[-3000:]
     before = snapshot(runs / "web")
-    small = (f"data.cache_dir={tmp_path / 'small'}", "data.cache_max_gb=0.0001")  # empty
+    small = (
+        f"data.remote.cache_dir={tmp_path / 'small'}",
+        "data.remote.cache_max_gb=0.0001",
+    )  # empty
     out = harness.train([*remote, "trainer.max_epochs=2", *small], nproc=0)
-    assert_refused(out, "does not fit", "data.cache_max_gb=0.0001")
+    assert_refused(out, "does not fit", "data.remote.cache_max_gb=0.0001")
     assert snapshot(runs / "web") == before
 
 
@@ -164,10 +167,10 @@ def test_an_unwritable_cache_directory_is_one_line(digits_root, tmp_path):
     blocker.write_text("not a directory")
     overrides = smoke_overrides(
         digits_root, tmp_path / "runs", "x", "data.root=http://127.0.0.1:9/data",
-        f"data.cache_dir={blocker / 'cache'}",
+        f"data.remote.cache_dir={blocker / 'cache'}",
     )  # fmt: skip
     out = harness.train(overrides, nproc=0)
-    assert_refused(out, "data.cache_dir=", "give a writable directory")
+    assert_refused(out, "data.remote.cache_dir=", "give a writable directory")
     assert "Error executing job" not in out.stderr
     assert not (tmp_path / "runs" / "x").exists()
 

@@ -107,7 +107,7 @@ def test_a_run_read_a_step_late_ends_bitwise_equal(digits_root, tmp_path):
             tmp_path,
             f"sync-{sync}",
             f"trainer.sync_every_step={sync}",
-            "trainer.checkpoint_every_steps=5",
+            "trainer.checkpoint.every_steps=5",
             "trainer.log_every_steps=1",
         )
         out = harness.train(overrides)
@@ -144,8 +144,8 @@ def test_checkpoints_of_a_compiled_run_load_without_compilation(digits_root, tmp
     """torch.compile wraps the model; checkpoints keep the plain module's weights. (The
     eager backend exercises the same wrapping as inductor, without its compile time.)"""
     compiled = smoke_overrides(
-        digits_root, tmp_path, "run", "trainer.compile=true", "trainer.compile_backend=eager",
-        "trainer.max_steps=5",
+        digits_root, tmp_path, "run", "trainer.compile.enabled=true",
+        "trainer.compile.backend=eager", "trainer.max_steps=5",
     )  # fmt: skip
     out = harness.train(compiled, nproc=0)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -13,16 +13,17 @@ import numpy as np
 import pytest
 import torch
 
-from ddp.data.batch import Batch, LoaderOptions
+from ddp.data.batch import Batch
 from ddp.data.splits import stream_num_samples
 from ddp.data.streaming import build_stream_loader, stream_share
 from ddp.errors import DataError
 from ddp.plan import make_plan
+from tests.configs import loader_options
 from tests.fixtures import write_split
 
 
 def run_epoch(urls, plan, rank=0, epoch=0, start_step=0, seed=0, workers=0, buffer=16, **kw):
-    options = LoaderOptions(num_workers=workers, **kw)
+    options = loader_options(num_workers=workers, **kw)
     loader = build_stream_loader(urls, plan, rank, seed, options, shuffle_buffer=buffer)
     batches = list(loader.epoch(epoch, start_step))
     loader.close()
@@ -68,7 +69,7 @@ def test_every_sample_once_per_epoch_when_counts_divide(stream_splits, workers: 
 def test_epoch_counts_are_ready_at_the_last_batch(stream_splits) -> None:
     """The trainer takes exactly its micro-batches and never exhausts the generator."""
     plan = make_plan(102, 12, 3, 2)
-    loader = build_stream_loader(stream_splits["uneven"], plan, 0, 0, LoaderOptions(num_workers=2))
+    loader = build_stream_loader(stream_splits["uneven"], plan, 0, 0, loader_options(num_workers=2))
     batches = loader.epoch(0)
     for _ in range(plan.micro_batches_per_epoch):
         next(batches)
@@ -89,7 +90,7 @@ def test_deterministic_per_seed_and_epoch(stream_splits) -> None:
 def test_persistent_workers_follow_the_epoch(stream_splits) -> None:
     paths = stream_splits["uneven"]
     plan = make_plan(102, 12, 3, 2)
-    options = LoaderOptions(num_workers=2, persistent_workers=True)
+    options = loader_options(num_workers=2, persistent_workers=True)
     loader = build_stream_loader(paths, plan, 1, 0, options, shuffle_buffer=16)
     epochs = [ids(loader.epoch(e)) for e in (0, 1, 0)]
     loader.close()
@@ -135,7 +136,7 @@ def test_missing_shard_raises_naming_it(stream_splits, tmp_path: Path) -> None:
     plan = make_plan(96, 24, 4, 2)
     missing = str(tmp_path / "gone-000009.tar")
     with pytest.raises(DataError, match="gone-000009.tar: shard missing"):
-        build_stream_loader([*paths, missing], plan, 0, 0, LoaderOptions())
+        build_stream_loader([*paths, missing], plan, 0, 0, loader_options())
     for workers in (0, 2):
         urls = [f"pipe:cat {missing}"] * 8
         with pytest.raises(DataError, match=f"pipe:cat {missing}: unreadable shard"):
@@ -144,7 +145,7 @@ def test_missing_shard_raises_naming_it(stream_splits, tmp_path: Path) -> None:
 
 def test_a_manifest_that_disagrees_with_the_plan_is_refused(stream_splits) -> None:
     with pytest.raises(DataError, match="the plan is for 90 samples"):
-        build_stream_loader(stream_splits["even"], make_plan(90, 24, 4, 2), 0, 0, LoaderOptions())
+        build_stream_loader(stream_splits["even"], make_plan(90, 24, 4, 2), 0, 0, loader_options())
 
 
 def test_bad_samples_are_raised_or_skipped_with_exact_counts(tmp_path: Path) -> None:

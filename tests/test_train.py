@@ -62,7 +62,7 @@ def test_ranks_run_the_same_steps_and_every_sample_once(tmp_path, smoke, memory_
     out = harness.train(
         [
             *smoke,
-            f"data.in_memory_max_mb={memory_mb}",
+            f"data.loader.in_memory_max_mb={memory_mb}",
             "trainer.audit_samples=true",
             "batch.global_size=100",
             "batch.micro_size=25",
@@ -273,7 +273,7 @@ def test_single_process_with_plain_python(one_process):
 @pytest.mark.slow
 def test_streaming_mode_from_pipe_urls_keeps_equal_batches(digits_root, tmp_path, smoke):
     urls = f"pipe:cat {digits_root}/train/shard-{{000000..000005}}.tar"
-    out = harness.train([*smoke, f"data.urls='{urls}'", "data.num_samples=1438"])
+    out = harness.train([*smoke, f"data.stream.urls='{urls}'", "data.stream.num_samples=1438"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert summary(tmp_path / "runs" / "test")["micro_batches_per_rank"] == [46, 46]
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from ddp.validate import integer_at_least, one_of, require
+from ddp.config import LoaderConfig
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -125,17 +125,30 @@ def make_batch(
     )
 
 
+PLAIN = LoaderConfig(
+    num_workers=0,
+    pin_memory=False,
+    prefetch_factor=2,
+    on_error="raise",
+    in_memory_max_mb=256.0,
+    on_device=False,
+)
+"""`data.loader` for code that builds loaders itself (tests, benchmarks): one process,
+pageable memory, a split that fits held in host memory. The trainer's come from conf/."""
+
+
 @dataclass
 class LoaderOptions:
-    """How to load; the trainer maps its config onto these fields."""
+    """How to load: `data.loader` as it is, the device batches train on, and what the
+    rest of the config says about reading samples."""
 
-    num_workers: int = 0
-    pin_memory: bool = False
+    loader: LoaderConfig = field(default_factory=lambda: replace(PLAIN))
+    """data.loader: workers, pinning, bad samples, in-memory splits (checked there)."""
+    device: torch.device | None = None
+    """The device the batches train on (None: the host): pinning and data.loader.on_device
+    take effect on a GPU only."""
     persistent_workers: bool = True
     """Keep workers (and their open shards) between epochs; ignored with 0 workers."""
-    prefetch_factor: int = 2
-    on_error: Literal["raise", "skip"] = "raise"
-    """raise: stop with a DataError. skip: mark the sample valid=False and count it."""
     input_key: str = "npy"
     """Member extension holding the input (npy, png, jpg, ...); `jpg;png`: the first present."""
     target_key: str = "cls"
@@ -145,27 +158,26 @@ class LoaderOptions:
     """Class names, in id order, for labels given as names (else the manifest's)."""
     num_classes: int | None = None
     """Labels must lie in [0, num_classes): one outside is bad data (raise or skip)."""
-    in_memory_max_mb: float = 256.0
-    """Decode a split once and keep it in this process when its decoded inputs take at
-    most this many MiB (0: always read the shards). Micro-batches are then gathers from
-    memory in the training process; the shards and DataLoader workers are left alone.
-    Not with a transform and num_workers > 0 (augmentation stays in the workers), nor
-    with image augmentation (data.augment: new crops every epoch)."""
     window_shards: int | None = None
     """The training order: None shuffles all samples; k shuffles the shards, then the
     samples within windows of k shards (`ddp.order.ShardWindows`: remote splits with a
     cache smaller than the split)."""
-    device: torch.device | None = None
-    """Where a split held in memory lives: None for the host, a GPU for data.on_device
-    (then a micro-batch is a gather on the GPU, and nothing crosses the bus per step)."""
 
-    def __post_init__(self) -> None:
-        one_of("data.on_error", self.on_error, ("raise", "skip"))
-        integer_at_least("data.num_workers", self.num_workers, 0)
-        integer_at_least("data.prefetch_factor", self.prefetch_factor, 1)
-        require(self.in_memory_max_mb >= 0, "data.in_memory_max_mb must be >= 0")
-        if self.window_shards is not None:
-            integer_at_least("data.window_shards", self.window_shards, 1)
+    @property
+    def on_gpu(self) -> bool:
+        return self.device is not None and self.device.type == "cuda"
+
+    @property
+    def pin_memory(self) -> bool:
+        """Page-locked host batches: data.loader.pin_memory, on a GPU."""
+        return self.loader.pin_memory and self.on_gpu
+
+    @property
+    def memory_device(self) -> torch.device | None:
+        """Where a split held in memory lives: the GPU with data.loader.on_device (then a
+        micro-batch is a gather there, and nothing crosses the bus per step), else None
+        (the host)."""
+        return self.device if self.loader.on_device and self.on_gpu else None
 
 
 class TrainBatches(Protocol):

@@ -131,7 +131,7 @@ class ShardCache:
 
     @property
     def max_gb(self) -> float:
-        """The bound as data.cache_max_gb gave it (not its rounding to bytes)."""
+        """The bound as data.remote.cache_max_gb gave it (not its rounding to bytes)."""
         return round(self.max_bytes / GB, 6)
 
     def split_dir(self, url: str) -> Path:
@@ -230,7 +230,8 @@ class ShardCache:
         then create `part` at that size (a reservation the next evictor counts)."""
         if size > self.max_bytes:
             raise DataError(
-                f"{url}: a {size:,}-byte shard does not fit in data.cache_max_gb={self.max_gb:g}"
+                f"{url}: a {size:,}-byte shard does not fit in "
+                f"data.remote.cache_max_gb={self.max_gb:g}"
             )
         deadline = time.monotonic() + self.remote.timeout_s
         self.root.mkdir(parents=True, exist_ok=True)
@@ -248,9 +249,10 @@ class ShardCache:
                     return
             if time.monotonic() > deadline:
                 raise DataError(
-                    f"{self.root}: data.cache_max_gb={self.max_gb:g} is too small: "
+                    f"{self.root}: data.remote.cache_max_gb={self.max_gb:g} is too small: "
                     f"{used:,} bytes are pinned by running processes and {size:,} more are "
-                    "needed (raise it, or lower data.prefetch_shards / data.num_workers)"
+                    "needed (raise it, or lower data.remote.prefetch_shards / "
+                    "data.loader.num_workers)"
                 )
             time.sleep(0.1)
 

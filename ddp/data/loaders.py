@@ -35,7 +35,7 @@ from ddp.shards.manifest import Manifest
 
 def micro_batch_loader(dataset: Any, options: LoaderOptions, **sampling: Any) -> DataLoader:
     """A DataLoader of whole micro-batches (exact or streaming), set up from `options`."""
-    workers = options.num_workers
+    workers = options.loader.num_workers
     return DataLoader(
         dataset,
         **sampling,
@@ -43,7 +43,7 @@ def micro_batch_loader(dataset: Any, options: LoaderOptions, **sampling: Any) ->
         num_workers=workers,
         pin_memory=options.pin_memory,
         persistent_workers=options.persistent_workers and workers > 0,
-        prefetch_factor=options.prefetch_factor if workers > 0 else None,
+        prefetch_factor=options.loader.prefetch_factor if workers > 0 else None,
         # Each iter() draws a base seed from this generator; from the global one it would
         # shift the training RNG (dropout) by one draw per epoch start, and a resume
         # mid-epoch (one more iter()) would no longer be bitwise equal.
@@ -136,13 +136,13 @@ class _Source:
 def _memory_split(
     dataset: ShardDataset, options: LoaderOptions, training: bool
 ) -> MemorySplit | None:
-    if training and dataset.transform is not None and options.num_workers > 0:
+    if training and dataset.transform is not None and options.loader.num_workers > 0:
         return None
     if dataset.images is not None:  # decoded (and augmented) per micro-batch, per epoch
         return None
-    if not MemorySplit.fits(dataset, options.in_memory_max_mb):
+    if not MemorySplit.fits(dataset, options.loader.in_memory_max_mb):
         return None
-    on_device = options.device if dataset.transform is None else None  # transforms: host
+    on_device = options.memory_device if dataset.transform is None else None  # transforms: host
     return MemorySplit.load(dataset, options.pin_memory, on_device)
 
 
@@ -259,7 +259,7 @@ def open_dataset(
         options.input_key,
         options.target_key,
         transform,
-        options.on_error,
+        options.loader.on_error,
         manifest,
         options.num_classes,
         options.classes,

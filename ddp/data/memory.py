@@ -18,7 +18,7 @@ class MemorySplit:
     as the shard path hands them over, so order, masks and numbers do not depend on
     whether a split is held in memory; only the per-step reading goes. On the digits MLP
     that reading was a tenth of every step (bench/overhead.py). With `device` set (a GPU:
-    data.on_device) the split lives there and the gather runs there: nothing crosses the
+    data.loader.on_device) the split lives there and the gather runs there: nothing crosses the
     bus per step. `load` declines a split with a bad or odd sample (another shape or
     dtype): the shard path judges those per micro-batch, and stays the reference.
     """

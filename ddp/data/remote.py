@@ -120,7 +120,7 @@ class Remote:
                 if left <= 0:
                     raise DataError(
                         f"{url}: unreachable for {self.timeout_s:g} s "
-                        f"(data.remote_timeout_s; last error: {err})"
+                        f"(data.remote.timeout_s; last error: {err})"
                     ) from None
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, 5.0)

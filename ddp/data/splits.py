@@ -19,7 +19,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from ddp.config import DataConfig
+from ddp.config import DataConfig, RemoteConfig
 from ddp.data.cache import GB, RemoteSplit, ShardCache, default_cache_dir, open_remote_split
 from ddp.data.remote import Remote, is_remote, join
 from ddp.errors import DataError
@@ -61,11 +61,11 @@ class StreamShards:
     index: StreamIndex | None
 
     def num_samples(self) -> int:
-        """N, from the manifest; DataError when there is none (set data.num_samples)."""
+        """N, from the manifest; DataError when there is none (set data.stream.num_samples)."""
         if self.index is None:
             raise DataError(
                 f"{self.urls[0]}: no manifest beside the shards to count their samples; "
-                "set data.num_samples"
+                "set data.stream.num_samples"
             )
         return sum(self.index.counts)
 
@@ -88,21 +88,22 @@ class Splits:
 
 def open_splits(data: DataConfig, with_val: bool = True, num_classes: int | None = None) -> Splits:
     """Read what `data` points at; DataError naming the file (and key) when something is
-    missing, unlisted, or labelled outside [0, num_classes) (unless data.on_error=skip)."""
+    missing, unlisted, or labelled outside [0, num_classes) (unless data.loader.on_error=skip)."""
     train_at, val_at = join(data.root, data.train_split), join(data.root, data.val_split)
-    cache = shard_cache(data) if is_remote(train_at) or is_remote(val_at) else None
+    cache = shard_cache(data.remote) if is_remote(train_at) or is_remote(val_at) else None
     train_dir, train_remote = Path(train_at), None
-    if data.urls:
-        stream = open_stream(data.urls)
-        train, num = None, data.num_samples or stream.num_samples()
+    if data.stream.urls:
+        stream = open_stream(data.stream.urls)
+        train, num = None, data.stream.num_samples or stream.num_samples()
     else:
         stream = None
-        train_dir, train, train_remote = open_location(train_at, cache, data.prefetch_shards)
+        prefetch = data.remote.prefetch_shards
+        train_dir, train, train_remote = open_location(train_at, cache, prefetch)
         num = train.num_samples
     val_dir, val, val_remote = Path(val_at), None, None
     if with_val:
-        val_dir, val, val_remote = open_location(val_at, cache, data.prefetch_shards)
-    if num_classes is not None and data.on_error == "raise":
+        val_dir, val, val_remote = open_location(val_at, cache, data.remote.prefetch_shards)
+    if num_classes is not None and data.loader.on_error == "raise":
         checked = ((train_dir, train, train_remote), (val_dir, val, val_remote))
         for split_dir, manifest, remote in checked:
             if manifest is not None:
@@ -125,13 +126,13 @@ def open_named_split(
     """One split of `data` by name (ddp-eval, ddp-export): where it is (a path or a
     URL), its directory (local or in the cache), its manifest, its remote shards."""
     location = join(data.root, split)
-    cache = shard_cache(data) if is_remote(location) else None
-    return (location, *open_location(location, cache, data.prefetch_shards))
+    cache = shard_cache(data.remote) if is_remote(location) else None
+    return (location, *open_location(location, cache, data.remote.prefetch_shards))
 
 
-def shard_cache(data: DataConfig) -> ShardCache:
-    """The node's cache of remote shards, as data.cache_* say."""
-    root = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+def shard_cache(remote: RemoteConfig) -> ShardCache:
+    """The node's cache of remote shards, as data.remote says."""
+    root = Path(remote.cache_dir) if remote.cache_dir else default_cache_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
         writable = os.access(root, os.W_OK)  # EROFS as well, even for root
@@ -140,11 +141,11 @@ def shard_cache(data: DataConfig) -> ShardCache:
         writable, reason = False, exc.strerror or str(exc)
     if not writable:
         raise DataError(
-            f"data.cache_dir={root}: {reason}; give a writable directory for the cache of "
+            f"data.remote.cache_dir={root}: {reason}; give a writable directory for the cache of "
             "remote shards"
         )
-    remote = Remote(timeout_s=data.remote_timeout_s, s3_endpoint=data.s3_endpoint)
-    return ShardCache(root, int(data.cache_max_gb * GB), remote)
+    fetcher = Remote(timeout_s=remote.timeout_s, s3_endpoint=remote.s3_endpoint)
+    return ShardCache(root, int(remote.cache_max_gb * GB), fetcher)
 
 
 def open_location(

@@ -248,7 +248,7 @@ class _StreamDataset(IterableDataset):
         self.urls, self.index, self.plan = urls, index, plan
         self.rank, self.seed, self.options = rank, seed, options
         self.shuffle_buffer, self.transform = shuffle_buffer, transform
-        self.workers = max(1, options.num_workers)
+        self.workers = max(1, options.loader.num_workers)
         self._input_exts = alternatives(options.input_key)
         self._labels = LabelKey.parse(options.target_key, options.classes)
         self.state = torch.zeros(2, dtype=torch.int64).share_memory_()
@@ -283,7 +283,7 @@ class _StreamDataset(IterableDataset):
             for position in positions:
                 # Before the resume point only the reading counts; decode too if bad
                 # samples are skipped, so the same ones are skipped as without the stop.
-                decode = position >= first or self.options.on_error == "skip"
+                decode = position >= first or self.options.loader.on_error == "skip"
                 batch, passes = self._micro_batch(samples, decode)
                 fresh += passes.count(0)
                 repeats += len(passes) - passes.count(0)
@@ -369,7 +369,7 @@ class _StreamDataset(IterableDataset):
                 found[1], sample.members[found[1]], self.options.num_classes
             )
         except Exception as err:  # noqa: BLE001 - any decode failure is bad data
-            if self.options.on_error == "raise":
+            if self.options.loader.on_error == "raise":
                 kind = "" if isinstance(err, LookupError) else f"{type(err).__name__}: "
                 raise DataError(f"{sample.url}: key {sample.key}: {kind}{err}") from err
             return None

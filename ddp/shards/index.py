@@ -191,7 +191,7 @@ def index_split(
         raise DataError(
             f"{split_dir}: {len(compressed)} compressed shard(s) ({names}): the indexed loader "
             f"seeks into plain tars; run `ddp-shards index {split_dir} --decompress` (writes "
-            "x.tar beside each), or stream them as they are with data.urls"
+            "x.tar beside each), or stream them as they are with data.stream.urls"
         )
     for path in compressed:
         decompress(path)

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from ddp.compose import CONF_DIR, register, to_config
-from ddp.config import moved_key_hint
+from ddp.config_moves import moved_key_hint
 from ddp.dist.exit import ExitCode, end_with_launcher, exit_process
 from ddp.dist.lost_peer import peer_lost_line
 from ddp.dist.say_once import say_error

@@ -17,7 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from ddp.config import Config, upgrade_record
+from ddp.config import Config
+from ddp.config_moves import upgrade_record
 from ddp.errors import ConfigError
 from ddp.run_dir import default_run_name, default_sweep_name
 

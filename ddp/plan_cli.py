@@ -18,7 +18,7 @@ from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from ddp.compose import compose
-from ddp.config import moved_key_hint
+from ddp.config_moves import moved_key_hint
 from ddp.data.splits import train_samples
 from ddp.dist.env import detect
 from ddp.dist.exit import ExitCode

@@ -14,7 +14,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ddp import checkpoint
-from ddp.config import TrainerConfig, upgrade_record
+from ddp.config import TrainerConfig
+from ddp.config_moves import upgrade_record
 from ddp.data.identity import what_changed
 from ddp.errors import ConfigError
 from ddp.plan import BatchPlan

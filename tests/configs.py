@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
-from ddp.config import LoaderConfig, PlateauConfig, WandbConfig
+from ddp.config import PlateauConfig, WandbConfig
 from ddp.data.batch import PLAIN, LoaderOptions
+from ddp.data_config import LoaderConfig
 
 PLATEAU = dict(
     monitor="val/accuracy",

@@ -19,8 +19,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ddp import checkpoint, plan_cli, report
 from ddp import config as schema
+from ddp import data_config as data_schema
 from ddp.compose import CONF_DIR, as_record, compose, from_record
-from ddp.config import Config, upgrade_record
+from ddp.config import Config
+from ddp.config_moves import upgrade_record
 from ddp.errors import ConfigError
 from ddp.run_dir import default_run_name
 from tests import harness
@@ -80,8 +82,12 @@ def test_the_schema_holds_no_values() -> None:
 
 
 def test_every_field_of_every_schema_has_a_docstring() -> None:
-    tree = ast.parse(inspect.getsource(schema))
-    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    classes = {
+        node.name: node
+        for module in (schema, data_schema)
+        for node in ast.parse(inspect.getsource(module)).body
+        if isinstance(node, ast.ClassDef)
+    }
     for cls in schemas():
         body = classes[cls.__name__].body
         for field, after in zip(body, [*body[1:], None], strict=True):

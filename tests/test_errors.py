@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ddp import export, plan_cli
-from ddp.data.streaming import Interrupted
+from ddp.data.stream_shards import Interrupted
 from ddp.errors import BadInput, CheckpointError, ConfigError, DataError, PlanError
 from ddp.state import Refusal
 from tests import harness

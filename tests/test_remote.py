@@ -16,8 +16,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ddp.data.cache import GB, Prefetcher, ShardCache
+from ddp.data.cache import GB, ShardCache
 from ddp.data.loaders import build_eval_loader, build_train_loader
+from ddp.data.prefetch import Prefetcher
 from ddp.data.remote import Remote
 from ddp.data.splits import open_location
 from ddp.errors import DataError

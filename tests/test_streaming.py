@@ -15,7 +15,8 @@ import torch
 
 from ddp.data.batch import Batch
 from ddp.data.splits import stream_num_samples
-from ddp.data.streaming import build_stream_loader, stream_share
+from ddp.data.stream_shards import stream_share
+from ddp.data.streaming import build_stream_loader
 from ddp.errors import DataError
 from ddp.plan import make_plan
 from tests.configs import loader_options

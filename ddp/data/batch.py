@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ddp.config import LoaderConfig
+from ddp.data_config import LoaderConfig
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 

@@ -17,10 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ddp.data.batch import Batch, LoaderOptions, Transform
-from ddp.data.cache import Prefetcher, RemoteSplit
+from ddp.data.cache import RemoteSplit
 from ddp.data.dataset import ShardDataset
 from ddp.data.images import ImageAugment
 from ddp.data.memory import MemorySplit
+from ddp.data.prefetch import Prefetcher
 from ddp.errors import DataError
 from ddp.order import (
     MicroBatch,

@@ -19,9 +19,9 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from ddp.config import DataConfig, RemoteConfig
 from ddp.data.cache import GB, RemoteSplit, ShardCache, default_cache_dir, open_remote_split
 from ddp.data.remote import Remote, is_remote, join
+from ddp.data_config import DataConfig, RemoteConfig
 from ddp.errors import DataError
 from ddp.shards.columns import NO_LABEL, Keys
 from ddp.shards.index import find_shards

@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -42,170 +41,23 @@ from ddp.data.batch import Batch, LoaderOptions, Transform, make_batch
 from ddp.data.loaders import micro_batch_loader, stop_workers
 from ddp.data.samples import LabelKey, alternatives, check_shape, decode_input
 from ddp.data.splits import StreamIndex, StreamShards, open_stream
+from ddp.data.stream_shards import (
+    Interrupted,
+    RawSample,
+    StreamShare,
+    buffer_shuffle,
+    read_shard,
+    stream_share,
+)
 from ddp.errors import DataError
-from ddp.order import check_start_step, epoch_order
+from ddp.order import check_start_step
 from ddp.plan import BatchPlan
-from ddp.shards.tar import iter_members, split_member_name
 
-__all__ = ["StreamLoader", "StreamShare", "build_stream_loader", "stream_share"]
+__all__ = ["StreamLoader", "build_stream_loader"]
 
 _MAX_SKIPPED_IN_A_ROW = 1000
 """on_error="skip" gives up on a stream that yields nothing decodable (it would
 otherwise cycle over its shards for ever)."""
-
-
-# --------------------------------------------------------------------------- shares
-
-
-@dataclass(frozen=True)
-class StreamShare:
-    """What one (rank, worker) stream reads in one epoch."""
-
-    shards: tuple[int, ...]
-    """Positions in the URL list, in reading order."""
-    rank_modulo: tuple[int, int] | None = None
-    """(rank, world_size): keep every world_size-th sample of the shards, from rank
-    (fewer shards than ranks)."""
-    worker_modulo: tuple[int, int] | None = None
-    """(worker, num_workers): of what the rank keeps, every num_workers-th sample
-    (fewer of the rank's shards than workers)."""
-
-    def num_samples(self, counts: Sequence[int]) -> int:
-        """Samples the share holds, given every shard's sample count."""
-        total = sum(counts[s] for s in self.shards)
-        for modulo in (self.rank_modulo, self.worker_modulo):
-            if modulo is not None:
-                total = len(range(modulo[0], total, modulo[1]))
-        return total
-
-
-def stream_share(
-    num_shards: int, seed: int, epoch: int, rank: int, world_size: int, worker: int, workers: int
-) -> StreamShare:
-    """Rank `rank`, worker `worker`'s share of the epoch: a pure function.
-
-    Shards go round-robin to ranks, then a rank's shards round-robin to its
-    workers, so a rank's samples are the same for any worker count. Only where
-    there are too few shards do streams split by sample position instead (each
-    then reads the whole shard it shares with others).
-    """
-    if not 0 <= rank < world_size or not 0 <= worker < workers:
-        raise ValueError(f"rank {rank}/{world_size}, worker {worker}/{workers} out of range")
-    order = tuple(int(s) for s in epoch_order(num_shards, seed, epoch))
-    rank_modulo = None
-    if num_shards >= world_size:
-        mine = order[rank::world_size]
-    else:
-        mine, rank_modulo = order, (rank, world_size)
-    if len(mine) >= workers:
-        return StreamShare(mine[worker::workers], rank_modulo)
-    return StreamShare(mine, rank_modulo, (worker, workers))
-
-
-# --------------------------------------------------------------------------- reading
-
-
-@dataclass
-class _Raw:
-    """One sample as read: its members' bytes, not decoded yet."""
-
-    url: str
-    key: str
-    index: int
-    """Index in the split (from the manifest), -1 without one."""
-    members: dict[str, bytes]
-
-
-def _read_shard(url: str, keys: list[str] | None, start: int) -> Iterator[_Raw]:
-    """The samples of one tar, front to back; DataError naming the URL on failure."""
-    from webdataset.gopen import gopen
-
-    stream = None
-    position = 0
-    try:
-        stream = gopen(url, "rb")
-        key, members = None, {}
-        for name, data in iter_members(stream, url):
-            parts = split_member_name(name)
-            if parts is None:
-                continue
-            if parts[0] != key and key is not None:
-                yield _sample(url, key, members, keys, start, position)
-                position, members = position + 1, {}
-            key = parts[0]
-            members[parts[1]] = data
-        if key is not None:
-            yield _sample(url, key, members, keys, start, position)
-        reason, stream = _close(stream, url), None
-        if reason:  # a pipe that failed after (or instead of) writing a tar
-            raise DataError(f"{url}: unreadable shard ({reason})")
-    except FileNotFoundError as err:
-        raise DataError(f"{url}: shard missing") from err
-    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-        reason = _close(stream, url) or f"{type(err).__name__}: {err}"
-        stream = None
-        raise DataError(f"{url}: unreadable shard ({reason})") from err
-    finally:
-        # Leaving early (the stream's quota is met) closes pipes: SIGPIPE is not an error.
-        with contextlib.suppress(Exception):
-            if stream is not None:
-                stream.close()
-
-
-class Interrupted(DataError):
-    """A pipe killed by a signal: the job is being stopped (a launcher ends every process
-    group after another rank failed), not a bad shard. Said by nobody: the rank that
-    failed first has said why."""
-
-    shown = False
-
-
-def _close(stream: Any, url: str) -> str | None:
-    """Close a gopen stream; a pipe's bad exit status, as a reason, or None."""
-    if stream is None:
-        return None
-    try:
-        stream.close()
-    except Exception as err:  # noqa: BLE001 - webdataset's Pipe raises a bare IOError
-        status = getattr(stream, "status", None)
-        if isinstance(status, int) and status < 0:
-            raise Interrupted(f"{url}: the command was killed by signal {-status}") from err
-        return f"the command exited with status {status}" if status is not None else f"{err}"
-    return None
-
-
-def _sample(
-    url: str, key: str, members: dict[str, bytes], keys: list[str] | None, start: int, pos: int
-) -> _Raw:
-    if keys is None:
-        return _Raw(url, key, -1, members)
-    if pos >= len(keys) or keys[pos] != key:
-        expected = keys[pos] if pos < len(keys) else "the end of the shard"
-        raise DataError(
-            f"{url}: sample {pos} is {key!r} but the manifest says {expected!r} "
-            "(stale manifest: re-run `ddp-shards index`)"
-        )
-    return _Raw(url, key, start + pos, members)
-
-
-def _buffer_shuffle(samples: Iterator[_Raw], size: int, rng: np.random.Generator) -> Iterator[_Raw]:
-    """webdataset's shuffle: fill a buffer, then emit a random slot and refill it."""
-    if size <= 1:
-        yield from samples
-        return
-    buffer: list[_Raw] = []
-    picks: list[int] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        if not picks:
-            picks = rng.integers(0, size, 1024).tolist()
-        slot = picks.pop()
-        buffer[slot], sample = sample, buffer[slot]
-        yield sample
-    for slot in rng.permutation(len(buffer)).tolist():
-        yield buffer[slot]
 
 
 # --------------------------------------------------------------------------- workers
@@ -291,11 +143,13 @@ class _StreamDataset(IterableDataset):
                     yield _Item(position, batch, fresh, repeats)
                     fresh = repeats = 0
 
-    def _passes(self, share: StreamShare, rng: np.random.Generator) -> Iterator[tuple[_Raw, int]]:
+    def _passes(
+        self, share: StreamShare, rng: np.random.Generator
+    ) -> Iterator[tuple[RawSample, int]]:
         """The share's samples, buffer-shuffled, pass after pass: (sample, pass number)."""
         for number in range(1 << 62):
             count = 0
-            for sample in _buffer_shuffle(self._read_share(share), self.shuffle_buffer, rng):
+            for sample in buffer_shuffle(self._read_share(share), self.shuffle_buffer, rng):
                 count += 1
                 yield sample, number
             if count == 0:
@@ -306,12 +160,12 @@ class _StreamDataset(IterableDataset):
                     "workers or more shards"
                 )
 
-    def _read_share(self, share: StreamShare) -> Iterator[_Raw]:
+    def _read_share(self, share: StreamShare) -> Iterator[RawSample]:
         taken = kept = 0
         for shard in share.shards:
             keys = self.index.keys[shard] if self.index else None
             start = self.index.starts[shard] if self.index else -1
-            for sample in _read_shard(self.urls[shard], keys, start):
+            for sample in read_shard(self.urls[shard], keys, start):
                 if share.rank_modulo is not None:
                     taken += 1
                     if (taken - 1) % share.rank_modulo[1] != share.rank_modulo[0]:
@@ -323,7 +177,7 @@ class _StreamDataset(IterableDataset):
                 yield sample
 
     def _micro_batch(
-        self, samples: Iterator[tuple[_Raw, int]], decode: bool
+        self, samples: Iterator[tuple[RawSample, int]], decode: bool
     ) -> tuple[Batch | None, list[int]]:
         """The next micro_size good samples (bad ones skipped and counted, or raised)."""
         inputs, targets, indices, passes = [], [], [], []
@@ -354,7 +208,7 @@ class _StreamDataset(IterableDataset):
         )
         return batch, passes
 
-    def _decode(self, sample: _Raw, like: np.ndarray | None) -> tuple[np.ndarray, int] | None:
+    def _decode(self, sample: RawSample, like: np.ndarray | None) -> tuple[np.ndarray, int] | None:
         """(input, label), or None for a bad sample when on_error="skip"."""
         try:
             found = []

@@ -1,6 +1,6 @@
 """Repeated 2-process torchrun trials: does a finished job exit 0, does a crash recover?
 
-    python bench/exit_trials.py --trials 50 --mode both --jobs 2      # ddp.dist, as shipped
+    python bench/exit_trials.py --trials 50 --mode both --jobs 2      # ddp.distributed, as shipped
     python bench/exit_trials.py --trials 50 --mode both --variant naive
     python bench/exit_trials.py --trials 50 --mode both --variant no-exit
 
@@ -10,7 +10,7 @@ Each trial is `torchrun --standalone --nproc_per_node=2 tests/workers/trial.py`
   restart: rank 1 dies in attempt 0; `--max-restarts=1`; success = exit 0 and
            both ranks report "done" from the restarted attempt.
 Variants (see tests/workers/trial.py): naive = textbook init/teardown; no-exit =
-ddp.dist without exit_process; fixed = ddp.dist as the trainer uses it.
+ddp.distributed without exit_process; fixed = ddp.distributed as the trainer uses it.
 Prints successes/N per mode and the failure signatures (exit code, telling
 stderr line) so that causes are visible.
 """

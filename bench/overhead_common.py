@@ -126,7 +126,7 @@ def emit(record: dict) -> None:
 
 
 def exit_now(code: int = 0) -> None:
-    """Leave without interpreter finalization, as ddp.dist.exit_process does: gloo's
+    """Leave without interpreter finalization, as ddp.distributed.exit_process does: gloo's
     process group torn down by the C++ static destructors aborts the process now and
     then ("terminate called without an active exception"). Same exit path for every
     program, so whole-job wall times compare like with like."""

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from ddp.data.batch import Batch
-from ddp.dist import collectives
-from ddp.dist.group import DistEnv
+from ddp.distributed import collectives
+from ddp.distributed.group import DistEnv
 
 
 class SampleAudit:

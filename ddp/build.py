@@ -21,7 +21,7 @@ from ddp.data.images import ImageAugment
 from ddp.data.loaders import EvalLoader, build_eval_loader, build_train_loader
 from ddp.data.splits import Splits
 from ddp.data.streaming import build_stream_loader
-from ddp.dist.group import DistEnv
+from ddp.distributed.group import DistEnv
 from ddp.errors import ConfigError
 from ddp.plan import BatchPlan
 from ddp.plateau import PlateauTracker

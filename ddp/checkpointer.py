@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 from ddp import checkpoint
 from ddp.config import CheckpointConfig
-from ddp.dist import collectives
-from ddp.dist.group import DistEnv
+from ddp.distributed import collectives
+from ddp.distributed.group import DistEnv
 from ddp.errors import CheckpointError
 from ddp.plan import BatchPlan
 from ddp.state import Position, Training, class_name

@@ -22,9 +22,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ddp.compose import CONF_DIR, register, to_config
 from ddp.config_moves import moved_key_hint
-from ddp.dist.exit import ExitCode, end_with_launcher, exit_process
-from ddp.dist.lost_peer import peer_lost_line
-from ddp.dist.say_once import say_error
+from ddp.distributed.exit import ExitCode, end_with_launcher, exit_process
+from ddp.distributed.lost_peer import peer_lost_line
+from ddp.distributed.say_once import say_error
 from ddp.errors import BadInput
 from ddp.run_dir import remove_if_empty
 from ddp.train import train

@@ -20,9 +20,9 @@ from ddp import checkpoint
 from ddp.build import autocast_for, loader_options
 from ddp.data.loaders import build_eval_loader
 from ddp.data.splits import open_named_split
-from ddp.dist.env import detect
-from ddp.dist.exit import ExitCode, exit_process
-from ddp.dist.group import init_distributed, pick_device, shutdown
+from ddp.distributed.env import detect
+from ddp.distributed.exit import ExitCode, exit_process
+from ddp.distributed.group import init_distributed, pick_device, shutdown
 from ddp.errors import BadInput
 from ddp.inference import load_trained, rebuild
 from ddp.step import evaluate

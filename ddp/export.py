@@ -25,7 +25,7 @@ from ddp.data.batch import to_model_input
 from ddp.data.device import InputPipeline
 from ddp.data.loaders import build_eval_loader
 from ddp.data.splits import open_named_split
-from ddp.dist.exit import ExitCode
+from ddp.distributed.exit import ExitCode
 from ddp.errors import BadInput
 from ddp.inference import load_trained, rebuild
 

@@ -20,7 +20,7 @@ launch/local.sh, launch/multinode.sh (hence slurm/train.sbatch) and `make train`
   boundary and exit 75 (130 for SIGINT), and so does the launcher. torch's agent never
   sees them, so it neither sends its own SIGTERM nor SIGKILLs a worker that is still
   writing. A launcher killed outright takes its workers with it
-  (`ddp.dist.exit.end_with_launcher`).
+  (`ddp.distributed.exit.end_with_launcher`).
 - **torch's own log lines** (`failed (exitcode: N)`, `Sending process ... closing signal`,
   a SIGKILL after its grace period) go to a file, named at the end of our line, instead
   of following the workers' lines on stderr: our line is the last one printed.
@@ -53,8 +53,8 @@ from torch.distributed.elastic.rendezvous.api import RendezvousError, Rendezvous
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.run import parse_args, run
 
-from ddp.dist.exit import LAUNCHER_PID, ExitCode
-from ddp.dist.network import this_host, wait_for_rendezvous
+from ddp.distributed.exit import LAUNCHER_PID, ExitCode
+from ddp.distributed.network import this_host, wait_for_rendezvous
 from ddp.errors import BadInput
 
 C10D_PORT = 29400

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ddp.dist import collectives
-from ddp.dist.group import DistEnv
+from ddp.distributed import collectives
+from ddp.distributed.group import DistEnv
 from ddp.noise_scale import NoiseEstimate, estimate
 
 
@@ -18,7 +18,7 @@ class NoiseMeter:
 
     Data-parallel (world > 1): per step, this rank's gradient before the all-reduce (b =
     micro_size x accumulate samples) and the averaged one after it (B = the global
-    batch), both read by the communication hook bucket by bucket (ddp.dist.step_sums),
+    batch), both read by the communication hook bucket by bucket (ddp.distributed.step_sums),
     so no extra pass over the gradients and no extra collective: the ranks' sums meet in
     one all_reduce per epoch. One process with accumulation: each micro-batch's gradient
     (b = micro_size, its difference to the accumulated one before it) and the step's

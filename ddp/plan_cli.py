@@ -20,8 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 from ddp.compose import compose
 from ddp.config_moves import moved_key_hint
 from ddp.data.splits import train_samples
-from ddp.dist.env import detect
-from ddp.dist.exit import ExitCode
+from ddp.distributed.env import detect
+from ddp.distributed.exit import ExitCode
 from ddp.errors import BadInput, ConfigError
 from ddp.noise_scale import advice
 from ddp.plan import plan_for

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from ddp import checkpoint
-from ddp.dist import collectives
-from ddp.dist.group import DistEnv
+from ddp.distributed import collectives
+from ddp.distributed.group import DistEnv
 from ddp.errors import ConfigError
 from ddp.plateau import PlateauTracker
 from ddp.run_dir import RunLock

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp.data.batch import Batch
-from ddp.dist import collectives
-from ddp.dist.group import DistEnv
-from ddp.dist.step_sums import StepSums
+from ddp.distributed import collectives
+from ddp.distributed.group import DistEnv
+from ddp.distributed.step_sums import StepSums
 from ddp.noise_meter import NoiseMeter
 from ddp.state import EPOCH_SUMS, Position, Training
 

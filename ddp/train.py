@@ -37,11 +37,11 @@ from ddp.data.batch import Batch
 from ddp.data.device import Prefetcher
 from ddp.data.identity import data_identity
 from ddp.data.splits import open_splits
-from ddp.dist import collectives
-from ddp.dist.agreement import check_same_job
-from ddp.dist.env import detect
-from ddp.dist.exit import ExitCode, retire
-from ddp.dist.group import DistEnv, init_distributed, pick_device, shutdown
+from ddp.distributed import collectives
+from ddp.distributed.agreement import check_same_job
+from ddp.distributed.env import detect
+from ddp.distributed.exit import ExitCode, retire
+from ddp.distributed.group import DistEnv, init_distributed, pick_device, shutdown
 from ddp.noise_meter import NOT_MEASURED, NoiseMeter, meter_for
 from ddp.plan import BatchPlan, plan_for
 from ddp.progress import Progress, epoch_line, final_line, start_lines

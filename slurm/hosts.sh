@@ -15,7 +15,7 @@
 #
 # Each host's /etc/hosts names every host, and (as Debian's installer writes it) the
 # host's own name also on 127.0.1.1: the set-up in which gloo, left alone, binds to
-# loopback and peers on other hosts cannot reach it (ddp.dist.network picks the interface).
+# loopback and peers on other hosts cannot reach it (ddp.distributed.network picks the interface).
 # This machine's own /etc/hosts is not touched.
 #
 # Needs root (namespaces, links, mounts). `up` is idempotent.

@@ -4,7 +4,7 @@
 
 Each rank is a fresh process (spawn) with the launcher variables torchrun would give it
 (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and a free MASTER_PORT), so the process group
-starts through our own `ddp.dist.init_distributed`, on gloo. `func(env, *func_args)`
+starts through our own `ddp.distributed.init_distributed`, on gloo. `func(env, *func_args)`
 runs with the `DistEnv`; its return value comes back in a list indexed by rank. A rank's
 exception fails the test with every rank's output, tagged `[rank R]`. After `timeout_s`
 every rank is killed; no rank outlives the call.
@@ -55,9 +55,9 @@ def _rank_main(func, args, rank: int, world_size: int, port: int, backend: str, 
     )
     import torch
 
-    from ddp.dist.env import detect
-    from ddp.dist.exit import exit_process
-    from ddp.dist.group import init_distributed, shutdown
+    from ddp.distributed.env import detect
+    from ddp.distributed.exit import exit_process
+    from ddp.distributed.group import init_distributed, shutdown
 
     torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 does for a torchrun worker
 

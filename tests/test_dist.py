@@ -1,4 +1,4 @@
-"""ddp.dist: launcher detection, shared decisions, clean exits and torchrun restarts.
+"""ddp.distributed: launcher detection, shared decisions, clean exits and torchrun restarts.
 
 The named collectives run on 2 gloo ranks started in-process (tests/distributed.py).
 What is about torchrun itself (exit codes, restarts, the agent's store) runs real
@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from ddp.dist import collectives
-from ddp.dist.env import Launch, detect
-from ddp.dist.group import init_distributed, shutdown
-from ddp.dist.lost_peer import LostPeer, lost_peer, lost_peer_line
+from ddp.distributed import collectives
+from ddp.distributed.env import Launch, detect
+from ddp.distributed.group import init_distributed, shutdown
+from ddp.distributed.lost_peer import LostPeer, lost_peer, lost_peer_line
 from tests import harness
 from tests.distributed import run_distributed_test
 from tests.workers import trial

@@ -242,7 +242,7 @@ def test_an_exit_without_wait_still_finishes_the_write_in_flight(tmp_path):
     script = f"""
 import torch
 from pathlib import Path
-from ddp.dist.exit import exit_process
+from ddp.distributed.exit import exit_process
 from ddp.checkpoint import BackgroundWriter, FORMAT
 state = {{"format": FORMAT, "w": torch.randn(20_000_000)}}
 BackgroundWriter().save(state, Path({str(tmp_path / "last.pt")!r}))

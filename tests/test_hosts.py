@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from ddp.dist.agreement import check_same_job
-from ddp.dist.env import Launch
-from ddp.dist.network import use_interface_towards_master
+from ddp.distributed.agreement import check_same_job
+from ddp.distributed.env import Launch
+from ddp.distributed.network import use_interface_towards_master
 from ddp.errors import ConfigError
 from tests import harness
 from tests.distributed import run_distributed_test
@@ -326,7 +326,8 @@ def test_the_interface_follows_the_route_to_master():
 def test_a_host_whose_name_is_also_loopback_binds_its_network_address(hosts):
     """node1's name resolves to 127.0.1.1 and 10.77.0.11 on node1: the route skips loopback."""
     probe = (
-        "from ddp.dist.network import route_to; r = route_to('node1'); print(r.interface, r.source)"
+        "from ddp.distributed.network import route_to; r = route_to('node1'); "
+        "print(r.interface, r.source)"
     )
     out = harness.run(on_host("node1", [sys.executable, "-c", probe]), timeout=60)
     assert out.returncode == 0, out.stderr

@@ -16,7 +16,7 @@ import pytest
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from ddp import checkpoint
-from ddp.dist.network import check_rendezvous_port, port_in_use, rendezvous_id
+from ddp.distributed.network import check_rendezvous_port, port_in_use, rendezvous_id
 from ddp.errors import ConfigError
 from ddp.launch import failure_line, worker_exit_code
 from tests import harness

@@ -11,8 +11,8 @@ import torch
 
 from ddp.data.batch import Batch
 from ddp.data.device import InputPipeline, Prefetcher
-from ddp.dist.env import Launch
-from ddp.dist.group import init_distributed
+from ddp.distributed.env import Launch
+from ddp.distributed.group import init_distributed
 from ddp.models import MLP
 from ddp.state import Training
 from ddp.step import Stepper, skips_on_device

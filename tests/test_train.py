@@ -17,8 +17,8 @@ from ddp.build import wrap_ddp
 from ddp.compose import compose
 from ddp.data.batch import Batch
 from ddp.data.splits import train_samples
-from ddp.dist.exit import retire
-from ddp.dist.group import DistEnv
+from ddp.distributed.exit import retire
+from ddp.distributed.group import DistEnv
 from ddp.errors import ConfigError, PlanError
 from ddp.models import MLP
 from ddp.plan import plan_for

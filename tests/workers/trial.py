@@ -3,9 +3,9 @@
 A tiny DDP training of a few steps on gloo, in one of three variants:
   naive    the textbook calls: init_process_group from env://, barrier,
            destroy_process_group, return from main;
-  no-exit  `ddp.dist` (per-attempt store, named collectives, shutdown) but the
+  no-exit  `ddp.distributed` (per-attempt store, named collectives, shutdown) but the
            process ends by returning from main, through interpreter finalization;
-  fixed    the same, ending with `ddp.dist.exit.exit_process(0)`, as the trainer does.
+  fixed    the same, ending with `ddp.distributed.exit.exit_process(0)`, as the trainer does.
 `--crash-rank R --crash-step S` makes rank R die at step S in the first torchrun
 attempt only, so that `--max-restarts=1` must bring the job back and finish it.
 
@@ -55,9 +55,9 @@ def train(model: DDP, steps: int, crash_rank: int, crash_step: int, rank: int) -
 
 
 def collectives(env) -> dict:
-    """What this rank sees of the launcher and of each named collective of `ddp.dist`."""
-    from ddp.dist import collectives as comm
-    from ddp.dist.env import detect
+    """What this rank sees of the launcher and of each named collective of `ddp.distributed`."""
+    from ddp.distributed import collectives as comm
+    from ddp.distributed.env import detect
 
     launch = detect()
     last = env.rank == env.world_size - 1
@@ -89,9 +89,9 @@ def main_naive(args: argparse.Namespace) -> None:
 
 def main_ddp(args: argparse.Namespace) -> None:
     # Not imported by the naive variant: it owes nothing to ddp.
-    from ddp.dist.env import detect
-    from ddp.dist.exit import exit_process
-    from ddp.dist.group import init_distributed, shutdown
+    from ddp.distributed.env import detect
+    from ddp.distributed.exit import exit_process
+    from ddp.distributed.group import init_distributed, shutdown
 
     env = init_distributed(detect(), torch.device("cpu"), timeout_s=60)
     torch.manual_seed(0)

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 import ddp
-from ddp.dist import collectives
-from ddp.dist.group import DistEnv
+from ddp.distributed import collectives
+from ddp.distributed.group import DistEnv
 from ddp.state import Refusal
 
 ASPECTS = {

@@ -1,7 +1,7 @@
 """The collectives the trainer uses, named for the decision they make.
 
 Every control-flow decision goes through one of these (or, once per step, through
-`ddp.dist.step_sums`), so every rank takes the same branch. Without a process group
+`ddp.distributed.step_sums`), so every rank takes the same branch. Without a process group
 each is the identity.
 """
 
@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from ddp.dist.group import DistEnv
+from ddp.distributed.group import DistEnv
 
 T = TypeVar("T")
 

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ddp.dist.collectives import all_reduce_sum
-from ddp.dist.group import DistEnv
+from ddp.distributed.collectives import all_reduce_sum
+from ddp.distributed.group import DistEnv
 
 
 class StepSums:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ddp.dist.env import Launch
-from ddp.dist.network import use_interface_towards_master
+from ddp.distributed.env import Launch
+from ddp.distributed.network import use_interface_towards_master
 from ddp.errors import ConfigError
 
 
@@ -117,7 +117,7 @@ def init_distributed(
     A rendezvous port already taken by another program is bad input, not a crash:
     ConfigError naming the address. Across hosts, gloo and NCCL bind to the interface of
     the route to MASTER_ADDR unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME say otherwise
-    (ddp.dist.network).
+    (ddp.distributed.network).
     """
     if launch.world_size == 1:
         backend = None

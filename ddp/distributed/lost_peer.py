@@ -22,8 +22,8 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from ddp.dist.env import Launch, detect
-from ddp.dist.network import this_host
+from ddp.distributed.env import Launch, detect
+from ddp.distributed.network import this_host
 
 SIGNS = (
     (re.compile(r"connection (?:reset|closed) by peer", re.I), False),

@@ -28,7 +28,7 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ddp.dist.env import Launch
+from ddp.distributed.env import Launch
 from ddp.errors import ConfigError
 
 SOCKET_IFNAME_VARS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
@@ -147,7 +147,7 @@ def check_rendezvous_port(port: int, run_id: str) -> None:
 
 
 def _process(pid: int, argv: list[str]) -> str:
-    """"pid 12 (torchrun, rendezvous 'exp1')", "pid 13 (nginx)"."""
+    """ "pid 12 (torchrun, rendezvous 'exp1')", "pid 13 (nginx)"."""
     what = os.path.basename(argv[0]) if argv else "?"
     if what.startswith("python") and len(argv) > 1:  # python -m ddp.launch, a script
         what = argv[2] if argv[1] == "-m" and len(argv) > 2 else os.path.basename(argv[1])

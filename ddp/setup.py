@@ -1,0 +1,203 @@
+"""A training job's start, in the order of the contract (docs/architecture.md):
+
+1. checks, before any process group and before anything is written: the launcher, the
+   splits and their labels, the batch plan, the device, the loaders, the run directory,
+   the checkpoint to resume (plan, order, data, model, optimizer), whether the run is
+   already finished, and the first step's micro-batches themselves;
+2. the process group: every host runs the same job, one job owns the run directory;
+3. the objects the loop uses: DDP, the tracker (W&B starting on a thread), the sample
+   audit and the noise scale's meter, the checkpointer, the stepper, the input pipeline;
+4. the first write to the run: the plan record, once W&B has started.
+
+A refusal anywhere in 1-2 leaves every file of an existing run byte-identical.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddp import checkpoint
+from ddp.audit import SampleAudit
+from ddp.build import (
+    autocast_for,
+    build_loaders,
+    build_training,
+    input_pipeline,
+    set_numerics,
+    step_lag,
+    wandb_config,
+    wrap_ddp,
+)
+from ddp.checkpointer import Checkpointer
+from ddp.compose import as_record
+from ddp.config import Config
+from ddp.data.batch import Batch, TrainBatches
+from ddp.data.device import InputPipeline
+from ddp.data.identity import data_identity
+from ddp.data.loaders import EvalLoader
+from ddp.data.splits import open_splits
+from ddp.distributed.agreement import check_same_job
+from ddp.distributed.env import detect
+from ddp.distributed.group import DistEnv, init_distributed, pick_device
+from ddp.noise_meter import NOT_MEASURED, NoiseMeter, meter_for
+from ddp.plan import BatchPlan, plan_for
+from ddp.progress import Progress, start_lines
+from ddp.resume import finished, load_resume_point, order_of
+from ddp.run_dir import RunLock, check_writable
+from ddp.schedule import LRSchedule
+from ddp.state import Position, StopRequest, Training, claim_run_dir
+from ddp.step import Stepper
+from ddp.tracking.tracker import Tracker
+
+
+@dataclass
+class Job:
+    """Everything the training loop uses, checked and set up by `start`."""
+
+    plan: BatchPlan
+    env: DistEnv
+    pos: Position
+    """Where the run continues (a new run: epoch 0, step 0)."""
+    training: Training
+    schedule: LRSchedule
+    train_loader: TrainBatches
+    val_loader: EvalLoader
+    opened: Iterator[Batch]
+    """The first epoch's micro-batches, the first step's read already."""
+    pipeline: InputPipeline
+    autocast: Callable[[], Any]
+    stepper: Stepper
+    audit: SampleAudit
+    noise: NoiseMeter | None
+    checkpoints: Checkpointer
+    tracker: Tracker
+    progress: Progress
+    stop: StopRequest
+    lock: RunLock | None
+
+
+def start(
+    config: Config, run_dir: Path, sweep_dir: Path | None = None, overrides: list[str] = ()
+) -> Job | None:
+    """The job, ready for its first step; None when the run is finished and this config
+    asks nothing more of it (said in one line, nothing touched). Bad input raises a
+    BadInput (ddp.errors) before anything is written."""
+    # Everything that can be checked is checked before any process group exists and
+    # before anything is written: a refused start leaves every file of a run as it was.
+    launch = detect()
+    num_classes = config.model.get("num_classes")  # checked against the labels, if given
+    splits = open_splits(config.data, num_classes=num_classes)  # each manifest read once
+    plan = plan_for(config.batch, launch.world_size, splits.num_train_samples)
+    device = pick_device(config.trainer.device, launch, config.trainer.backend)
+    set_numerics(config, device)
+    train_loader, val_loader = build_loaders(config, plan, launch.rank, splits, device)
+    check_writable(run_dir)
+    config_record = as_record(config)  # once: it costs tens of ms
+    data = data_identity(splits)
+    resumed = load_resume_point(run_dir, config.trainer, plan, order_of(config_record), data)
+    done = finished(resumed, config.trainer, config_record["plateau"]) if resumed else None
+    torch.manual_seed(config.trainer.seed + launch.rank)
+    training, schedule = build_training(config, plan, device)
+    pos = training.restore(resumed, launch.rank, launch.world_size) if resumed else Position()
+    if done:  # run again with nothing more asked of it: say so, touch nothing
+        if launch.rank == 0:
+            print(f"{run_dir}: this run is finished ({done}); nothing to do", flush=True)
+        return None
+    # The first step's micro-batches, read now: a shard that cannot be fetched, decoded or
+    # cached is refused here too.
+    opened = read_ahead(train_loader.epoch(pos.epoch, pos.step_in_epoch), plan.accumulate)
+
+    # The process group; from here on every rank takes part in each decision.
+    default_stop_signals()  # blocked in the rendezvous, a signal must still end us at once
+    env = init_distributed(launch, device, config.trainer.timeout_s, config.trainer.backend)
+    check_same_job(env, config_record, run_dir)  # every host: same code, config, run dir
+    lock = claim_run_dir(run_dir, env)  # one job per run directory, from here to the exit
+    stop = StopRequest()
+    t = config.trainer
+    wrap_ddp(training, env, t.compile)
+    tracker = Tracker.start(  # W&B starts on a thread while the rest is set up
+        run_dir,
+        config_record,
+        {**plan.as_dict(), "data": data},
+        wandb_config(config, sweep_dir, overrides),
+        main=env.is_main,
+        resume_run_id=resumed["wandb_run_id"] if resumed else None,
+        resume_from_step=pos.global_step if resumed else None,
+        monitor=config.plateau.monitor,
+        monitor_mode=config.plateau.mode,
+    )
+    auditable = config.trainer.audit_samples and train_loader.indexed
+    audit = SampleAudit(plan.num_samples if auditable else 0)
+    noise, unmeasured = noise_meter(config, plan, env)  # the gradient noise scale, per epoch
+    counters = {"audit": audit, "noise": noise}  # per-epoch sums a checkpoint carries
+    for counter in filter(None, counters.values()):
+        counter.resume(resumed, env)  # a resumed epoch's sums so far
+    checkpoints = Checkpointer(
+        run_dir / "checkpoints", t.checkpoint, config_record, plan, data, training, env,
+        tracker.run_id, counters,
+    )  # fmt: skip
+    autocast = autocast_for(config, device)
+    lag = step_lag(config, training, device)  # on a GPU, read a step's totals a step late
+    stepper = Stepper(training, env, autocast, config.trainer.grad_clip, lag, noise)
+    pipeline = input_pipeline(config, training.model, device)  # uint8 -> float on the device
+    progress = Progress(
+        env.is_main, plan.iterations_per_epoch, plan.global_size, config.trainer.progress
+    )
+    progress.print(start_lines(plan, env, run_dir, resumed, pos))
+    if unmeasured:
+        progress.print(unmeasured)
+    tracker.ready()  # the first write to the run (W&B failing to start stops us before it)
+    if env.is_main:
+        checkpoint.remove_stale_temporaries(run_dir / "checkpoints")
+    return Job(
+        plan=plan,
+        env=env,
+        pos=pos,
+        training=training,
+        schedule=schedule,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        opened=opened,
+        pipeline=pipeline,
+        autocast=autocast,
+        stepper=stepper,
+        audit=audit,
+        noise=noise,
+        checkpoints=checkpoints,
+        tracker=tracker,
+        progress=progress,
+        stop=stop,
+        lock=lock,
+    )
+
+
+def noise_meter(config: Config, plan: BatchPlan, env: DistEnv) -> tuple[NoiseMeter | None, str]:
+    """trainer.noise_scale's meter, or None and the line that says why it is not measured."""
+    if not config.trainer.noise_scale:
+        return None, ""
+    if config.trainer.precision == "fp16":  # scaled gradients, and a scale that moves
+        return None, "noise scale: not measured with trainer.precision=fp16"
+    meter = meter_for(
+        plan.micro_size, plan.accumulate, env.world_size, plan.num_samples, env.device
+    )
+    return meter, NOT_MEASURED if meter is None else ""
+
+
+def default_stop_signals() -> None:
+    """SIGTERM and SIGHUP back to their default action where ddp.cli handled them during
+    the checks (StopRequest takes them over once the process group exists)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if callable(signal.getsignal(sig)):  # a Python handler (ignored stays ignored)
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def read_ahead(batches: Iterator[Batch], count: int) -> Iterator[Batch]:
+    """`batches`, whose first `count` are read already (raising what reading them raises)."""
+    return itertools.chain(list(itertools.islice(batches, count)), batches)

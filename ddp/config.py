@@ -48,10 +48,16 @@ __all__ = [
 class BatchConfig:
     global_size: int = MISSING
     """G: samples behind one optimizer update, fixed whatever the world size."""
-    micro_size: int = MISSING
-    """Samples one process runs forward/backward at once; accumulation is derived."""
+    micro_size: Any = MISSING
+    """Samples one process runs forward/backward at once; accumulation is derived. `auto`
+    (CUDA only): the largest that fits in GPU memory, found by trial steps (ddp.micro_size)."""
     drop_last: bool = MISSING
     """Drop the remainder of N / G, or pad the last global batch with the epoch's first samples."""
+
+    def __post_init__(self) -> None:
+        m = self.micro_size
+        ok = m == "auto" or (isinstance(m, int) and not isinstance(m, bool) and m >= 1)
+        require(ok, f"batch.micro_size={m!r} must be a positive integer or auto")
 
 
 @dataclass

@@ -138,4 +138,9 @@ def make_plan(
 
 def plan_for(batch, world_size: int, num_samples: int) -> BatchPlan:
     """The plan of a `batch` config section (global_size, micro_size, drop_last)."""
+    if batch.micro_size == "auto":  # found on the GPU at start-up (ddp.micro_size)
+        raise PlanError(
+            "batch.micro_size=auto is found on the GPU when the trainer starts; to see a "
+            "plan, give a number (e.g. batch.micro_size=32)"
+        )
     return make_plan(num_samples, batch.global_size, batch.micro_size, world_size, batch.drop_last)

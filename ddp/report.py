@@ -184,7 +184,7 @@ def fit_sweep(
     """The rows with their steps to the target (default: the worst run's best) and noise
     scale, and the fit over those that reached it."""
     bests = [r.best for r in rows if isinstance(r.best, (int, float))]
-    if not bests:
+    if not bests or len({r.global_batch for r in rows}) < 2:  # no sweep over the batch
         return rows, None
     higher = rows[0].higher_is_better
     if target is None:

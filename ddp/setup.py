@@ -1,7 +1,8 @@
 """A training job's start, in the order of the contract (docs/architecture.md):
 
 1. checks, before any process group and before anything is written: the launcher, the
-   splits and their labels, the batch plan, the device, the loaders, the run directory,
+   splits and their labels, the device (and, with batch.micro_size=auto, the micro-batch
+   that fits on it), the batch plan, the loaders, the run directory,
    the checkpoint to resume (plan, order, data, model, optimizer), whether the run is
    already finished, and the first step's micro-batches themselves;
 2. the process group: every host runs the same job, one job owns the run directory;
@@ -17,7 +18,7 @@ from __future__ import annotations
 import itertools
 import signal
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,11 @@ from ddp.data.batch import Batch, TrainBatches
 from ddp.data.device import InputPipeline
 from ddp.data.identity import data_identity
 from ddp.data.loaders import EvalLoader
-from ddp.data.splits import open_splits
+from ddp.data.splits import Splits, open_splits
 from ddp.distributed.agreement import check_same_job
-from ddp.distributed.env import detect
+from ddp.distributed.env import Launch, detect
 from ddp.distributed.group import DistEnv, init_distributed, pick_device
+from ddp.micro_size import check_auto, find_micro_size
 from ddp.noise_meter import NOT_MEASURED, NoiseMeter, meter_for
 from ddp.plan import BatchPlan, plan_for
 from ddp.progress import Progress, start_lines
@@ -94,9 +96,13 @@ def start(
     launch = detect()
     num_classes = config.model.get("num_classes")  # checked against the labels, if given
     splits = open_splits(config.data, num_classes=num_classes)  # each manifest read once
-    plan = plan_for(config.batch, launch.world_size, splits.num_train_samples)
     device = pick_device(config.trainer.device, launch, config.trainer.backend)
     set_numerics(config, device)
+    if check_auto(config, device):  # batch.micro_size=auto: what fits, on every rank
+        config, said = fit_micro_size(config, launch, splits, device)
+        if launch.rank == 0:
+            print(said, flush=True)
+    plan = plan_for(config.batch, launch.world_size, splits.num_train_samples)
     train_loader, val_loader = build_loaders(config, plan, launch.rank, splits, device)
     check_writable(run_dir)
     config_record = as_record(config)  # once: it costs tens of ms
@@ -176,6 +182,26 @@ def start(
         stop=stop,
         lock=lock,
     )
+
+
+def fit_micro_size(
+    config: Config, launch: Launch, splits: Splits, device: torch.device
+) -> tuple[Config, str]:
+    """batch.micro_size=auto: trial steps of the run's own model and optimizer on copies of
+    its first training sample, as the input pipeline makes it (ddp.micro_size)."""
+    one = replace(config, batch=replace(config.batch, micro_size=1))
+    plan = plan_for(one.batch, launch.world_size, splits.num_train_samples)
+    loader, _ = build_loaders(one, plan, launch.rank, splits, device)
+    first = next(iter(loader.epoch(0)))
+    sample = input_pipeline(one, build_training(one, plan, device)[0].model, device)(first)
+    del loader
+
+    def build(size: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        training = build_training(one, plan, device)[0]
+        return training.model, training.optimizer
+
+    inputs = (sample.inputs, sample.targets)
+    return find_micro_size(config, launch, device, inputs, build, autocast_for(config, device))
 
 
 def noise_meter(config: Config, plan: BatchPlan, env: DistEnv) -> tuple[NoiseMeter | None, str]:

@@ -209,3 +209,15 @@ def test_gpu_decoding_trains_and_resumes_bitwise_equal(photos_root, tmp_path):
     assert_same_weights(tmp_path / "straight", tmp_path / "resumed")
     vals = harness.records(tmp_path / "straight", "val")
     assert vals[-1]["val/accuracy"] > 1 / 8  # it learns something from GPU-decoded crops
+
+
+def test_micro_size_auto_finds_what_fits_and_trains(digits_root, tmp_path):
+    """Real trial steps on the GPU: the digits MLP's step at the largest micro-batch the
+    plan allows (G=256 on one process) peaks far below the device's memory, so that one
+    is taken, said in one line, and the run trains with it (no accumulation)."""
+    extra = ("batch.micro_size=auto", "batch.global_size=256", "trainer.max_epochs=1")
+    out = python_train(on_gpu(digits_root, tmp_path, "auto", *extra))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "batch.micro_size=auto: 256 (a step's peak of 85% of" in out.stdout
+    (plan,) = harness.records(tmp_path / "auto", "plan")
+    assert plan["micro_size"] == 256 and plan["config"]["batch"]["micro_size"] == 256

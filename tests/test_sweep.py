@@ -69,7 +69,7 @@ def test_each_point_runs_in_a_numbered_dir_of_one_sweep(sweep):
     assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     for run_dir, batch in zip(points(sweep), BATCHES, strict=True):
         plan = records(run_dir, "plan")[0]
-        assert plan["global_size"] == batch and plan["micro_size"] == 16
+        assert plan["global_size"] == batch and plan["micro_size"] == 8
         assert plan["iterations_per_epoch"] == -(-NUM_SAMPLES // batch)  # padded, not dropped
         assert plan["config"]["schedule"]["lr_scaling"] == "sqrt"
         assert (run_dir / "learning_curves.png").stat().st_size > 0
@@ -182,6 +182,6 @@ def test_a_sweep_runs_on_two_processes_under_torchrun(digits_root, tmp_path):
     (sweep_dir,) = tmp_path.glob("sweep-torchrun-*")
     for num, global_size in enumerate((32, 64)):
         summary = records(sweep_dir / str(num), "summary")[-1]
-        accumulate = global_size // (16 * 2)
+        accumulate = global_size // (8 * 2)
         assert summary["micro_batches_per_rank"] == [2 * accumulate] * 2
         assert summary["stop_reason"] == "max_steps"

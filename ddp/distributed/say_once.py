@@ -17,6 +17,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 
+from ddp.distributed.store import agent_store
+
 STORE_TIMEOUT = dt.timedelta(seconds=5)
 
 
@@ -37,17 +39,10 @@ def first_to_say() -> bool:
     """Whether no other rank of this job (this torchrun attempt) said an error before."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return True
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    store = agent_store(STORE_TIMEOUT)
+    if store is None:
         return True
     try:
-        import torch.distributed as dist
-
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            is_master=False,
-            timeout=STORE_TIMEOUT,
-        )
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         return store.add(f"ddp/errors/attempt_{attempt}", 1) == 1
     except Exception:  # noqa: BLE001 - no store to ask: say it (a duplicate beats silence)

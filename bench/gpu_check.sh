@@ -7,6 +7,8 @@
 #            resnet18,overhead are issue 12's, about 5 more minutes)
 #   TESTS    pytest -k expression for tests/test_cuda.py (default: all of them)
 #   JPEG_BENCH=1  also bench/jpeg_bench.py (CPU decoding per process, ours vs webdataset)
+#   NOISE=1  also the noise scale's cost on the GPU: bench/overhead.py ours vs ours-nonoise
+#            (about 2 minutes; docs/benchmarks.md#the-noise-scales-cost)
 set -u
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
@@ -33,6 +35,12 @@ if [ "${JPEG_BENCH:-0}" = 1 ]; then
     timeout 120 python3 bench/jpeg_bench.py --num-samples 2000 --repeats 2 \
         --prepare-workers 16 --json "$OUT/jpeg-bench.json" >"$OUT/jpeg-bench.txt" 2>&1
     echo "bench/jpeg_bench.py: exit $? in $((SECONDS - start)) s" >>"$OUT/summary.txt"
+fi
+if [ "${NOISE:-0}" = 1 ]; then
+    start=$SECONDS
+    timeout 180 python3 bench/overhead.py --programs ours,ours-nonoise --repeats 2 \
+        --no-scaling --json "$OUT/overhead-noise.json" >"$OUT/overhead-noise.txt" 2>&1
+    echo "bench/overhead.py ours vs ours-nonoise: exit $? in $((SECONDS - start)) s" >>"$OUT/summary.txt"
 fi
 cat "$OUT/summary.txt"
 tail -n 30 "$OUT/gpu-bench.txt"

@@ -30,30 +30,15 @@ class NoiseMeter:
     def __init__(self, small: int, big: int, population: int, device: torch.device) -> None:
         self.small, self.big, self.population = small, big, population
         self._sums = torch.zeros(3, dtype=torch.float64, device=device)
-        """[sum of |g_small|² over this rank's counted batches, of |g_big|², counted steps]"""
-        self._small = torch.zeros((), dtype=torch.float64, device=device)
-        self._small_count = 0
-        self._big = torch.zeros((), dtype=torch.float64, device=device)
+        """[sum of |g_small|² over this rank's counted steps, of |g_big|², counted steps]"""
 
-    def add_small(self, sq_norm: torch.Tensor) -> None:
-        """A small batch's squared gradient norm (this rank's, or a micro-batch's)."""
-        self._small += sq_norm.to(torch.float64)
-        self._small_count += 1
-
-    def add_big(self, sq_norm: torch.Tensor) -> None:
-        """The step's averaged gradient's squared norm (equal on every rank)."""
-        self._big += sq_norm.to(torch.float64)
-
-    def end_step(self, counted: torch.Tensor) -> None:
-        """Book the step's norms if `counted` (a device bool: every sample real, the loss
-        finite); either way start the next step from zero."""
-        if self._small_count:
-            mean_small = self._small / self._small_count
-            step = torch.stack([mean_small, self._big, torch.ones_like(self._big)])
-            self._sums += torch.where(counted, step, torch.zeros_like(step))
-        self._small.zero_()
-        self._big.zero_()
-        self._small_count = 0
+    def book(self, norms: torch.Tensor, counted: torch.Tensor) -> None:
+        """Add a step's float64 [|g_small|² (the mean over its small batches), |g_big|²] to
+        the epoch's sums if `counted` (a device bool: every sample real, the loss finite).
+        A few device ops, no host sync: the step's cost stays within noise."""
+        weight = counted.to(torch.float64)
+        self._sums[:2].add_(norms * weight)
+        self._sums[2].add_(weight)
 
     def state(self, env: DistEnv) -> dict[str, Any]:
         """The unfinished epoch's sums over all ranks (every rank calls it), for a checkpoint."""

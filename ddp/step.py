@@ -103,6 +103,8 @@ class Stepper:
             self.sums.track_norms()
         self._accumulated: list[torch.Tensor] | None = None
         """One process: the gradients accumulated before this micro-batch (a copy)."""
+        self._micro_norms = torch.zeros(2, dtype=torch.float64, device=env.device)
+        """One process: [mean of the step's micro-batch |g|², the step's |g|²]."""
         self.device_skip = skips_on_device(training)
         if lag and not self.device_skip:
             raise ValueError("reading a step's totals late needs a fused optimizer, no fp16")
@@ -152,10 +154,11 @@ class Stepper:
         grads = [p.grad for p in self.training.model.parameters() if p.grad is not None]
         before = self._accumulated or [torch.zeros_like(g) for g in grads]
         added = [g - b for g, b in zip(grads, before, strict=True)]
-        self.noise.add_small(_sq_norm(added) * accumulate**2)
+        # |accumulate x added|², averaged over the step's `accumulate` micro-batches
+        self._micro_norms[0] += _sq_norm(added).to(self._micro_norms.device) * accumulate
         self._accumulated = None if last else [g.clone() for g in grads]
         if last:
-            self.noise.add_big(_sq_norm(grads))
+            self._micro_norms[1] += _sq_norm(grads).to(self._micro_norms.device)
 
     def finish(self) -> None:
         """Apply the step's update, unless its loss was not finite on some rank (then no
@@ -186,13 +189,10 @@ class Stepper:
 
     def _book_noise(self, reduced: torch.Tensor) -> None:
         """Count the step's norms when its every sample was real and its loss finite."""
-        noise = self.noise
-        if self.sums.tracks_norms:
-            local, averaged = self.sums.take_sq_norms()
-            noise.add_small(local)
-            noise.add_big(averaged)
+        norms = self.sums.sq_norms if self.sums.tracks_norms else self._micro_norms
         count = reduced[DEVICE_SUMS.index("count")]
-        noise.end_step((count == noise.big) & torch.isfinite(reduced[0]))
+        self.noise.book(norms, (count == self.noise.big) & torch.isfinite(reduced[0]))
+        norms.zero_()
 
     def _clip(self) -> None:
         if self.grad_clip is not None:

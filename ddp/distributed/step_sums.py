@@ -59,13 +59,6 @@ class StepSums:
     def tracks_norms(self) -> bool:
         return self.sq_norms is not None
 
-    def take_sq_norms(self) -> torch.Tensor:
-        """The step's [local, averaged] squared gradient norms (a copy), zeroed for the next."""
-        assert self.sq_norms is not None
-        taken = self.sq_norms.clone()
-        self.sq_norms.zero_()
-        return taken
-
     def set_host(self, **values: float) -> None:
         """This rank's host values, before the step (copied to the device now, so the
         hook inside backward never waits for a host-to-device copy)."""

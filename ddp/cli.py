@@ -27,6 +27,7 @@ from ddp.distributed.lost_peer import peer_lost_line
 from ddp.distributed.say_once import say_error
 from ddp.errors import BadInput
 from ddp.run_dir import remove_if_empty
+from ddp.setup import STOP_SIGNALS
 from ddp.train import train
 
 BAD_INPUT = BadInput
@@ -75,9 +76,6 @@ def keep_freed_memory() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 32 << 20)  # glibc's maximum
     libc.mallopt(m_trim_threshold, 256 << 20)
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 def stop_before_training(signum: int, frame: object) -> None:

@@ -216,10 +216,14 @@ def noise_meter(config: Config, plan: BatchPlan, env: DistEnv) -> tuple[NoiseMet
     return meter, NOT_MEASURED if meter is None else ""
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+"""What ddp.cli handles during the checks, and what the rendezvous leaves to the default."""
+
+
 def default_stop_signals() -> None:
-    """SIGTERM and SIGHUP back to their default action where ddp.cli handled them during
-    the checks (StopRequest takes them over once the process group exists)."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    """STOP_SIGNALS back to their default action where ddp.cli handled them during the
+    checks (StopRequest takes them over once the process group exists)."""
+    for sig in STOP_SIGNALS:
         if callable(signal.getsignal(sig)):  # a Python handler (ignored stays ignored)
             signal.signal(sig, signal.SIG_DFL)
 

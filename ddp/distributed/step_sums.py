@@ -121,5 +121,4 @@ def _all_reduce_with_sums(sums, bucket):  # unannotated: DDP checks annotations 
 
 
 def _sq_norm(values: torch.Tensor) -> torch.Tensor:
-    # In the bucket's own dtype: a float64 norm would copy the whole bucket first.
-    return torch.linalg.vector_norm(values).double().square()
+    return torch.linalg.vector_norm(values, dtype=torch.float64).square()

@@ -58,6 +58,11 @@ INDEX = {
     "2M: `ddp-shards order`, one step s": Goal(0.5, at_most=True),
 }
 
+# bench/perf_bench.py (issue 26): the trainer's step with the marks of ddp.perf's Watch.
+PERF = Goal(0.97)
+"""watched / plain steps/s, in one process (the digits MLP's 1 ms step: the worst case);
+the bound OVERHEAD puts on everything the trainer adds to a raw loop."""
+
 # bench/exit_trials.py: every 2-process job exits 0, every crash is recovered.
 EXIT_TRIALS = Goal(1.0)
 """successes / trials, per mode."""

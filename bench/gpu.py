@@ -60,6 +60,10 @@ class Result:
     gpu_util: float | None = None
     """Mean GPU utilisation (%) while it trained."""
     epochs: list[float] = field(default_factory=list)
+    data_share: float | None = None
+    """ddp.train's time/data over the steady epochs (median): the GPU waiting for data."""
+    mfu: float | None = None
+    """ddp.train's perf/mfu over the steady epochs (median), where the device is known."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -253,7 +257,11 @@ def run_ours(name: str, overrides: list[str], work: Path, nproc: int = 1) -> Res
     # GPU utilisation over the steady epochs' training (from the end of epoch 0's
     # validation to the last validation's start, roughly: validation is short here).
     util = gpu.mean_between(vals[0]["time"], vals[-1]["time"]) if len(vals) > 1 else None
-    return Result(name, statistics.median(steady), util, per_epoch)
+    steady_vals = vals[1:] or vals
+    data_share = statistics.median(r["time/data"] for r in steady_vals)
+    mfus = [r["perf/mfu"] for r in steady_vals if "perf/mfu" in r]
+    mfu = statistics.median(mfus) if mfus else None
+    return Result(name, statistics.median(steady), util, per_epoch, data_share, mfu)
 
 
 # ----------------------------------------------------------------------------- overhead
@@ -488,10 +496,12 @@ def main(argv: list[str] | None = None) -> int:
         results += part_results
         ratios.update(part_ratios)
 
-    print(f"\n{'run':<60} {'samples/s':>12} {'GPU util %':>11}")
+    print(f"\n{'run':<60} {'samples/s':>12} {'GPU util %':>11} {'data %':>7} {'MFU %':>6}")
     for r in results:
         util = "-" if r.gpu_util is None else f"{r.gpu_util:.0f}"
-        print(f"{r.name:<60} {r.samples_per_s:>12,.0f} {util:>11}")
+        data = "-" if r.data_share is None else f"{100 * r.data_share:.0f}"
+        mfu = "-" if r.mfu is None else f"{100 * r.mfu:.1f}"
+        print(f"{r.name:<60} {r.samples_per_s:>12,.0f} {util:>11} {data:>7} {mfu:>6}")
     print(f"\n{'ratio':<60} {'value':>8} {'goal':>8}")
     for key, (value, goal) in ratios.items():
         verdict = "" if goal is None else ("PASS" if goal.met(value) else "FAIL")

@@ -3,7 +3,8 @@
 # under a time limit, everything it reports under $OUT. Prepare here first:
 #   ../shared/gpu/wheels.sh .gpu/whl pytest psutil hypothesis simplejpeg && echo /.gpu/ >> .git/info/exclude
 # then run `bash bench/gpu_check.sh` there, carrying .gpu. About 7 minutes as set:
-#   PARTS    bench/gpu.py --parts (default jpeg: ResNet-50 from JPEG shards, issue 13;
+#   PARTS    bench/gpu.py --parts (default jpeg: ResNet-50 from JPEG shards, issue 13, whose
+#            table now also has each run's data share and MFU, issue 26;
 #            resnet18,overhead are issue 12's, about 5 more minutes)
 #   TESTS    pytest -k expression for tests/test_cuda.py (default: all of them)
 #   JPEG_BENCH=1  also bench/jpeg_bench.py (CPU decoding per process, ours vs webdataset)

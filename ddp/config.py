@@ -177,6 +177,19 @@ class TrainerConfig:
     noise_scale: bool = MISSING
     """Measure the gradient noise scale B_simple per epoch (batch/noise_scale; ddp.noise_scale):
     the global batch beyond which more samples per step stop buying fewer steps."""
+    count_flops: bool = MISSING
+    """Count the model's FLOPs per sample at start-up (torch's FlopCounterMode on the first
+    micro-batch) for perf/tflops and perf/mfu. The first dispatch mode of a process
+    imports torch._dynamo: about 2 s of start-up on a CPU (docs/performance.md)."""
+    profile: list[int] | None = MISSING
+    """[START, END]: record global steps START..END (from 1) with torch.profiler on every
+    rank, into run_dir/profile/ (docs/performance.md); null: no trace."""
+    peak_tflops: float | None = MISSING
+    """The device's peak TFLOPS at the run's precision, for perf/mfu; null: NVIDIA's
+    datasheet figure for A100, H100, H200, L40S and RTX 4090 (ddp.perf.flops)."""
+    memory_snapshot: bool = MISSING
+    """CUDA: record the allocator's history from the start, and dump it into the run
+    directory on an out-of-memory (memory_snapshot_rank<R>.pickle)."""
 
     def __post_init__(self) -> None:
         require(
@@ -193,6 +206,14 @@ class TrainerConfig:
         integer_at_least("trainer.log_every_steps", self.log_every_steps, 1)
         integer_at_least("trainer.max_skipped_steps", self.max_skipped_steps, 0)
         positive_or_none("trainer.max_steps", self.max_steps)
+        positive_or_none("trainer.peak_tflops", self.peak_tflops)
+        if self.profile is not None:
+            window = list(self.profile)
+            ok = len(window) == 2 and all(isinstance(s, int) and s >= 1 for s in window)
+            require(
+                ok and window[0] <= window[1],
+                f"trainer.profile={window} must be [START, END] global steps, 1 <= START <= END",
+            )
 
 
 @dataclass

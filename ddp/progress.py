@@ -86,10 +86,11 @@ def epoch_line(
         value = m["batch/noise_scale"]
         shown = "too noisy to tell" if math.isnan(value) else f"{value:,.0f}"
         noise = f" | noise scale {shown} (global batch {global_size})"
+    data = f" | data {m['time/data']:.0%}" if "time/data" in m else ""  # waiting for it
     return (
         f"epoch {epoch}: train loss {m['train/epoch_loss']:.4f} acc {m['train/epoch_accuracy']:.4f}"
         f" | val loss {m['val/loss']:.4f} acc {m['val/accuracy']:.4f}"
-        f" | {m['train/samples_per_s']:,.0f} samples/s{noise} | best {best}"
+        f" | {m['train/samples_per_s']:,.0f} samples/s{data}{noise} | best {best}"
     )
 
 

@@ -6,8 +6,10 @@
    the checkpoint to resume (plan, order, data, model, optimizer), whether the run is
    already finished, and the first step's micro-batches themselves;
 2. the process group: every host runs the same job, one job owns the run directory;
-3. the objects the loop uses: DDP, the tracker (W&B starting on a thread), the sample
-   audit and the noise scale's meter, the checkpointer, the stepper, the input pipeline;
+3. the objects the loop uses: DDP, the input pipeline, the watch on where the time goes
+   (the model's FLOPs counted on the first micro-batch), the tracker (W&B
+   starting on a thread), the sample audit and the noise scale's meter, the
+   checkpointer, the stepper;
 4. the first write to the run: the plan record, once W&B has started.
 
 A refusal anywhere in 1-2 leaves every file of an existing run byte-identical.
@@ -49,6 +51,8 @@ from ddp.distributed.env import Launch, detect
 from ddp.distributed.group import DistEnv, init_distributed, pick_device
 from ddp.micro_size import check_auto, find_micro_size
 from ddp.noise_meter import NOT_MEASURED, NoiseMeter, meter_for
+from ddp.perf.memory import start_snapshot
+from ddp.perf.watch import Watch, watch_for
 from ddp.plan import BatchPlan, plan_for
 from ddp.progress import Progress, start_lines
 from ddp.resume import finished, load_resume_point, order_of
@@ -83,6 +87,8 @@ class Job:
     progress: Progress
     stop: StopRequest
     lock: RunLock | None
+    watch: Watch
+    """Where the time goes: the step's parts, traces on request, memory, FLOPs."""
 
 
 def start(
@@ -98,6 +104,7 @@ def start(
     splits = open_splits(config.data, num_classes=num_classes)  # each manifest read once
     device = pick_device(config.trainer.device, launch, config.trainer.backend)
     set_numerics(config, device)
+    start_snapshot(config.trainer.memory_snapshot, device)  # CUDA allocations, from here
     if check_auto(config, device):  # batch.micro_size=auto: what fits, on every rank
         config, said = fit_micro_size(config, launch, splits, device)
         if launch.rank == 0:
@@ -118,7 +125,7 @@ def start(
         return None
     # The first step's micro-batches, read now: a shard that cannot be fetched, decoded or
     # cached is refused here too.
-    opened = read_ahead(train_loader.epoch(pos.epoch, pos.step_in_epoch), plan.accumulate)
+    ahead, opened = read_ahead(train_loader.epoch(pos.epoch, pos.step_in_epoch), plan.accumulate)
 
     # The process group; from here on every rank takes part in each decision.
     default_stop_signals()  # blocked in the rendezvous, a signal must still end us at once
@@ -128,10 +135,16 @@ def start(
     stop = StopRequest()
     t = config.trainer
     wrap_ddp(training, env, t.compile)
+    pipeline = input_pipeline(config, training.model, device)  # uint8 -> float on the device
+    # Where the time goes: the step's parts, traces, memory; the model's FLOPs per sample.
+    model_input = pipeline(ahead[0]).inputs
+    held = train_loader.memory is not None
+    watch, perf_notes = watch_for(config, env, run_dir, training.model, model_input, held)
+    del model_input
     tracker = Tracker.start(  # W&B starts on a thread while the rest is set up
         run_dir,
         config_record,
-        {**plan.as_dict(), "data": data},
+        {**plan.as_dict(), "data": data, **watch.plan_record()},
         wandb_config(config, sweep_dir, overrides),
         main=env.is_main,
         resume_run_id=resumed["wandb_run_id"] if resumed else None,
@@ -152,13 +165,13 @@ def start(
     autocast = autocast_for(config, device)
     lag = step_lag(config, training, device)  # on a GPU, read a step's totals a step late
     stepper = Stepper(training, env, autocast, config.trainer.grad_clip, lag, noise)
-    pipeline = input_pipeline(config, training.model, device)  # uint8 -> float on the device
+    stepper.sums.on_bucket = watch.grads_ready  # the hook splits compute from communication
     progress = Progress(
         env.is_main, plan.iterations_per_epoch, plan.global_size, config.trainer.progress
     )
     progress.print(start_lines(plan, env, run_dir, resumed, pos))
-    if unmeasured:
-        progress.print(unmeasured)
+    for note in filter(None, [unmeasured, *perf_notes]):
+        progress.print(note)
     tracker.ready()  # the first write to the run (W&B failing to start stops us before it)
     if env.is_main:
         checkpoint.remove_stale_temporaries(run_dir / "checkpoints")
@@ -181,6 +194,7 @@ def start(
         progress=progress,
         stop=stop,
         lock=lock,
+        watch=watch,
     )
 
 
@@ -228,6 +242,8 @@ def default_stop_signals() -> None:
             signal.signal(sig, signal.SIG_DFL)
 
 
-def read_ahead(batches: Iterator[Batch], count: int) -> Iterator[Batch]:
-    """`batches`, whose first `count` are read already (raising what reading them raises)."""
-    return itertools.chain(list(itertools.islice(batches, count)), batches)
+def read_ahead(batches: Iterator[Batch], count: int) -> tuple[list[Batch], Iterator[Batch]]:
+    """The first `count` of `batches`, read now (raising what reading them raises), and
+    all of `batches` from the first."""
+    ahead = list(itertools.islice(batches, count))
+    return ahead, itertools.chain(ahead, batches)

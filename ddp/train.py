@@ -20,8 +20,9 @@ from ddp.data.device import Prefetcher
 from ddp.distributed import collectives
 from ddp.distributed.exit import ExitCode, retire
 from ddp.distributed.group import shutdown
+from ddp.perf.memory import out_of_memory
 from ddp.progress import Progress, epoch_line, final_line
-from ddp.setup import start
+from ddp.setup import Job, start
 from ddp.state import Position
 from ddp.step import StepTotals, epoch_metrics, evaluate
 from ddp.tracking.tracker import Tracker
@@ -34,69 +35,11 @@ def train(
     if job is None:  # run again with nothing more asked of it: said, nothing touched
         return ExitCode.OK
     t, plan, env, pos = config.trainer, job.plan, job.env, job.pos
-    training, plateau, stepper = job.training, job.training.plateau, job.stepper
-    tracker, checkpoints, progress = job.tracker, job.checkpoints, job.progress
-    audit, noise, stop, opened = job.audit, job.noise, job.stop, job.opened
-
-    reason: str | None = None
-    training.ddp_model.train()
-    for epoch in pos.epochs(t.max_epochs):
-        progress.start_epoch(epoch, pos.step_in_epoch)
-        t0, first_step = time.perf_counter(), pos.step_in_epoch
-        batches = Prefetcher(
-            opened or job.train_loader.epoch(epoch, pos.step_in_epoch), job.pipeline
-        )
-        opened = None
-        for step in range(pos.step_in_epoch, plan.iterations_per_epoch):
-            micro_batches = [next(batches) for _ in range(plan.accumulate)]
-            audit.record(micro_batches)
-            queued = pos.global_step + stepper.in_flight  # steps before this one
-            lr = plateau.scaled_lr(job.schedule.lr_at(queued))
-            # What the ranks must share this step rides on its gradient all-reduce.
-            stepper.begin(
-                step,
-                lr,
-                skipped=sum(b.num_skipped for b in micro_batches),
-                preempt=stop.preempt,
-                interrupt=stop.interrupt,
-                save=checkpoints.due(queued + 1),
-                failed=io_failure(tracker, checkpoints) is not None,
-            )
-            for micro, batch in enumerate(micro_batches):
-                stepper.forward_backward(batch, plan.accumulate, last=micro == plan.accumulate - 1)
-            stepper.finish()  # the update, or (loss not finite on some rank) none
-            last = step == plan.iterations_per_epoch - 1
-            # Steps whose totals are read now: this one, or (on a GPU) the one before.
-            reason, save = book(stepper.results(drain=last), pos, epoch, t, tracker, progress)
-            if t.max_steps and pos.global_step + stepper.in_flight >= t.max_steps:
-                reason = reason or "max_steps"
-            if reason or save:  # a stop or a checkpoint accounts for every step queued
-                reason = reason or book(stepper.results(True), pos, epoch, t, tracker, progress)[0]
-                if reason in SAVED_ON_STOP or save:
-                    checkpoints.save(pos, leaving=reason is not None)
-            if reason:
-                break
-        progress.end_epoch()
-        if reason:
-            break
-
-        trained = (plan.iterations_per_epoch - first_step) * plan.global_size
-        metrics = epoch_metrics(pos, trained / max(time.perf_counter() - t0, 1e-9))
-        metrics.update(audit.finish_epoch(env))
-        if noise is not None and (found := noise.finish_epoch(env)):
-            metrics.update(found.as_metrics())
-        metrics.update(evaluate(training.model, job.val_loader, env, job.autocast, job.pipeline))
-        event = plateau.update(epoch, metrics[config.plateau.monitor])
-        tracker.log_val(epoch, pos.global_step, metrics)
-        if event is not None:
-            tracker.log_event(epoch, event)
-        progress.print(epoch_line(epoch, metrics, plateau, plan.global_size))
-        pos.next_epoch()
-        checkpoints.save(pos, best=plateau.best_epoch == epoch)
-        if collectives.any_rank(plateau.stopped, env):  # every rank leaves the loop together
-            reason = "plateau"
-            break
-
+    training, plateau, tracker = job.training, job.training.plateau, job.tracker
+    checkpoints, progress = job.checkpoints, job.progress
+    with out_of_memory(run_dir, plan.micro_size, env.rank, t.memory_snapshot):
+        reason = run_epochs(job, config)
+    job.watch.close()  # a trace whose window the run ended in
     checkpoints.close()  # the last checkpoint is on disk before anyone reports or leaves
     failure = io_failure(tracker, checkpoints)
     if collectives.any_rank(failure is not None, env):  # e.g. the last write met a full disk
@@ -125,6 +68,83 @@ def train(
     return exit_code
 
 
+def run_epochs(job: Job, config: Config) -> str | None:
+    """Epochs until one of them stops the run: returns why (None: max_epochs reached)."""
+    t, plan, env, pos = config.trainer, job.plan, job.env, job.pos
+    training, plateau, stepper = job.training, job.training.plateau, job.stepper
+    tracker, checkpoints, progress = job.tracker, job.checkpoints, job.progress
+    audit, noise, stop, opened, watch = job.audit, job.noise, job.stop, job.opened, job.watch
+    training.ddp_model.train()
+    watch.timer.restart()  # the start-up is no epoch's time
+    for epoch in pos.epochs(t.max_epochs):
+        progress.start_epoch(epoch, pos.step_in_epoch)
+        t0, first_step = time.perf_counter(), pos.step_in_epoch
+        batches = Prefetcher(
+            opened or job.train_loader.epoch(epoch, pos.step_in_epoch), job.pipeline
+        )
+        opened, reason = None, None
+        for step in range(pos.step_in_epoch, plan.iterations_per_epoch):
+            queued = pos.global_step + stepper.in_flight  # steps before this one
+            watch.begin_step(queued + 1)
+            with watch.part("data"):
+                micro_batches = [next(batches) for _ in range(plan.accumulate)]
+            audit.record(micro_batches)
+            lr = plateau.scaled_lr(job.schedule.lr_at(queued))
+            # What the ranks must share this step rides on its gradient all-reduce.
+            stepper.begin(
+                step,
+                lr,
+                skipped=sum(b.num_skipped for b in micro_batches),
+                preempt=stop.preempt,
+                interrupt=stop.interrupt,
+                save=checkpoints.due(queued + 1),
+                failed=io_failure(tracker, checkpoints) is not None,
+            )
+            with watch.part("forward_backward"):
+                for micro, batch in enumerate(micro_batches):
+                    synced = micro == plan.accumulate - 1  # DDP's all-reduce: the last only
+                    stepper.forward_backward(batch, plan.accumulate, last=synced)
+            with watch.part("optimizer"):
+                stepper.finish()  # the update, or (loss not finite on some rank) none
+            watch.end_step()
+            last = step == plan.iterations_per_epoch - 1
+            # Steps whose totals are read now: this one, or (on a GPU) the one before.
+            reason, save = book(stepper.results(drain=last), job, epoch, t)
+            if t.max_steps and pos.global_step + stepper.in_flight >= t.max_steps:
+                reason = reason or "max_steps"
+            if reason or save:  # a stop or a checkpoint accounts for every step queued
+                reason = reason or book(stepper.results(True), job, epoch, t)[0]
+                if reason in SAVED_ON_STOP or save:
+                    with watch.label("checkpoint"):
+                        checkpoints.save(pos, leaving=reason is not None)
+            if reason:
+                break
+        progress.end_epoch()
+        if reason:
+            return reason
+
+        trained = (plan.iterations_per_epoch - first_step) * plan.global_size
+        metrics = epoch_metrics(pos, trained / max(time.perf_counter() - t0, 1e-9))
+        metrics.update(audit.finish_epoch(env))
+        if noise is not None and (found := noise.finish_epoch(env)):
+            metrics.update(found.as_metrics())
+        metrics.update(evaluate(training.model, job.val_loader, env, job.autocast, job.pipeline))
+        metrics.update(watch.epoch_metrics(metrics["train/samples_per_s"]))  # collective
+        event = plateau.update(epoch, metrics[config.plateau.monitor])
+        tracker.log_val(epoch, pos.global_step, metrics)
+        if event is not None:
+            tracker.log_event(epoch, event)
+        progress.print(epoch_line(epoch, metrics, plateau, plan.global_size))
+        if line := watch.bottleneck_line(epoch, metrics):
+            progress.print(line)
+        pos.next_epoch()
+        with watch.label("checkpoint"):
+            checkpoints.save(pos, best=plateau.best_epoch == epoch)
+        if collectives.any_rank(plateau.stopped, env):  # every rank leaves the loop together
+            return "plateau"
+    return None
+
+
 SAVED_ON_STOP = ("preempted", "interrupted", "max_steps")
 """Stops that checkpoint first (a non-finite loss or a failed write keeps the last good one)."""
 EXIT_CODES = {
@@ -140,24 +160,20 @@ def io_failure(tracker: Tracker, checkpoints: Checkpointer) -> str | None:
     return tracker.failure or checkpoints.failure
 
 
-def book(
-    done: list[StepTotals],
-    pos: Position,
-    epoch: int,
-    t: TrainerConfig,
-    tracker: Tracker,
-    progress: Progress,
-) -> tuple[str | None, bool]:
+def book(done: list[StepTotals], job: Job, epoch: int, t: TrainerConfig) -> tuple[str | None, bool]:
     """Account for steps whose totals were read: advance the position, show and log the
-    loss. Returns the first reason to stop among them and whether one asked for a
-    checkpoint: the same on every rank, since the totals are sums over all ranks."""
+    loss (and where the time went since the last log). Returns the first reason to stop
+    among them and whether one asked for a checkpoint: the same on every rank, since the
+    totals are sums over all ranks."""
+    pos, progress = job.pos, job.progress
     reason, save = None, False
     for totals in done:
         pos.advance(totals.step, totals.micro_batches, totals.epoch_sums(), updated=totals.finite)
         progress.step(totals.mean_loss)
         if pos.global_step % t.log_every_steps == 0:
             metrics = {"train/loss": totals.mean_loss, "train/lr": totals.lr}
-            tracker.log_train(pos.global_step, metrics, epoch=epoch)
+            metrics.update(job.watch.interval_metrics())  # this rank's
+            job.tracker.log_train(pos.global_step, metrics, epoch=epoch)
         reason = reason or stop_decision(t, totals, pos, epoch, progress)
         save = save or totals.save > 0
     return reason, save

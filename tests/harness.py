@@ -42,13 +42,24 @@ def environment(unset: Iterable[str] = (), **extra: str) -> dict[str, str]:
 
 
 def kill_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant, whatever session each one is in."""
+    """SIGKILL a process and every descendant, whatever session each one is in, the
+    deepest first: a crash takes a host's processes at once, and a worker that outlived
+    its agent by a moment would get its PR_SET_PDEATHSIG SIGTERM and stop gracefully
+    (a preemption agreed with its peers) instead of vanishing."""
     try:
         root = psutil.Process(pid)
-        family = [root, *root.children(recursive=True)]
+        descendants = root.children(recursive=True)
     except psutil.NoSuchProcess:
         return
-    _kill(family)
+    pids = {p.pid for p in descendants}
+
+    def depth(process: psutil.Process) -> int:
+        try:
+            return len([a for a in process.parents() if a.pid in pids])
+        except psutil.NoSuchProcess:
+            return 0
+
+    _kill([*sorted(descendants, key=depth, reverse=True), root])
 
 
 def _kill(processes: Iterable[psutil.Process]) -> None:

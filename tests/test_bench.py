@@ -135,3 +135,22 @@ def test_index_bench_runs_at_a_simulated_hundred_million(tmp_path):
         "`ddp-plan`",
     ]
     assert "not run" in rows[0][3] and "load average" in proc.stdout
+
+
+@pytest.mark.slow
+def test_perf_bench_runs_and_writes_json(tmp_path):
+    """bench/perf_bench.py, as small as it goes: both cases, the epoch's figures and the
+    FLOP count's start-up, judged and written."""
+    out = tmp_path / "perf.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "perf_bench.py"), "--repeats", "1"]
+    proc = harness.run([*cmd, "--blocks", "2", "--json", str(out)], timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    result = assert_results_file(out, "perf", "bench/perf_bench.py")
+    missed = any(row["pass"] is False for row in result["goals"])  # two blocks: noisy
+    assert proc.returncode == (MISSED if missed else 0), proc.stdout[-3000:]
+    for case in ("mlp", "cnn"):
+        assert result[case]["plain_steps_per_s"] > 0 and result[case]["watched/plain"] > 0
+    assert result["epoch_figures_us"] > 0 and result["flop_count_s"]["first"] > 0
+    assert [g["goal"] for g in result["goals"]] == [
+        f"{case}: steps/s watched/plain {goals.PERF}" for case in ("mlp", "cnn")
+    ]

@@ -9,6 +9,7 @@ Skipped without CUDA (CI has none). On the GPU machine: `pytest -m cuda tests/te
 
 from __future__ import annotations
 
+import gzip
 import sys
 from pathlib import Path
 
@@ -221,3 +222,43 @@ def test_micro_size_auto_finds_what_fits_and_trains(digits_root, tmp_path):
     assert "batch.micro_size=auto: 256 (a step's peak of 85% of" in out.stdout
     (plan,) = harness.records(tmp_path / "auto", "plan")
     assert plan["micro_size"] == 256 and plan["config"]["batch"]["micro_size"] == 256
+
+
+def test_where_the_time_goes_on_a_gpu(digits_root, tmp_path):
+    """CUDA events: the parts of every epoch sum to 1, the split on the device leaves
+    almost no data wait, MFU against the device's peak (H100/H200: in the table), the
+    peak memory of the allocator, and a trace with CUDA kernels in it."""
+    extra = ("data.loader.on_device=true", "trainer.precision=bf16", "trainer.profile=[3,4]",
+             "trainer.count_flops=true")  # fmt: skip
+    out = python_train(on_gpu(digits_root, tmp_path, "perf", *extra))
+    assert out.returncode == 0, out.stderr[-3000:]
+    plan = harness.records(tmp_path / "perf", "plan")[0]
+    name = torch.cuda.get_device_name()
+    if any(known in name for known in ("H100", "H200", "A100", "L40S", "RTX 4090")):
+        assert plan["perf/peak_tflops"] > 100
+    for record in harness.records(tmp_path / "perf", "val"):
+        parts = ("data", "compute", "comm", "optimizer", "other")
+        assert sum(record[f"time/{p}"] for p in parts) == pytest.approx(1.0, abs=0.01)
+        assert record["time/data"] < 0.15 and record["time/compute"] > 0
+        assert 0 < record["memory/peak_gb"] <= record["memory/reserved_gb"]
+        assert plan["perf/peak_tflops"] is None or 0 < record["perf/mfu"] < 1
+    (trace,) = (tmp_path / "perf" / "profile").iterdir()
+    text = gzip.decompress(trace.read_bytes()).decode()
+    assert '"forward_backward"' in text and '"cat": "kernel"' in text
+
+
+def test_an_out_of_memory_leaves_a_snapshot_and_the_checkpoint(digits_root, tmp_path):
+    """A real CUDA out-of-memory in global step 6 (after a checkpoint at step 4, or 5 as
+    the late-read step accounts for the step queued behind it): one line naming the
+    micro-batch and the knob, exit 2, the snapshot in the run directory, last.pt kept."""
+    extra = ("model._target_=tests.workers.perf_parts.Hungry", "+model.after=5",
+             "trainer.checkpoint.every_steps=4", "trainer.memory_snapshot=true",
+             "batch.micro_size=64", "batch.global_size=64")  # fmt: skip
+    out = python_train(on_gpu(digits_root, tmp_path, "oom", *extra))
+    assert out.returncode == 2, out.stderr[-3000:]
+    (line,) = [x for x in out.stderr.splitlines() if x.strip()]
+    assert line.startswith("error: CUDA out of memory on rank 0 with batch.micro_size=64")
+    snapshot = tmp_path / "oom" / "memory_snapshot_rank0.pickle"
+    assert str(snapshot) in line and snapshot.stat().st_size > 0
+    last = checkpoint.load(tmp_path / "oom" / "checkpoints" / "last.pt")
+    assert last["position"]["global_step"] in (4, 5)

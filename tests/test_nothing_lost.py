@@ -48,6 +48,8 @@ pytestmark = pytest.mark.slow
         (["batch.global_size=128"], ["cannot resume", "global_size was 64, now 128"]),
         (["trainer.resume=never"], ["already holds a run", "trainer.resume=never"]),
         (["plateau=reduce_lr"], ["cannot resume", "plateau.monitor"]),
+        (["trainer.profile=[8,5]"], ["trainer.profile=[8, 5]", "START <= END"]),
+        (["trainer.memory_snapshot=true"], ["trainer.memory_snapshot=true", "not on cpu"]),
     ],
     ids=lambda v: v[0] if isinstance(v, list) and v and "=" in v[0] else None,
 )

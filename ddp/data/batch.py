@@ -190,6 +190,9 @@ class TrainBatches(Protocol):
 
     indexed: bool
     """Whether `Batch.indices` name the samples (an audit of coverage needs them)."""
+    memory: Any
+    """The split held in this process's memory (ddp.data.memory.MemorySplit), or None:
+    read from its shards (what helps a loader that keeps the run waiting differs)."""
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]: ...
 

@@ -247,6 +247,7 @@ class StreamLoader:
     def __init__(self, dataset: _StreamDataset, options: LoaderOptions):
         self.dataset, self.plan = dataset, dataset.plan
         self.indexed = dataset.index is not None
+        self.memory = None  # streamed shards are never held in memory
         self.num_skipped = 0
         """Bad samples skipped so far (on_error="skip"), summed over workers."""
         self.samples_read = 0

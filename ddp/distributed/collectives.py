@@ -50,6 +50,12 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_gather_bytes(payload: bytes, env: DistEnv, capacity: int = 1 << 15) -> list[bytes]:
     """Every rank's `payload`, indexed by rank, in one all_gather of fixed-size buffers
     (all_gather_object takes two collectives and pickles). A payload over `capacity`

@@ -7,6 +7,7 @@ step; riding on the first gradient bucket they cost nothing extra.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,6 +49,9 @@ class StepSums:
         self.sq_norms: torch.Tensor | None = None
         """With `track_norms()`: [this rank's gradient's squared norm before the average,
         the averaged gradient's after it], summed by the hook over the step's buckets."""
+        self.on_bucket: Callable[[], None] | None = None
+        """Called by the hook as each bucket's gradients are ready (ddp.perf's timer: the
+        last call of a step ends its compute; what follows is the wait for communication)."""
         if env.distributed and ddp_model is not None:
             ddp_model.register_comm_hook(self, _all_reduce_with_sums)
 
@@ -99,6 +103,8 @@ class StepSums:
 
 def _all_reduce_with_sums(sums, bucket):  # unannotated: DDP checks annotations as objects
     """DDP comm hook (state: the StepSums, bucket: a dist.GradBucket) -> Future[Tensor]."""
+    if sums.on_bucket is not None:
+        sums.on_bucket()
     grads = bucket.buffer()
     norms = sums.sq_norms
     if norms is not None:  # this rank's own gradient, before the average replaces it

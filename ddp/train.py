@@ -107,6 +107,8 @@ def run_epochs(job: Job, config: Config) -> str | None:
             with watch.part("optimizer"):
                 stepper.finish()  # the update, or (loss not finite on some rank) none
             watch.end_step()
+            if watch.uncounted is not None and (said := watch.count_flops(micro_batches[0].inputs)):
+                progress.print(said)  # (resumed where an epoch had no step left: counted now)
             last = step == plan.iterations_per_epoch - 1
             # Steps whose totals are read now: this one, or (on a GPU) the one before.
             reason, save = book(stepper.results(drain=last), job, epoch, t)

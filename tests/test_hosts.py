@@ -106,15 +106,21 @@ def jobs(hosts_cluster):
         job.cancel()
 
 
+EPOCHS = 16
+"""An epoch takes 0.3 s across the namespace hosts: at 6 epochs a resumed job could end
+in the 2 s it took a test to see the line it waits for and kill a host (a node failure
+that came after the run had finished: CI, 2026-12-06); 16 leave it several seconds."""
+
+
 def job_args(digits_root: Path, run_root: Path, name: str | None, *extra: str) -> list[str]:
-    """6 epochs of 23 steps, a checkpoint every 5 steps, the sample audit on."""
+    """EPOCHS epochs of 23 steps, a checkpoint every 5 steps, the sample audit on."""
     return smoke_overrides(
         digits_root,
         run_root,
         name,
         "plateau=none",
         "logger=none",
-        "trainer.max_epochs=6",
+        f"trainer.max_epochs={EPOCHS}",
         "trainer.checkpoint.every_steps=5",
         "trainer.audit_samples=true",
         "trainer.log_every_steps=1",
@@ -214,13 +220,13 @@ def test_losing_a_host_continues_on_the_survivor(hosts, port, digits_root, tmp_p
     assert re.search(r"continuing at epoch \d+ step \d+", out.stdout), out.stdout
     # Every step once in the metrics, every sample once per epoch (plus the padding),
     # the resumed epoch included: its counts so far travel in the checkpoint.
-    assert [r["step"] for r in records(run_dir, "train")] == list(range(1, 6 * 23 + 1))
+    assert [r["step"] for r in records(run_dir, "train")] == list(range(1, EPOCHS * 23 + 1))
     (plan,) = records(run_dir, "plan")
     audits = [
         (r["audit/unique_samples"], r["audit/missing_samples"], r["audit/repeated_samples"])
         for r in records(run_dir, "val")
     ]
-    assert audits == [(plan["num_samples"], 0, plan["padded_samples"])] * 6
+    assert audits == [(plan["num_samples"], 0, plan["padded_samples"])] * EPOCHS
 
 
 # ---- start-up checks across hosts: one line naming the host, exit 2, no hang

@@ -172,3 +172,16 @@ def test_a_model_the_counter_cannot_run_trains_without_the_figure(digits_root, t
     (val,) = harness.records(tmp_path / "values", "val")
     assert "perf/tflops" not in val and val["time/compute"] > 0
     assert harness.records(tmp_path / "values", "plan")[0]["perf/flops_per_sample"] is None
+
+
+def test_a_run_resumed_at_an_epochs_end_counts_its_flops_on_the_next_epoch(digits_root, tmp_path):
+    """Stopped after the last step of epoch 0 (before its evaluation), the run resumes
+    with no micro-batch left to count on: it counts on epoch 1's first."""
+    run = smoke_overrides(digits_root, tmp_path, "end", "trainer.count_flops=true")
+    first = harness.train([*run, "trainer.max_steps=23"], nproc=0)  # 23 iterations an epoch
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = harness.train(run, nproc=0)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(continuing at epoch 0 step 23" in again.stdout
+    epoch0, epoch1 = harness.records(tmp_path / "end", "val")
+    assert "perf/tflops" not in epoch0 and epoch1["perf/tflops"] > 0

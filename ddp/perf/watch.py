@@ -45,6 +45,19 @@ class Watch:
         """What helps this run's loader when the data is the bottleneck."""
         self._said_bottleneck = False
         self._parts = {name: _Part(self, name) for name in STEP_PARTS}
+        self.uncounted: torch.nn.Module | None = None
+        """The model whose FLOPs are still to be counted (on a micro-batch: count_flops)."""
+
+    def count_flops(self, inputs: torch.Tensor) -> str | None:
+        """Count the FLOPs of `uncounted` on `inputs` (a micro-batch as the model sees it);
+        the line to say when they cannot be counted."""
+        model, self.uncounted = self.uncounted, None
+        try:
+            self.flops_per_sample = count_flops_per_sample(model, inputs)
+        except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            return f"note: the model's FLOPs cannot be counted ({reason}); no perf/tflops"
+        return None
 
     def plan_record(self) -> dict[str, float | None]:
         """What the plan record holds of it: the FLOPs per sample and the peak used."""
@@ -138,26 +151,28 @@ def watch_for(
     env: DistEnv,
     run_dir: Path,
     model: torch.nn.Module,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | None,
     held_in_memory: bool,
 ) -> tuple[Watch, list[str]]:
     """The run's Watch, the model's FLOPs counted on `inputs` (a micro-batch as the model
-    sees it); and the lines to say when a figure cannot be had (the run goes on)."""
-    t, notes, flops = config.trainer, [], None
-    try:
-        flops = count_flops_per_sample(model, inputs) if t.count_flops else None
-    except Exception as exc:  # noqa: BLE001 - whatever the user's forward raises
-        reason = " ".join(str(exc).split()) or type(exc).__name__
-        notes.append(f"note: the model's FLOPs cannot be counted ({reason}); no perf/tflops")
+    sees it; None: a run resumed where its epoch has no step left counts them on the
+    next epoch's first micro-batch); and the lines to say when a figure cannot be had
+    (the run goes on)."""
+    t, notes = config.trainer, []
     peak, device_name = peak_tflops(env.device, t.precision)
     peak = t.peak_tflops or peak
-    if flops is not None and peak is None and env.device.type == "cuda":
+    trace = StepTrace(t.profile, run_dir / "profile", env.rank, env.device)
+    knobs = loader_knobs(config, env.device, held_in_memory)
+    watch = Watch(StepTimer(env.device), trace, env, None, peak, knobs)
+    if t.count_flops:
+        watch.uncounted = model
+        if inputs is not None and (said := watch.count_flops(inputs)):
+            notes.append(said)
+    if watch.flops_per_sample is not None and peak is None and env.device.type == "cuda":
         notes.append(
             f"note: no peak TFLOPS known for {device_name}: set trainer.peak_tflops for perf/mfu"
         )
-    trace = StepTrace(t.profile, run_dir / "profile", env.rank, env.device)
-    knobs = loader_knobs(config, env.device, held_in_memory)
-    return Watch(StepTimer(env.device), trace, env, flops, peak, knobs), notes
+    return watch, notes
 
 
 def loader_knobs(config: Config, device: torch.device, held_in_memory: bool) -> list[str]:

@@ -137,7 +137,9 @@ def start(
     wrap_ddp(training, env, t.compile)
     pipeline = input_pipeline(config, training.model, device)  # uint8 -> float on the device
     # Where the time goes: the step's parts, traces, memory; the model's FLOPs per sample.
-    model_input = pipeline(ahead[0]).inputs if ahead else None  # (none: resumed at an epoch's end)
+    # (the FLOPs are counted on the first micro-batch; none left: resumed at an epoch's end)
+    counted = ahead and t.count_flops
+    model_input = pipeline(ahead[0]).inputs if counted else None
     held = train_loader.memory is not None
     watch, perf_notes = watch_for(config, env, run_dir, training.model, model_input, held)
     del model_input
